@@ -1,0 +1,89 @@
+"""The interface between the sharded classifier and a margin.
+
+The classifier (:class:`partial_fc.PartialFC`) computes, for the global batch and the
+class rows this rank holds (after Partial FC sampling), the cosine between each feature
+and each class row.  A margin turns those cosines into the logits fed to the distributed
+softmax.  Everything a margin needs is in :class:`MarginInput`; a margin never talks to
+the classifier and only uses ``group`` to reduce running statistics across ranks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..comm import ProcessGroup, all_reduce
+
+# Cosines are clamped this far inside [-1, 1] before acos: d acos / dx is infinite at ±1.
+COS_EPS = 1e-7
+
+
+@dataclass
+class MarginInput:
+    """What a margin sees for one step.
+
+    ``N`` is the global batch size, ``c`` the number of class columns on this rank.
+    """
+
+    cos: torch.Tensor
+    """[N, c] float32 cosine of the normalised feature and class row (gradient flows)."""
+    target: torch.Tensor
+    """[N] int64 column of each sample's class in ``cos``; -1 where another rank holds it."""
+    feature_norm: torch.Tensor
+    """[N, 1] float32 ‖x‖ of the un-normalised features (gradient flows)."""
+    weight_norm: torch.Tensor
+    """[c] float32 ‖w‖ of the un-normalised class rows (gradient flows)."""
+    bias: Optional[torch.Tensor] = None
+    """[c] float32 class bias, only for margins with ``uses_bias``."""
+    group: ProcessGroup = None
+    """Process group over which the class dimension is split."""
+
+    @property
+    def has_target(self) -> torch.Tensor:
+        """[N] bool, True where this rank holds the sample's class."""
+        return self.target >= 0
+
+    def target_values(self, values: torch.Tensor) -> torch.Tensor:
+        """[N] entries of ``values`` [N, c] at the target column, 0 where not held here."""
+        idx = self.target.clamp(min=0).unsqueeze(1)
+        return values.gather(1, idx).squeeze(1) * self.has_target.to(values.dtype)
+
+    def global_target_cos(self) -> torch.Tensor:
+        """[N] target cosine of every sample, assembled from the ranks that hold them (no grad)."""
+        return all_reduce(self.target_values(self.cos.detach()).contiguous(), "sum", self.group)
+
+
+class Margin(nn.Module):
+    """Base class: ``forward(MarginInput) -> logits [N, c]`` (float32, scale included).
+
+    Subclasses set the class attributes below when they differ from the default of a
+    normalised-feature, normalised-weight margin with a single centre per class.
+    """
+
+    uses_bias: bool = False
+    """The classifier keeps a per-class bias and passes it in ``MarginInput.bias``."""
+    num_centers: int = 1
+    """Rows per class (sub-center ArcFace); the classifier takes the max cosine over them."""
+
+    def forward(self, inp: MarginInput) -> torch.Tensor:  # pragma: no cover - interface
+        """Return the logits for the distributed softmax."""
+        raise NotImplementedError
+
+    def extra_loss(self, inp: MarginInput) -> Optional[torch.Tensor]:
+        """A regulariser added to the loss (MagFace's g(a)); its value over the global batch.
+
+        The classifier turns it into this rank's share (value / world size) for backward.
+        """
+        return None
+
+    @staticmethod
+    def apply_target(logits: torch.Tensor, inp: MarginInput, target_logit: torch.Tensor) -> torch.Tensor:
+        """Replace the target column of ``logits`` by ``target_logit`` [N] where held here."""
+        rows = torch.nonzero(inp.has_target, as_tuple=True)[0]
+        if rows.numel() == 0:
+            return logits
+        logits = logits.clone()
+        logits[rows, inp.target[rows]] = target_logit[rows]
+        return logits
