@@ -1,0 +1,281 @@
+"""The sharded margin-softmax classifier (Partial FC).
+
+Each rank holds the rows of its classes (``partial_fc.sharding.class_range``).  A step:
+
+1. all-gather the local batches' features (with gradient) and labels: the global batch;
+2. choose this rank's class rows for the step: every class that is a positive in the
+   global batch, plus uniformly sampled negatives up to ``ceil(sample_rate · num_local)``;
+3. cosine of every global feature with every chosen row, the margin's logits, and the
+   softmax cross-entropy across ranks (``partial_fc.softmax``).
+
+Only the chosen rows get a gradient, and they get it as a small ``[rows, D]`` tensor,
+never as a dense gradient of the whole shard (unless ``sample_rate == 1``, where every row
+is chosen and ``weight.grad`` is the ordinary dense gradient).  The optimiser in
+``partial_fc.optim`` reads those row gradients and updates only those rows and their
+state, so a class that is not sampled neither moves nor decays.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .comm import ProcessGroup, all_gather_no_grad, all_gather_with_grad, gather_sizes, rank_and_world
+from .margins.base import Margin, MarginInput
+from .sharding import class_range
+from .softmax import sharded_cross_entropy, sharded_top1_accuracy
+
+# Rows are initialised chunk by chunk from a generator seeded with the chunk number, so the
+# initial weight of class j is the same whatever the world size.
+_INIT_CHUNK = 4096
+_NORM_EPS = 1e-12
+
+
+class NonFiniteEmbeddingError(ValueError):
+    """A feature of the global batch is NaN or infinite (every rank raises it together)."""
+
+
+@dataclass
+class _Chosen:
+    """Rows used by one forward: their shard-local index (None = all) and gradient leaves."""
+
+    index: Optional[torch.Tensor]
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+
+
+class PartialFC(nn.Module):
+    """Sharded classifier + margin + distributed softmax; returns the global-batch mean loss.
+
+    Args:
+        embedding_size: feature width D.
+        num_classes: total number of classes C over all ranks.
+        margin: a :class:`partial_fc.margins.base.Margin`.
+        sample_rate: fraction r in (0, 1] of this rank's classes used per step.
+        group: process group the classes are split over (None: default group, or one process).
+        seed: seeds the initial weight and the negative sampling.
+        param_dtype: storage dtype of the weight (float32 or bfloat16); compute is float32.
+        check_inputs: check label range and finiteness (one host sync per step).
+    """
+
+    def __init__(self, embedding_size: int, num_classes: int, margin: Margin,
+                 sample_rate: float = 1.0, group: ProcessGroup = None, seed: int = 0,
+                 param_dtype: torch.dtype = torch.float32, check_inputs: bool = True,
+                 init_std: float = 0.01):
+        super().__init__()
+        if not isinstance(margin, Margin):
+            raise TypeError(f"margin must be a partial_fc.margins.Margin, got {type(margin).__name__}")
+        if not (isinstance(sample_rate, (int, float)) and 0.0 < sample_rate <= 1.0):
+            raise ValueError(f"sample_rate={sample_rate!r} is outside (0, 1]: it is the fraction of "
+                             "each rank's classes sampled per step (1.0 = all)")
+        if embedding_size <= 0:
+            raise ValueError(f"embedding_size={embedding_size} must be positive")
+        if param_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"param_dtype={param_dtype} is not supported: use torch.float32 or torch.bfloat16")
+        self.rank, self.world_size = rank_and_world(group)
+        self.group = group
+        self.embedding_size = embedding_size
+        self.num_classes = num_classes
+        self.class_start, self.num_local = class_range(num_classes, self.rank, self.world_size)
+        self.margin = margin
+        self.num_centers = int(getattr(margin, "num_centers", 1))
+        self.sample_rate = float(sample_rate)
+        self.num_sample = math.ceil(self.sample_rate * self.num_local)
+        self.seed = seed
+        self.check_inputs = check_inputs
+        self.weight = nn.Parameter(self._initial_rows(init_std).to(param_dtype))
+        self.bias = nn.Parameter(torch.zeros(self.num_local, dtype=param_dtype)) if margin.uses_bias else None
+        self._sampler: Optional[torch.Generator] = None
+        self._chosen: list[_Chosen] = []
+        self.accuracy = torch.zeros(())
+
+    # ------------------------------------------------------------------ construction
+    def _initial_rows(self, std: float) -> torch.Tensor:
+        width = self.num_centers * self.embedding_size
+        first, last = self.class_start, self.class_start + self.num_local
+        parts = []
+        for chunk in range(first // _INIT_CHUNK, (last - 1) // _INIT_CHUNK + 1):
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + chunk)
+            rows = torch.randn(_INIT_CHUNK, width, generator=gen) * std
+            lo = max(first, chunk * _INIT_CHUNK) - chunk * _INIT_CHUNK
+            hi = min(last, (chunk + 1) * _INIT_CHUNK) - chunk * _INIT_CHUNK
+            parts.append(rows[lo:hi])
+        return torch.cat(parts)
+
+    def sampler(self) -> torch.Generator:
+        """The generator of negative sampling (per rank, seeded; its state is checkpointed)."""
+        if self._sampler is None or self._sampler.device != self.weight.device:
+            self._sampler = torch.Generator(device=self.weight.device)
+            self._sampler.manual_seed(self.seed * 7919 + self.rank + 1)
+        return self._sampler
+
+    def get_extra_state(self) -> dict:
+        """Sampling generator state, so a resumed run samples the same negatives."""
+        return {"sampler": self.sampler().get_state().cpu()}
+
+    def set_extra_state(self, state: dict) -> None:
+        """Restore the sampling generator."""
+        if state and "sampler" in state:
+            self.sampler().set_state(state["sampler"].to(self.sampler().get_state().device))
+
+    # ------------------------------------------------------------------ forward
+    def _check(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
+            raise ValueError(f"embeddings have shape {tuple(embeddings.shape)}, expected [batch, "
+                             f"{self.embedding_size}] (embedding_size of this PartialFC)")
+        if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+            raise ValueError(f"labels have shape {tuple(labels.shape)}, expected [{embeddings.shape[0]}] "
+                             "(one label per embedding)")
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be integer class ids, got dtype {labels.dtype}")
+
+    def _check_global(self, features: torch.Tensor, labels: torch.Tensor, sizes: list[int]) -> None:
+        bad_label = (labels < 0) | (labels >= self.num_classes)
+        finite = torch.isfinite(features).all(dim=1)
+        flags = torch.stack([bad_label.any(), ~finite.all()]).cpu()
+        if flags[0]:
+            i = int(torch.nonzero(bad_label)[0])
+            raise ValueError(f"label {int(labels[i])} (global sample {i}, rank {self._owner(i, sizes)}) is "
+                             f"outside [0, {self.num_classes}): is num_classes right for this data?")
+        if flags[1]:
+            i = int(torch.nonzero(~finite)[0])
+            raise NonFiniteEmbeddingError(f"embedding of global sample {i} (rank {self._owner(i, sizes)}) "
+                                          "is not finite (NaN or inf): the backbone diverged or the input is bad")
+
+    @staticmethod
+    def _owner(i: int, sizes: list[int]) -> int:
+        for rank, end in enumerate(torch.tensor(sizes).cumsum(0).tolist()):
+            if i < end:
+                return rank
+        return len(sizes) - 1
+
+    @torch.no_grad()
+    def _choose_rows(self, labels: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+        """(sorted shard-local row index or None for all rows, target column per sample or -1)."""
+        local = labels - self.class_start
+        here = (local >= 0) & (local < self.num_local)
+        if self.num_sample >= self.num_local:
+            return None, torch.where(here, local, torch.full_like(local, -1))
+        positives = torch.unique(local[here])
+        if positives.numel() >= self.num_sample:
+            index = positives
+        else:
+            score = torch.rand(self.num_local, generator=self.sampler(), device=self.weight.device)
+            score[positives] = 2.0  # above any uniform draw: positives are always kept
+            index = torch.topk(score, self.num_sample, sorted=False).indices.sort().values
+        column = torch.searchsorted(index, local.clamp(0, self.num_local - 1))
+        return index, torch.where(here, column, torch.full_like(local, -1))
+
+    def _leaves(self, index: Optional[torch.Tensor]) -> _Chosen:
+        dense_param = index is None and self.weight.dtype == torch.float32
+        if dense_param:
+            return _Chosen(None, self.weight, self.bias)
+        # A detached copy of the chosen rows is the leaf that collects their gradient.
+        w = self.weight.detach() if index is None else self.weight.detach()[index]
+        w = w.float().requires_grad_(self.training)
+        b = None
+        if self.bias is not None:
+            b = self.bias.detach() if index is None else self.bias.detach()[index]
+            b = b.float().requires_grad_(self.training)
+        return _Chosen(index, w, b)
+
+    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
+        """Loss of the global batch (same value on every rank); see the class docstring."""
+        self._check(local_embeddings, local_labels)
+        sizes = gather_sizes(local_embeddings.shape[0], local_embeddings.device, self.group)
+        labels = all_gather_no_grad(local_labels.long(), self.group, sizes)
+        features = all_gather_with_grad(local_embeddings, self.group, sizes).float()
+        if self.check_inputs:
+            self._check_global(features.detach(), labels, sizes)
+
+        index, target = self._choose_rows(labels)
+        chosen = self._leaves(index)
+        if self.training and torch.is_grad_enabled():
+            self._chosen.append(chosen)
+
+        feature_norm = features.norm(dim=1, keepdim=True).clamp_min(_NORM_EPS)
+        unit = features / feature_norm
+        rows = chosen.weight.view(-1, self.embedding_size)  # [c·K, D]
+        row_norm = rows.norm(dim=1).clamp_min(_NORM_EPS)
+        # Divide the product by the row norms instead of normalising the rows: no copy of W.
+        cos = F.linear(unit, rows).float() / row_norm
+        weight_norm = row_norm
+        if self.num_centers > 1:
+            cos = cos.view(cos.shape[0], -1, self.num_centers)
+            cos = cos.max(dim=2).values
+            # Sub-centre margins are normalised; the largest centre norm stands for the class.
+            weight_norm = row_norm.view(-1, self.num_centers).max(dim=1).values
+        cos = cos.clamp(-1.0, 1.0)
+
+        inp = MarginInput(cos=cos, target=target, feature_norm=feature_norm, weight_norm=weight_norm,
+                          bias=chosen.bias, group=self.group)
+        logits = self.margin(inp).float()
+        loss = sharded_cross_entropy(logits, target, self.group)
+        extra = self.margin.extra_loss(inp)
+        if extra is not None:
+            # Every rank computed the same global value; backward uses this rank's share.
+            share = extra / self.world_size
+            loss = loss + share + (extra - share).detach()
+        self.accuracy = sharded_top1_accuracy(cos.detach(), target, self.group)
+        return loss
+
+    # ------------------------------------------------------------------ gradients of rows
+    def row_grads(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(row index or None for all rows, weight grad rows, bias grad rows) since the last clear.
+
+        Gradients of several forwards (gradient accumulation) are summed per row.
+        Returns (None, None, None) when no row received a gradient.
+        """
+        done = [c for c in self._chosen if c.weight.grad is not None]
+        if not done:
+            return None, None, None
+        if any(c.index is None for c in done):
+            if done[0].weight is self.weight:
+                return None, self.weight.grad, (self.bias.grad if self.bias is not None else None)
+            w = torch.stack([c.weight.grad for c in done]).sum(0)
+            b = torch.stack([c.bias.grad for c in done]).sum(0) if self.bias is not None else None
+            return None, w, b
+        index = torch.cat([c.index for c in done])
+        w = torch.cat([c.weight.grad for c in done])
+        b = torch.cat([c.bias.grad for c in done]) if self.bias is not None else None
+        if len(done) > 1:
+            index, inverse = torch.unique(index, return_inverse=True)
+            w = w.new_zeros((index.numel(),) + w.shape[1:]).index_add_(0, inverse, w)
+            if b is not None:
+                b = b.new_zeros(index.numel()).index_add_(0, inverse, b)
+        return index, w, b
+
+    def clear_row_grads(self) -> None:
+        """Forget the rows chosen since the last step (called by the optimiser's zero_grad)."""
+        self._chosen.clear()
+        self.weight.grad = None
+        if self.bias is not None:
+            self.bias.grad = None
+
+    def dense_weight_grad(self) -> torch.Tensor:
+        """The gradient of the whole shard as a dense tensor (zero for unsampled rows); for checks."""
+        index, w, _ = self.row_grads()
+        dense = torch.zeros(self.weight.shape, dtype=torch.float32, device=self.weight.device)
+        if w is None:
+            return dense
+        if index is None:
+            return w.float().clone()
+        dense[index] = w.float()
+        return dense
+
+    def bytes_per_class(self, optimizer: str = "sgd") -> int:
+        """Persistent bytes per class on this rank: weight (+ bias) and the optimiser's row state."""
+        elem = self.weight.element_size()
+        width = self.weight.shape[1] + (1 if self.bias is not None else 0)
+        states = {"sgd": 1, "adamw": 2}[optimizer]
+        per_row_step = 4 if optimizer == "adamw" else 0
+        return elem * width * (1 + states) + per_row_step
+
+    def extra_repr(self) -> str:
+        return (f"classes={self.num_classes}, local=[{self.class_start}, {self.class_start + self.num_local}), "
+                f"D={self.embedding_size}, sample_rate={self.sample_rate}, centers={self.num_centers}, "
+                f"dtype={self.weight.dtype}")
