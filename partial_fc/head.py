@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .cosine import cosine_logits, row_norms
 from .comm import ProcessGroup, all_gather_no_grad, all_gather_with_grad, gather_sizes, rank_and_world
 from .margins.base import Margin, MarginInput
 from .sharding import class_range
@@ -200,16 +200,13 @@ class PartialFC(nn.Module):
         feature_norm = features.norm(dim=1, keepdim=True).clamp_min(_NORM_EPS)
         unit = features / feature_norm
         rows = chosen.weight.view(-1, self.embedding_size)  # [c·K, D]
-        row_norm = rows.norm(dim=1).clamp_min(_NORM_EPS)
-        # Divide the product by the row norms instead of normalising the rows: no copy of W.
-        cos = F.linear(unit, rows).float() / row_norm
-        weight_norm = row_norm
+        cos = cosine_logits(unit, rows)
+        # Only margins on un-normalised rows (softmax, L-Softmax) differentiate through ‖w‖.
+        weight_norm = rows.norm(dim=1).clamp_min(_NORM_EPS) if self.margin.uses_weight_norm else row_norms(rows)
         if self.num_centers > 1:
-            cos = cos.view(cos.shape[0], -1, self.num_centers)
-            cos = cos.max(dim=2).values
+            cos = cos.view(cos.shape[0], -1, self.num_centers).max(dim=2).values
             # Sub-centre margins are normalised; the largest centre norm stands for the class.
-            weight_norm = row_norm.view(-1, self.num_centers).max(dim=1).values
-        cos = cos.clamp(-1.0, 1.0)
+            weight_norm = weight_norm.view(-1, self.num_centers).max(dim=1).values
 
         inp = MarginInput(cos=cos, target=target, feature_norm=feature_norm, weight_norm=weight_norm,
                           bias=chosen.bias, group=self.group)
@@ -239,14 +236,16 @@ class PartialFC(nn.Module):
             w = torch.stack([c.weight.grad for c in done]).sum(0)
             b = torch.stack([c.bias.grad for c in done]).sum(0) if self.bias is not None else None
             return None, w, b
+        if len(done) == 1:
+            only = done[0]
+            return only.index, only.weight.grad, (only.bias.grad if only.bias is not None else None)
         index = torch.cat([c.index for c in done])
         w = torch.cat([c.weight.grad for c in done])
         b = torch.cat([c.bias.grad for c in done]) if self.bias is not None else None
-        if len(done) > 1:
-            index, inverse = torch.unique(index, return_inverse=True)
-            w = w.new_zeros((index.numel(),) + w.shape[1:]).index_add_(0, inverse, w)
-            if b is not None:
-                b = b.new_zeros(index.numel()).index_add_(0, inverse, b)
+        index, inverse = torch.unique(index, return_inverse=True)
+        w = w.new_zeros((index.numel(),) + w.shape[1:]).index_add_(0, inverse, w)
+        if b is not None:
+            b = b.new_zeros(index.numel()).index_add_(0, inverse, b)
         return index, w, b
 
     def clear_row_grads(self) -> None:

@@ -80,18 +80,31 @@ class _RowOptimizer(torch.optim.Optimizer):
         for p, grad in zip(group["params"], (w_grad, b_grad)):
             if grad is None:
                 continue
-            grad = grad.float() * grad_scale if grad_scale != 1.0 else grad.float()
+            # The gradient buffers are discarded after the step, so they are updated in place.
+            grad = grad.float()
+            if grad_scale != 1.0:
+                grad.mul_(grad_scale)
             state = self._param_state(p)
-            rows = {"param": p.detach() if index is None else p.detach()[index]}
+            # Dense float32 rows are updated where they live; otherwise on a float32 copy of the
+            # chosen rows, written back afterwards (one gather and one scatter per tensor).
+            in_place = index is None and p.dtype == torch.float32
+            rows = {"param": p.data if in_place else self._read(p.data, index)}
             for name in self.state_names:
-                rows[name] = state[name] if index is None else state[name][index]
-            updated = self._update({k: v.float() for k, v in rows.items()}, grad, group)
-            self._write(p.data, index, updated.pop("param"))
-            for name, value in updated.items():
-                self._write(state[name], index, value)
+                rows[name] = state[name] if in_place else self._read(state[name], index)
+            self._update(rows, grad, group)
+            if not in_place:
+                self._write(p.data, index, rows["param"])
+                for name in self.state_names:
+                    self._write(state[name], index, rows[name])
         return loss
 
-    def _update(self, rows: dict, grad: torch.Tensor, group: dict) -> dict:  # pragma: no cover
+    @staticmethod
+    def _read(tensor: torch.Tensor, index: Optional[torch.Tensor]) -> torch.Tensor:
+        rows = tensor if index is None else tensor.index_select(0, index)
+        return rows.float()
+
+    def _update(self, rows: dict, grad: torch.Tensor, group: dict) -> None:  # pragma: no cover
+        """Update ``rows`` (param and state, float32) in place from ``grad``."""
         raise NotImplementedError
 
     # ------------------------------------------------------------ re-sharding support
@@ -133,13 +146,12 @@ class PartialFCSGD(_RowOptimizer):
     def _update(self, rows, grad, group):
         w, buf = rows["param"], rows["momentum_buffer"]
         if group["weight_decay"]:
-            grad = grad + group["weight_decay"] * w
+            grad.add_(w, alpha=group["weight_decay"])
+        direction = grad
         if group["momentum"]:
-            buf = buf * group["momentum"] + grad
-            direction = grad + group["momentum"] * buf if group["nesterov"] else buf
-        else:
-            direction = grad
-        return {"param": w - group["lr"] * direction, "momentum_buffer": buf}
+            buf.mul_(group["momentum"]).add_(grad)
+            direction = grad.add_(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+        w.add_(direction, alpha=-group["lr"])
 
 
 class PartialFCAdamW(_RowOptimizer):
@@ -163,15 +175,16 @@ class PartialFCAdamW(_RowOptimizer):
 
     def _update(self, rows, grad, group):
         beta1, beta2 = group["betas"]
-        w = rows["param"] * (1 - group["lr"] * group["weight_decay"])
-        step = rows["step"] + 1
-        m = rows["exp_avg"] * beta1 + (1 - beta1) * grad
-        v = rows["exp_avg_sq"] * beta2 + (1 - beta2) * grad * grad
+        w, m, v, step = rows["param"], rows["exp_avg"], rows["exp_avg_sq"], rows["step"]
+        w.mul_(1 - group["lr"] * group["weight_decay"])
+        step.add_(1)
+        m.lerp_(grad, 1 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         shape = (-1,) + (1,) * (grad.dim() - 1)
-        c1 = (1 - beta1 ** step).view(shape)
-        c2 = (1 - beta2 ** step).view(shape)
-        w = w - group["lr"] * (m / c1) / ((v / c2).sqrt() + group["eps"])
-        return {"param": w, "exp_avg": m, "exp_avg_sq": v, "step": step}
+        step_size = (group["lr"] / (1 - beta1 ** step)).view(shape)
+        # grad is not needed any more: it becomes the denominator.
+        torch.div(v, (1 - beta2 ** step).view(shape), out=grad).sqrt_().add_(group["eps"])
+        w.addcdiv_(m * step_size, grad, value=-1.0)
 
 
 def build_head_optimizer(head: PartialFC, name: str = "sgd", lr: float = 0.1, momentum: float = 0.9,

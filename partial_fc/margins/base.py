@@ -34,7 +34,8 @@ class MarginInput:
     feature_norm: torch.Tensor
     """[N, 1] float32 ‖x‖ of the un-normalised features (gradient flows)."""
     weight_norm: torch.Tensor
-    """[c] float32 ‖w‖ of the un-normalised class rows (gradient flows)."""
+    """[c] float32 ‖w‖ of the un-normalised class rows (gradient flows only for margins that
+    set ``uses_weight_norm``)."""
     bias: Optional[torch.Tensor] = None
     """[c] float32 class bias, only for margins with ``uses_bias``."""
     group: ProcessGroup = None
@@ -66,6 +67,9 @@ class Margin(nn.Module):
     """The classifier keeps a per-class bias and passes it in ``MarginInput.bias``."""
     num_centers: int = 1
     """Rows per class (sub-center ArcFace); the classifier takes the max cosine over them."""
+    uses_weight_norm: bool = False
+    """The logits depend on ‖w‖ (softmax, L-Softmax): ``weight_norm`` then carries a gradient;
+    otherwise it is a detached value (saves a pass over the rows in the backward)."""
 
     def forward(self, inp: MarginInput) -> torch.Tensor:  # pragma: no cover - interface
         """Return the logits for the distributed softmax."""
