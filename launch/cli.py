@@ -1,0 +1,238 @@
+"""The ``shardface`` command: data, training, evaluation, export, benchmarks and the demo.
+
+Every user mistake ends in one line on stderr and a non-zero exit; ``--debug`` (or
+``SHARDFACE_DEBUG=1``) shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+from .torchrun import LaunchSpec, torchrun_command, under_torchrun
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class UsageError(Exception):
+    """A mistake in what the user asked for (reported as one line)."""
+
+
+# --------------------------------------------------------------------------- data
+def _cmd_data_synth(a: argparse.Namespace) -> int:
+    from data_pipeline.synthetic import SynthConfig
+    from data_pipeline.synthetic_dataset import make_synthetic_dataset
+    cfg = SynthConfig(num_identities=a.identities, images_per_identity=a.images_per_identity,
+                      heldout_identities=a.heldout_identities, heldout_pairs=a.pairs,
+                      image_size=a.image_size, difficulty=a.difficulty, seed=a.seed)
+    manifest = make_synthetic_dataset(cfg, a.out, samples_per_shard=a.samples_per_shard, workers=a.workers)
+    print(f"wrote {manifest.num_samples} images of {manifest.num_classes} identities in "
+          f"{len(manifest.shards)} shards to {a.out} (held-out pairs and contact_sheet.png beside them)")
+    return 0
+
+
+def _cmd_data_convert(a: argparse.Namespace) -> int:
+    from data_pipeline.convert import convert
+    if not Path(a.src).exists():
+        raise UsageError(f"input {a.src} does not exist")
+    manifest = convert(a.source, a.src, a.out, samples_per_shard=a.samples_per_shard, seed=a.seed,
+                       workers=a.workers)
+    print(f"wrote {manifest.num_samples} images of {manifest.num_classes} classes in "
+          f"{len(manifest.shards)} shards to {a.out}")
+    return 0
+
+
+def _cmd_data_inspect(a: argparse.Namespace) -> int:
+    from data_pipeline.inspect import inspect_dataset
+    report = inspect_dataset(a.path, verify=not a.no_verify, deep=a.deep)
+    print(report.format())
+    return 0 if report.ok else 1
+
+
+# --------------------------------------------------------------------------- train
+def _launch_spec(a: argparse.Namespace) -> LaunchSpec:
+    return LaunchSpec(nproc_per_node=a.nproc_per_node, nnodes=a.nnodes, node_rank=a.node_rank,
+                      rdzv_endpoint=a.rdzv_endpoint, rdzv_id=a.rdzv_id, max_restarts=a.max_restarts)
+
+
+def _overrides(a: argparse.Namespace) -> list[str]:
+    sets = list(a.set or [])
+    if a.max_restarts:  # a restarted worker must pick up where the killed one stopped
+        sets.append("checkpoint.resume=latest")
+    if a.no_wandb:
+        sets.append("log.wandb=false")
+    return sets
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    spec = _launch_spec(a)
+    spec.validate()
+    overrides = _overrides(a)
+    # Validate the configuration here, so that a mistake is one line before any process starts.
+    from train.config import TrainConfig
+    TrainConfig.load(a.config, overrides)
+    train_args = ["--config", a.config] + [x for item in overrides for x in ("--set", item)]
+    if spec.needs_torchrun and not under_torchrun():
+        cmd = torchrun_command(spec, "train.main", train_args)
+        print("launching: " + " ".join(cmd), flush=True)
+        return subprocess.call(cmd)
+    from train.main import main as train_main
+    train_main(train_args)
+    return 0
+
+
+# --------------------------------------------------------------------------- model use
+def _cmd_eval(a: argparse.Namespace) -> int:
+    from launch.model_commands import evaluate_model
+    evaluate_model(a.model, a.bin, out_dir=a.out, batch_size=a.batch_size)
+    return 0
+
+
+def _cmd_export(a: argparse.Namespace) -> int:
+    from launch.model_commands import export_model
+    export_model(a.model, a.onnx, check=not a.no_check)
+    return 0
+
+
+def _cmd_embed(a: argparse.Namespace) -> int:
+    from launch.model_commands import embed_images
+    embed_images(a.model, a.images, a.out, batch_size=a.batch_size)
+    return 0
+
+
+def _cmd_bench(a: argparse.Namespace) -> int:
+    script = REPO / "bench" / f"{a.which}_bench.py"
+    return subprocess.call([sys.executable, str(script)] + a.args)
+
+
+def _cmd_demo(a: argparse.Namespace) -> int:
+    from launch.demo import DemoOptions, run_demo
+    return run_demo(DemoOptions(out=Path(a.out), quick=a.quick, nproc=a.nproc, wandb=not a.no_wandb))
+
+
+def _cmd_study(a: argparse.Namespace) -> int:
+    from launch.study import run_loss_study
+    return run_loss_study(a)
+
+
+# --------------------------------------------------------------------------- parser
+def _add_launch_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("launch (torchrun)")
+    g.add_argument("--nproc-per-node", type=int, default=1, help="processes on this node (default 1)")
+    g.add_argument("--nnodes", type=int, default=1, help="number of nodes (default 1)")
+    g.add_argument("--node-rank", type=int, default=None, help="this node's rank")
+    g.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of the first node (multi-node)")
+    g.add_argument("--rdzv-id", default="shardface", help="job id shared by the nodes")
+    g.add_argument("--max-restarts", type=int, default=0, help="elastic restarts, resuming from the last checkpoint")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``shardface``."""
+    p = argparse.ArgumentParser(prog="shardface", description="Distributed face-recognition training.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="make, convert and check WebDataset shards").add_subparsers(
+        dest="data_command", required=True, metavar="DATA_COMMAND")
+    s = data.add_parser("synth", help="generate synthetic faces: training shards + held-out pairs")
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--identities", type=int, default=1000, help="training identities")
+    s.add_argument("--images-per-identity", type=int, default=20)
+    s.add_argument("--heldout-identities", type=int, default=200, help="identities never seen in training")
+    s.add_argument("--pairs", type=int, default=2000, help="held-out verification pairs (half same)")
+    s.add_argument("--image-size", type=int, default=112)
+    s.add_argument("--difficulty", type=float, default=None, help="0 (easy) .. 1 (hard); default: the generator's")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--samples-per-shard", type=int, default=5000)
+    s.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    s.set_defaults(func=_cmd_data_synth)
+    c = data.add_parser("convert", help="insightface .rec/.idx or an image folder → shards")
+    c.add_argument("--from", dest="source", choices=["recordio", "folder"], required=True)
+    c.add_argument("src", help="train.rec (with train.idx beside it) or a folder root/<identity>/<image>")
+    c.add_argument("--out", required=True)
+    c.add_argument("--samples-per-shard", type=int, default=10000)
+    c.add_argument("--seed", type=int, default=0, help="seed of the global shuffle")
+    c.add_argument("--workers", type=int, default=1)
+    c.set_defaults(func=_cmd_data_convert)
+    i = data.add_parser("inspect", help="summarise a manifest and check its shards")
+    i.add_argument("path", help="dataset directory or manifest.json")
+    i.add_argument("--deep", action="store_true", help="also decode every JPEG")
+    i.add_argument("--no-verify", action="store_true", help="skip checksums")
+    i.set_defaults(func=_cmd_data_inspect)
+
+    t = sub.add_parser("train", help="train (plain process, or torchrun with --nproc-per-node/--nnodes)")
+    t.add_argument("--config", default="cpu_tiny", help="preset name (configs/*.yaml) or a YAML file")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. optim.lr=0.05")
+    t.add_argument("--no-wandb", action="store_true", help="do not log to Weights & Biases")
+    _add_launch_options(t)
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("eval", help="verification accuracy, TAR@FAR and ROC of a saved model")
+    e.add_argument("--model", required=True, help="embedding model file or checkpoint directory")
+    e.add_argument("--bin", nargs="+", required=True, help="insightface .bin verification sets")
+    e.add_argument("--out", default=None, help="where to write results.json and roc.png")
+    e.add_argument("--batch-size", type=int, default=256)
+    e.set_defaults(func=_cmd_eval)
+
+    x = sub.add_parser("export", help="ONNX export of the backbone (dynamic batch), checked with onnxruntime")
+    x.add_argument("--model", required=True)
+    x.add_argument("--onnx", required=True, help="output .onnx path")
+    x.add_argument("--no-check", action="store_true", help="skip the onnxruntime parity check")
+    x.set_defaults(func=_cmd_export)
+
+    m = sub.add_parser("embed", help="embeddings of every image in a folder (.npy + names)")
+    m.add_argument("--model", required=True)
+    m.add_argument("--images", required=True)
+    m.add_argument("--out", required=True, help="output .npy path")
+    m.add_argument("--batch-size", type=int, default=128)
+    m.set_defaults(func=_cmd_embed)
+
+    b = sub.add_parser("bench", help="run a benchmark from bench/ (writes bench/RESULTS.md)")
+    b.add_argument("which", choices=["partial_fc", "data", "train"])
+    b.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
+    b.set_defaults(func=_cmd_bench)
+
+    d = sub.add_parser("demo", help="synthetic faces → shards → 2-process training → held-out evaluation")
+    d.add_argument("--out", default="runs/demo", help="working directory (default runs/demo)")
+    d.add_argument("--quick", action="store_true", help="a smaller, faster run")
+    d.add_argument("--nproc", type=int, default=2, help="training processes (default 2)")
+    d.add_argument("--no-wandb", action="store_true")
+    d.set_defaults(func=_cmd_demo)
+
+    st = sub.add_parser("study", help="studies: compare losses on the same data and budget")
+    st_sub = st.add_subparsers(dest="study", required=True, metavar="STUDY")
+    sl = st_sub.add_parser("losses", help="train once per loss; table, feature geometry and margin curves")
+    sl.add_argument("--out", default="runs/loss_study")
+    sl.add_argument("--losses", nargs="+", default=None, help="default: every margin and metric loss")
+    sl.add_argument("--steps", type=int, default=None)
+    sl.add_argument("--parallel", type=int, default=1, help="losses trained at the same time")
+    sl.add_argument("--data", default=None, help="dataset directory (default: make the demo's synthetic data)")
+    sl.set_defaults(func=_cmd_study)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point of the ``shardface`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get("SHARDFACE_DEBUG") == "1"
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return int(func(args) or 0)
+    except KeyboardInterrupt:
+        print("shardface: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one line unless --debug
+        if debug:
+            raise
+        name = "" if isinstance(exc, (UsageError, ValueError, FileNotFoundError)) else f"{type(exc).__name__}: "
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"shardface: error: {name}{message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
