@@ -35,9 +35,9 @@ def _cmd_data_synth(a: argparse.Namespace) -> int:
 
 
 def _cmd_data_convert(a: argparse.Namespace) -> int:
-    from data_pipeline.convert import convert
     if not Path(a.src).exists():
         raise UsageError(f"input {a.src} does not exist")
+    from data_pipeline.convert import convert
     manifest = convert(a.source, a.src, a.out, samples_per_shard=a.samples_per_shard, seed=a.seed,
                        workers=a.workers)
     print(f"wrote {manifest.num_samples} images of {manifest.num_classes} classes in "
