@@ -1,0 +1,370 @@
+"""Writing a dataset as globally shuffled WebDataset data shards: atomic, resumable, checked."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import re
+import tarfile
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+from PIL import Image
+
+from .manifest import MANIFEST_NAME, Manifest, ShardInfo, atomic_write_bytes, fsync_dir
+from .progress import Progress
+
+JOURNAL_NAME = ".shardface-progress.jsonl"
+JOURNAL_FORMAT = "shardface-write/1"
+SHARD_PATTERN = re.compile(r"^train-(\d{6,})\.tar(\.tmp)?$")
+LABEL_WIDTH = 10
+
+
+@runtime_checkable
+class SampleSource(Protocol):
+    """Random-access samples: ``source[i] -> (jpeg_bytes, label)`` for ``0 <= i < len(source)``.
+
+    ``num_classes`` bounds the labels (``0 <= label < num_classes``); ``name`` says where the
+    samples come from (it goes into the manifest and identifies the source on resume).
+    Sources are pickled into worker processes when ``workers > 1``.
+    """
+
+    num_classes: int
+    name: str
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> tuple[bytes, int]: ...
+
+
+class SampleError(RuntimeError):
+    """Reading or checking one sample of a source failed; the message names the sample."""
+
+
+def shard_name(index: int) -> str:
+    """File name of data shard ``index`` (``train-000000.tar``)."""
+    return f"train-{index:06d}.tar"
+
+
+def shuffle_order(num_samples: int, seed: int) -> np.ndarray:
+    """The global shuffle: position ``k`` of the written dataset holds source sample ``order[k]``."""
+    return np.random.default_rng(seed).permutation(num_samples).astype(np.int64)
+
+
+def shard_sizes(num_samples: int, samples_per_shard: int) -> list[int]:
+    """Sizes of the data shards: ``ceil(N / samples_per_shard)`` shards whose sizes differ by at most 1.
+
+    Even sizes keep ranks and loader workers that split the shards equally busy.
+    """
+    num_shards = -(-num_samples // samples_per_shard)
+    base, extra = divmod(num_samples, num_shards)
+    return [base + (1 if s < extra else 0) for s in range(num_shards)]
+
+
+def encode_label(label: int) -> bytes:
+    """The ``.cls`` payload: ASCII decimal, zero-padded to 10 characters (fixed width for DALI)."""
+    return f"{label:0{LABEL_WIDTH}d}".encode("ascii")
+
+
+# -- reading samples (in this process or in a pool) ------------------------------------------------
+
+def _prepare(source: SampleSource, i: int) -> tuple[bytes, int, tuple[int, int]]:
+    """Read sample ``i`` and check it is a JPEG with an integer label; returns its [H, W] too."""
+    try:
+        jpeg, label = source[i]
+    except Exception as e:  # noqa: BLE001 - re-raised with the sample named
+        raise SampleError(f"reading sample {i} of source {source.name!r} failed: "
+                          f"{type(e).__name__}: {e}") from e
+    if isinstance(label, (float, np.floating)) and float(label).is_integer():
+        label = int(label)
+    if not isinstance(label, (int, np.integer)) or isinstance(label, bool):
+        raise SampleError(f"sample {i} of source {source.name!r} has label {label!r}: "
+                          "labels must be integers")
+    if not isinstance(jpeg, (bytes, bytearray, memoryview)):
+        raise SampleError(f"sample {i} of source {source.name!r} gave {type(jpeg).__name__} "
+                          "instead of JPEG bytes")
+    jpeg = bytes(jpeg)
+    try:
+        # Opening parses only the header: cheap, and catches non-JPEG payloads early.
+        with Image.open(io.BytesIO(jpeg)) as im:
+            fmt, (w, h) = im.format, im.size
+    except Exception as e:  # noqa: BLE001
+        raise SampleError(f"sample {i} of source {source.name!r} is not a readable image "
+                          f"({type(e).__name__}: {e})") from e
+    if fmt != "JPEG":
+        raise SampleError(f"sample {i} of source {source.name!r} is {fmt}, not JPEG: "
+                          "re-encode it to JPEG in the source")
+    return jpeg, int(label), (h, w)
+
+
+# A pool worker's copy of the source, set once by the initializer so that the source is
+# pickled once per worker rather than once per task.
+_WORKER_SOURCE: SampleSource | None = None
+
+
+def _init_worker(source: SampleSource) -> None:
+    global _WORKER_SOURCE
+    _WORKER_SOURCE = source
+
+
+def _prepare_chunk(indices: list[int]) -> list[tuple[bytes, int, tuple[int, int]]]:
+    assert _WORKER_SOURCE is not None
+    return [_prepare(_WORKER_SOURCE, i) for i in indices]
+
+
+def _stream_samples(source: SampleSource, indices: np.ndarray, workers: int,
+                    chunk: int = 32) -> Iterator[tuple[bytes, int, tuple[int, int]]]:
+    """Yield prepared samples in ``indices`` order, reading them with ``workers`` processes."""
+    if workers <= 1:
+        for i in indices:
+            yield _prepare(source, int(i))
+        return
+    # spawn: a forked child of a process that has run torch/OpenMP threads can deadlock.
+    ctx = multiprocessing.get_context("spawn")
+    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(source,))
+    try:
+        chunks = (indices[k:k + chunk].tolist() for k in range(0, len(indices), chunk))
+        pending: deque = deque()
+        # A bounded window keeps memory flat when readers outrun the tar writer.
+        for c in chunks:
+            pending.append(pool.apply_async(_prepare_chunk, (c,)))
+            if len(pending) >= 4 * workers:
+                yield from pending.popleft().get()
+        while pending:
+            yield from pending.popleft().get()
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+# -- one data shard --------------------------------------------------------------------------------
+
+class _HashingFile:
+    """A write-only file wrapper that hashes what passes through (the shard's SHA-256)."""
+
+    def __init__(self, f: io.BufferedWriter) -> None:
+        self.f, self.sha, self.pos = f, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.pos += len(data)
+        return self.f.write(data)
+
+    def tell(self) -> int:
+        return self.pos
+
+
+def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    # Fixed metadata makes a shard's bytes a function of its samples alone, so a resumed
+    # conversion reproduces the checksums of an uninterrupted one.
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _write_shard(path: Path, samples: Iterable[tuple[str, bytes, int]]) -> tuple[str, int]:
+    """Write ``(key, jpeg, label)`` samples to ``path`` atomically; returns (sha256, count)."""
+    tmp = path.with_name(path.name + ".tmp")
+    count = 0
+    try:
+        with open(tmp, "wb") as f:
+            hf = _HashingFile(f)
+            with tarfile.open(fileobj=hf, mode="w", format=tarfile.USTAR_FORMAT) as tar:  # type: ignore[call-overload]
+                for key, jpeg, label in samples:
+                    _tar_member(tar, f"{key}.jpg", jpeg)
+                    _tar_member(tar, f"{key}.cls", encode_label(label))
+                    count += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return hf.sha.hexdigest(), count
+
+
+def file_sha256(path: Path, block: int = 1 << 20) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while data := f.read(block):
+            sha.update(data)
+    return sha.hexdigest()
+
+
+# -- the resume journal ----------------------------------------------------------------------------
+
+def _read_journal(path: Path, fingerprint: dict[str, Any]) -> dict[int, dict[str, Any]] | None:
+    """Completed shards recorded by an earlier run with the same fingerprint (None: no such run)."""
+    if not path.is_file():
+        return None
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    try:
+        head = json.loads(lines[0]) if lines else {}
+    except json.JSONDecodeError:
+        return None
+    if head.get("journal") != JOURNAL_FORMAT or head.get("fingerprint") != fingerprint:
+        return None
+    done: dict[int, dict[str, Any]] = {}
+    for line in lines[1:]:
+        try:
+            entry = json.loads(line)
+            done[int(entry["shard"])] = entry
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue  # a line torn by a crash while it was being appended
+    return done
+
+
+def _append_line(f: io.TextIOWrapper, entry: dict[str, Any]) -> None:
+    f.write(json.dumps(entry, sort_keys=True) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+# -- the writer ------------------------------------------------------------------------------------
+
+def _check_args(source: Any, samples_per_shard: int, workers: int, num_classes: int) -> int:
+    for attr in ("__len__", "__getitem__", "name"):
+        if not hasattr(source, attr):
+            raise TypeError(f"source {source!r} has no {attr!r}: it must be a SampleSource "
+                            "(__len__, __getitem__(i) -> (jpeg_bytes, label), num_classes, name)")
+    n = len(source)
+    if n <= 0:
+        raise ValueError(f"source {source.name!r} has no samples: nothing to write")
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard={samples_per_shard} must be at least 1")
+    if workers < 1:
+        raise ValueError(f"workers={workers} must be at least 1")
+    if num_classes < 1:
+        raise ValueError(f"num_classes={num_classes} must be positive: does source "
+                         f"{source.name!r} report its classes?")
+    return n
+
+
+def _check_verification(out: Path, verification: Mapping[str, str] | None) -> dict[str, str]:
+    verification = dict(verification or {})
+    for name, rel in verification.items():
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise ValueError(f"verification set {name!r}: path {rel!r} must be relative to {out}")
+        if not (out / rel).is_file():
+            raise FileNotFoundError(f"verification set {name!r}: {out / rel} does not exist: "
+                                    "write the .bin files into the output directory first")
+    return verification
+
+
+def _stale_shard_files(out: Path, keep: set[str]) -> list[Path]:
+    return [p for p in out.iterdir() if SHARD_PATTERN.match(p.name) and p.name not in keep]
+
+
+def write_shards(source: SampleSource, out_dir: str | os.PathLike, *, samples_per_shard: int = 10000,
+                 seed: int = 0, workers: int = 1, progress: bool = True,
+                 verification: Mapping[str, str] | None = None,
+                 num_classes: int | None = None) -> Manifest:
+    """Write ``source`` as globally shuffled data shards plus ``manifest.json`` in ``out_dir``.
+
+    Sample order is a seeded permutation of source indices. Each shard is written to
+    ``.tar.tmp``, fsynced and renamed; the manifest is written last. A re-run with the same
+    arguments keeps complete shards whose checksum matches and writes only the rest.
+    ``verification`` maps names to ``.bin`` files already in ``out_dir``; ``num_classes``
+    overrides ``source.num_classes``.
+    """
+    classes = int(num_classes if num_classes is not None else getattr(source, "num_classes", 0))
+    n = _check_args(source, samples_per_shard, workers, classes)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    verification = _check_verification(out, verification)
+
+    order = shuffle_order(n, seed)
+    sizes = shard_sizes(n, samples_per_shard)
+    starts = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+    fingerprint = {"source": source.name, "num_samples": n, "num_classes": classes,
+                   "samples_per_shard": samples_per_shard, "seed": seed,
+                   # Pins the permutation itself, in case the generator's stream ever changes.
+                   "order_sha256": hashlib.sha256(order.tobytes()).hexdigest()}
+
+    journal_path = out / JOURNAL_NAME
+    previous = _read_journal(journal_path, fingerprint)
+    if previous is None and not journal_path.exists() and not (out / MANIFEST_NAME).exists():
+        foreign = _stale_shard_files(out, keep=set())
+        if foreign:
+            raise FileExistsError(f"{out} already holds shard files ({foreign[0].name}, ...) that no "
+                                  "shardface run recorded: choose an empty output directory")
+
+    kept: dict[int, dict[str, Any]] = {}
+    if previous:
+        check = Progress("checking written shards", len(previous), unit="shards", enabled=progress)
+        for s, entry in sorted(previous.items()):
+            p = out / shard_name(s)
+            if (s < len(sizes) and entry.get("num_samples") == sizes[s] and p.is_file()
+                    and file_sha256(p) == entry.get("sha256")):
+                kept[s] = entry
+            check.update()
+        check.close(note=f"{len(kept)} kept")
+    if previous is None:
+        atomic_write_bytes(journal_path, (json.dumps({"journal": JOURNAL_FORMAT,
+                                                      "fingerprint": fingerprint}) + "\n").encode())
+
+    image_size: tuple[int, int] | None = None
+    for entry in kept.values():
+        size = tuple(entry["image_size"])
+        if image_size is not None and size != image_size:
+            raise ValueError(f"shards written earlier disagree on image size ({image_size} vs {size}): "
+                             f"delete {journal_path} to rewrite everything")
+        image_size = size  # type: ignore[assignment]
+
+    todo = [s for s in range(len(sizes)) if s not in kept]
+    todo_indices = (np.concatenate([order[starts[s]:starts[s + 1]] for s in todo])
+                    if todo else np.empty(0, np.int64))
+    bar = Progress(f"writing {len(sizes)} shards", n, enabled=progress,
+                   initial=n - len(todo_indices))
+    stream = _stream_samples(source, todo_indices, workers)
+
+    def shard_samples(s: int) -> Iterator[tuple[str, bytes, int]]:
+        nonlocal image_size
+        for k in range(starts[s], starts[s + 1]):
+            jpeg, label, size = next(stream)
+            if not 0 <= label < classes:
+                raise ValueError(f"label {label} of sample {int(order[k])} (source {source.name!r}) "
+                                 f"is outside [0, {classes}): is num_classes right for this source?")
+            if image_size is None:
+                image_size = size
+            elif size != image_size:
+                raise ValueError(f"sample {int(order[k])} of source {source.name!r} is "
+                                 f"{size[0]}x{size[1]} but earlier samples are "
+                                 f"{image_size[0]}x{image_size[1]}: a dataset holds aligned crops "
+                                 "of one size; align or resize the images first")
+            bar.update()
+            yield f"{k:09d}", jpeg, label
+
+    try:
+        with open(journal_path, "a", encoding="utf-8") as journal:
+            for s in todo:
+                sha, count = _write_shard(out / shard_name(s), shard_samples(s))
+                assert count == sizes[s]
+                kept[s] = {"shard": s, "num_samples": count, "sha256": sha,
+                           "image_size": list(image_size)}  # type: ignore[arg-type]
+                _append_line(journal, kept[s])
+    finally:
+        stream.close()
+    bar.close(note=f"{len(todo)} shards written, {len(sizes) - len(todo)} kept")
+
+    assert image_size is not None
+    manifest = Manifest(num_samples=n, num_classes=classes, image_size=image_size,
+                        shards=[ShardInfo(shard_name(s), sizes[s], kept[s]["sha256"])
+                                for s in range(len(sizes))],
+                        source=source.name, verification=verification)
+    manifest.save(out / MANIFEST_NAME)
+    # Shards of an earlier run with other arguments (more shards, or a crash's .tar.tmp)
+    # are not part of this dataset; leaving them would confuse globbing tools.
+    for p in _stale_shard_files(out, keep={s.path for s in manifest.shards}):
+        p.unlink()
+    return manifest
