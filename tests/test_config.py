@@ -1,0 +1,105 @@
+"""Training config: presets round-trip through YAML, overrides are typed, mistakes are named."""
+import dataclasses
+
+import pytest
+
+from train.config import SECTIONS, ConfigError, TrainConfig, all_keys, list_presets
+from train.config_parse import field_docs
+
+PRESETS = ["ms1mv3_r50", "glint360k_r100", "webface42m_r100_pfc02", "cpu_tiny"]
+
+
+def test_presets_exist():
+    assert set(PRESETS) <= set(list_presets())
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_yaml_round_trip(preset, tmp_path):
+    cfg = TrainConfig.load(preset)
+    text = cfg.to_yaml()
+    assert TrainConfig.from_yaml(text) == cfg
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    again = TrainConfig.load(str(path))
+    assert again == cfg
+    assert again.to_yaml() == text
+
+
+def test_published_settings_of_the_real_presets():
+    ms1m, glint, wf42m = (TrainConfig.load(p) for p in PRESETS[:3])
+    for cfg in (ms1m, glint, wf42m):
+        assert (cfg.optim.name, cfg.optim.lr, cfg.optim.reference_batch, cfg.data.batch_size) == ("sgd", 0.1, 1024, 128)
+        assert cfg.epochs == 20 and cfg.optim.momentum == 0.9
+    assert (ms1m.loss.margin, ms1m.loss.margin_options["m"], ms1m.optim.weight_decay) == ("arcface", 0.5, 5e-4)
+    assert (glint.loss.margin, glint.loss.margin_options["m"], glint.optim.weight_decay) == ("cosface", 0.4, 1e-4)
+    assert wf42m.loss.sample_rate == 0.2 and ms1m.loss.sample_rate == 1.0
+    tiny = TrainConfig.load("cpu_tiny")
+    assert tiny.model.backbone == "iresnet_tiny" and tiny.loss.margin == "arcface"
+    assert tiny.loss.sample_rate < 1.0 and 100 <= tiny.max_steps <= 1000
+
+
+def test_overrides_are_coerced_to_the_field_types():
+    cfg = TrainConfig.load("cpu_tiny", [
+        "optim.lr=1e-3", "max_steps=12", "data.flip=false", "optim.betas=[0.8, 0.95]",
+        "eval.bins=a.bin,b.bin", "loss.margin_options.m=0.35", "loss.head_seed=7", "optim.head_lr=none",
+        "data.epoch_samples=1000.0",
+    ])
+    assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)
+    assert cfg.max_steps == 12 and isinstance(cfg.max_steps, int)
+    assert cfg.data.flip is False
+    assert cfg.optim.betas == (0.8, 0.95)
+    assert cfg.eval.bins == ["a.bin", "b.bin"]
+    assert cfg.loss.margin_options == {"s": 32.0, "m": 0.35}  # one key changed, the other kept
+    assert cfg.loss.head_seed == 7 and cfg.optim.head_lr is None
+    assert cfg.data.epoch_samples == 1000
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=0.1", "unknown config key 'optim.lrr' (did you mean 'optim.lr'?)"),
+    ("optim.wieght_decay=0", "unknown config key 'optim.wieght_decay' (did you mean 'optim.weight_decay'?)"),
+    ("maxsteps=3", "unknown config key 'maxsteps' (did you mean 'max_steps'?)"),
+    ("modle.backbone=x", "unknown config key 'modle.backbone' (did you mean 'model.backbone'?)"),
+])
+def test_unknown_key_in_override_names_the_closest(override, message):
+    with pytest.raises(ConfigError) as err:
+        TrainConfig.load("cpu_tiny", [override])
+    assert str(err.value) == message
+
+
+def test_unknown_key_in_yaml_names_the_closest(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("max_steps: 5\ndata: {loader: synthetic, num_classes: 4}\noptim:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        TrainConfig.load(str(path))
+    assert str(err.value) == "unknown config key 'optim.lrr' (did you mean 'optim.lr'?)"
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("loss.sample_rate=1.5", "loss.sample_rate=1.5"),
+    ("optim.name=lamb", "optim.name='lamb' is not one of sgd, adamw"),
+    ("optim.lr=fast", "optim.lr=fast is not a valid float: give a number"),
+    ("data.batch_size=2.5", "data.batch_size=2.5 is not a valid int"),
+    ("parallel.zero_stage=4", "parallel.zero_stage=4 is not one of 0, 1, 2, 3"),
+    ("precision.dtype=fp8", "precision.dtype='fp8'"),
+    ("checkpoint.keep_last=-1", "checkpoint.keep_last=-1 must be >= 0"),
+    ("optim", "is not of the form section.key=value"),
+    ("optim=3", "'optim' is a config section"),
+])
+def test_bad_values_name_key_and_value(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        TrainConfig.load("cpu_tiny", [override])
+    assert fragment in str(err.value)
+
+
+def test_missing_preset_lists_the_presets():
+    with pytest.raises(ConfigError) as err:
+        TrainConfig.load("ms1mv4_r50")
+    assert "ms1mv4_r50" in str(err.value) and "ms1mv3_r50" in str(err.value)
+
+
+def test_every_field_has_a_docstring():
+    for cls in [TrainConfig, *SECTIONS.values()]:
+        docs = field_docs(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        assert [n for n in names if not docs.get(n)] == [], cls.__name__
+    assert len(all_keys()) == sum(len(dataclasses.fields(c)) for c in SECTIONS.values()) + 5

@@ -1,0 +1,369 @@
+"""The training configuration: one dataclass per section, a docstring under every field.
+
+A run is described by a preset (``configs/<name>.yaml``) or a YAML file, plus overrides
+``section.key=value``.  The docstrings are the help text (``docs/training.md`` and the
+command line are generated from them).  Everything is validated once, when the
+:class:`TrainConfig` is built, and errors name the key, the value and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .config_parse import (ConfigError, build_section, coerce, field_types, parse_override, to_plain,
+                           unknown_key_error)
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class DataConfig:
+    """Where the training samples come from and how they are batched."""
+
+    manifest: str = ""
+    """Path of the dataset's manifest.json (data shards, class count, verification sets)."""
+    loader: str = "webdataset"
+    """Loader kind: webdataset (tar shards, PIL), dali (NVIDIA DALI) or synthetic (in-memory tensors)."""
+    batch_size: int = 128
+    """Local batch: samples per rank per micro-step (global batch = batch_size x world size x grad_accum)."""
+    workers: int = 2
+    """Loader worker processes (or DALI threads) per rank."""
+    mode: str = "resampled"
+    """resampled: shards drawn with replacement, a fixed number of batches per epoch; exact: every sample once per epoch."""
+    image_size: int = 112
+    """Side of the square input images in pixels."""
+    shuffle_buffer: int = 1000
+    """Samples held in the shuffle buffer of the webdataset loader."""
+    flip: bool = True
+    """Random horizontal flip of training images."""
+    strict: bool = False
+    """Stop on an undecodable sample instead of skipping and counting it."""
+    epoch_samples: Optional[int] = None
+    """Samples per epoch (all ranks together); None: the manifest's num_samples."""
+    num_classes: Optional[int] = None
+    """Number of identities; None: the manifest's num_classes (must match it when both are given)."""
+
+
+@dataclass
+class ModelConfig:
+    """The backbone that turns a face image into an embedding."""
+
+    backbone: str = "iresnet50"
+    """Backbone name from train.backbones (iresnet18/34/50/100/200, mobilefacenet, vit_t/s/b, iresnet_tiny, ...)."""
+    embedding_size: int = 512
+    """Width D of the embedding."""
+    dropout: float = 0.0
+    """Dropout before the embedding layer."""
+    channels_last: bool = False
+    """Store images and convolution weights in channels-last memory format (faster on recent GPUs)."""
+    compile: bool = False
+    """Compile the backbone with torch.compile."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory (backbones that support it)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for the backbone builder."""
+
+
+@dataclass
+class LossConfig:
+    """The sharded margin classifier (Partial FC) and an optional metric loss."""
+
+    margin: str = "arcface"
+    """Margin name from partial_fc.margins (arcface, cosface, combined, adaface, ...)."""
+    margin_options: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the margin's parameters, e.g. {s: 64, m: 0.5}."""
+    sample_rate: float = 1.0
+    """Fraction in (0, 1] of each rank's classes used per step (Partial FC); 1.0: all classes."""
+    head_dtype: str = "fp32"
+    """Storage dtype of the classifier rows and their optimiser state: fp32 or bf16."""
+    head_seed: Optional[int] = None
+    """Seed of the classifier's initial rows and negative sampling; None: the run's seed."""
+    metric_loss: str = "none"
+    """Additional metric loss: none, center, triplet or circle."""
+    metric_weight: float = 0.0
+    """Weight of the metric loss added to the classification loss."""
+    metric_options: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the metric loss's parameters."""
+
+
+@dataclass
+class OptimConfig:
+    """Optimisers (backbone and classifier shard), learning-rate schedule, accumulation, clipping."""
+
+    name: str = "sgd"
+    """Optimiser of backbone and classifier: sgd (momentum) or adamw."""
+    lr: float = 0.1
+    """Peak learning rate at the reference global batch (see reference_batch)."""
+    reference_batch: int = 1024
+    """Global batch for which lr is given; the lr is scaled linearly to the actual global batch. 0: no scaling."""
+    head_lr: Optional[float] = None
+    """Learning rate of the classifier shard (before scaling); None: the same as lr."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 5e-4
+    """Weight decay (L2 for SGD, decoupled for AdamW); never applied to norms, biases or PReLU slopes."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_steps: int = 0
+    """Steps of linear warm-up from 0 to the peak learning rate."""
+    schedule: str = "poly"
+    """Decay after warm-up: poly (1 - progress)^power, cosine, or constant."""
+    poly_power: float = 2.0
+    """Power of the polynomial decay."""
+    min_lr_ratio: float = 0.0
+    """Floor of the decay as a fraction of the peak learning rate."""
+    grad_accum: int = 1
+    """Micro-steps whose gradients are accumulated into one optimiser step (loss averaged over them)."""
+    clip_grad_norm: float = 0.0
+    """Clip the backbone's gradient to this global L2 norm; 0: no clipping."""
+    max_nonfinite_in_row: int = 10
+    """Stop the run after this many consecutive steps with a non-finite loss or gradient (each is skipped)."""
+
+
+@dataclass
+class ParallelConfig:
+    """How the backbone is replicated (the classifier is always sharded over ranks)."""
+
+    strategy: str = "ddp"
+    """ddp (torch DistributedDataParallel) or deepspeed (ZeRO)."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage 0-3 (strategy=deepspeed only)."""
+    deepspeed_config: str = ""
+    """Optional DeepSpeed JSON file whose keys override the generated DeepSpeed config."""
+    backend: str = "auto"
+    """torch.distributed backend: auto (nccl on GPU, gloo on CPU), nccl or gloo."""
+    bucket_cap_mb: int = 25
+    """DDP gradient bucket size in MiB."""
+
+
+@dataclass
+class PrecisionConfig:
+    """Numeric precision of the backbone's forward and backward."""
+
+    dtype: str = "fp32"
+    """fp32, bf16 (autocast) or fp16 (autocast with a dynamic loss scale)."""
+    init_scale: float = 65536.0
+    """Initial loss scale for fp16."""
+    growth_interval: int = 2000
+    """Steps without overflow before the fp16 loss scale doubles."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Periodic checkpoints and resuming."""
+
+    dir: str = ""
+    """Checkpoint folder; empty: <output_dir>/checkpoints."""
+    every_steps: int = 1000
+    """Save every this many steps (and at the end); 0: only at the end."""
+    keep_last: int = 3
+    """Keep this many most recent checkpoints; 0: keep all."""
+    resume: str = "none"
+    """none, latest (the newest checkpoint in dir, if any) or the path of a checkpoint folder."""
+    export: bool = True
+    """Write an embedding-only export (backbone weights + config) at the end."""
+
+
+@dataclass
+class EvalConfig:
+    """Verification (1:1) evaluation of the backbone during and after training."""
+
+    every_steps: int = 0
+    """Evaluate every this many steps (and at the end); 0: only at the end."""
+    bins: Optional[list[str]] = None
+    """Verification .bin files; None: the manifest's verification sets; []: no evaluation."""
+    batch_size: int = 256
+    """Images per forward during evaluation."""
+    at_end: bool = True
+    """Evaluate after the last step."""
+
+
+@dataclass
+class LogConfig:
+    """Console and Weights & Biases logging (rank 0 only)."""
+
+    every_steps: int = 50
+    """Print and log a metrics line every this many steps."""
+    wandb: bool = False
+    """Log to Weights & Biases (offline unless WANDB_API_KEY is set)."""
+    project: str = "shardface"
+    """W&B project."""
+    run_name: str = ""
+    """W&B run name; empty: the output folder's name."""
+    entity: str = ""
+    """W&B entity (team); empty: the default of the API key."""
+    progress: bool = True
+    """Show a progress bar when the console is a terminal."""
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig, "model": ModelConfig, "loss": LossConfig, "optim": OptimConfig,
+    "parallel": ParallelConfig, "precision": PrecisionConfig, "checkpoint": CheckpointConfig,
+    "eval": EvalConfig, "log": LogConfig,
+}
+
+
+@dataclass
+class TrainConfig:
+    """A whole training run."""
+
+    output_dir: str = "runs/default"
+    """Run folder: config.yaml, checkpoints, evaluation plots, export."""
+    seed: int = 0
+    """Seed of everything random (weights, sampling, data order); a run is deterministic given seed and world size."""
+    max_steps: int = 0
+    """Optimiser steps to train; 0: derive from epochs."""
+    epochs: int = 0
+    """Epochs to train when max_steps is 0."""
+    device: str = "auto"
+    """auto (cuda when available), cpu or cuda."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data section."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model section."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Loss section."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimisation section."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallelism section."""
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    """Precision section."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoint section."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation section."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Logging section."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Check every value; raise ConfigError naming the key, the value and the fix."""
+        from .config_check import check_config
+        check_config(self)
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """A config from a nested mapping (unknown keys raise ConfigError)."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"a config must be a mapping of sections, got {type(values).__name__}")
+        top = {k: v for k, v in field_types(cls).items() if k not in SECTIONS}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            if key in SECTIONS:
+                kwargs[key] = build_section(SECTIONS[key], value, key)
+            elif key in top:
+                kwargs[key] = coerce(value, top[key], key)
+            else:
+                raise unknown_key_error(str(key), all_keys())
+        return cls(**kwargs)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "TrainConfig":
+        """A config from YAML text."""
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config is not valid YAML: {err}") from err
+        return cls.from_dict(values)
+
+    def to_yaml(self) -> str:
+        """The whole config as YAML (every key, so a run folder's config.yaml is complete)."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def to_dict(self) -> dict:
+        """The whole config as nested built-in types."""
+        return to_plain(self)
+
+    @classmethod
+    def load(cls, preset_or_path: Optional[str] = None, overrides: Optional[list[str]] = None) -> "TrainConfig":
+        """A preset name (``configs/<name>.yaml``) or a YAML path, then ``section.key=value`` overrides."""
+        values: dict = {}
+        if preset_or_path:
+            path = resolve_preset(preset_or_path)
+            try:
+                values = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as err:
+                raise ConfigError(f"{path} is not valid YAML: {err}") from err
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path} must hold a mapping of config sections")
+        for text in overrides or []:
+            parts, value = parse_override(text)
+            apply_override(values, parts, value, text)
+        return cls.from_dict(values)
+
+    def replace(self, **sections: Any) -> "TrainConfig":
+        """A copy with top-level fields or whole sections replaced (validated again)."""
+        return dataclasses.replace(self, **sections)
+
+
+def all_keys() -> list[str]:
+    """Every valid key, dotted (``optim.lr``), for suggestions and documentation."""
+    keys = [k for k in field_types(TrainConfig) if k not in SECTIONS]
+    for name, section in SECTIONS.items():
+        keys += [f"{name}.{k}" for k in field_types(section)]
+    return keys
+
+
+def apply_override(values: dict, parts: list[str], value: str, text: str) -> None:
+    """Set ``values[section][key] = value`` after checking that the key exists."""
+    key = ".".join(parts)
+    known = all_keys()
+    if key in SECTIONS:
+        raise ConfigError(f"'{key}' is a config section, not a value: set one of its keys "
+                          f"(e.g. {key}.{next(iter(field_types(SECTIONS[key])))}=...)")
+    if key not in known:
+        # ``loss.margin_options.m=0.4`` reaches into a dict-valued field.
+        section_type = SECTIONS.get(parts[0])
+        inner = field_types(section_type).get(parts[1]) if section_type and len(parts) > 2 else None
+        if typing.get_origin(inner) is not dict:
+            raise unknown_key_error(key, known)
+        section = values.get(parts[0]) or {}
+        values[parts[0]] = section
+        target = section.get(parts[1]) or {}
+        section[parts[1]] = target
+        for p in parts[2:-1]:
+            target = target.setdefault(p, {})
+        target[parts[-1]] = yaml.safe_load(value)
+        return
+    if len(parts) == 1:
+        values[parts[0]] = value
+    else:
+        if parts[0] not in SECTIONS or len(parts) != 2:
+            raise unknown_key_error(key, known)
+        section = values.get(parts[0]) or {}
+        values[parts[0]] = section
+        section[parts[1]] = value
+
+
+def list_presets() -> list[str]:
+    """Names of the presets in ``configs/``."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def resolve_preset(preset_or_path: str) -> Path:
+    """The YAML file of a preset name or a path; ConfigError when neither exists."""
+    path = Path(preset_or_path)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    preset = PRESET_DIR / f"{preset_or_path}.yaml"
+    if preset.is_file():
+        return preset
+    raise ConfigError(f"config {preset_or_path!r} is neither a YAML file nor a preset "
+                      f"(presets: {', '.join(list_presets()) or 'none found in ' + str(PRESET_DIR)})")
+
+
+__all__ = ["ConfigError", "TrainConfig", "DataConfig", "ModelConfig", "LossConfig", "OptimConfig",
+           "ParallelConfig", "PrecisionConfig", "CheckpointConfig", "EvalConfig", "LogConfig",
+           "SECTIONS", "all_keys", "list_presets", "resolve_preset"]
