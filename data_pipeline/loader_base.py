@@ -1,0 +1,109 @@
+"""The contract every loader follows: epochs, length, exact resume, skip statistics."""
+from __future__ import annotations
+
+import abc
+from typing import Any, Iterator
+
+import torch
+
+from .bad_data import BadSample, SkipReport
+
+MODES = ("resampled", "exact")
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def to_model_input(images_nhwc: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 ``[B, H, W, 3]`` → float32 ``[B, 3, H, W]`` in [-1, 1], mirrored where ``flip`` is true."""
+    x = images_nhwc.permute(0, 3, 1, 2).float()
+    if flip is not None and bool(flip.any()):
+        x[flip] = x[flip].flip(-1)
+    # (x / 255 - 0.5) / 0.5 == x / 127.5 - 1
+    return x.div_(127.5).sub_(1.0)
+
+
+class Loader(abc.ABC):
+    """One rank's view of a dataset: iterate for one epoch of ``(images, labels)`` batches.
+
+    ``len(loader)`` batches per epoch, equal on every rank. ``state_dict()`` records the epoch
+    and the batches handed out so far; after ``load_state_dict()`` the next iteration of that
+    epoch continues with exactly the batches the interrupted run would have seen next.
+    """
+
+    kind = "base"
+
+    def __init__(self, *, num_classes: int, num_batches: int, rank: int, world_size: int,
+                 batch_size: int, seed: int, mode: str, settings: dict[str, Any]) -> None:
+        self.num_classes = num_classes
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self.seed, self.mode = seed, mode
+        self.epoch = 0
+        self._num_batches = num_batches
+        self._consumed = 0
+        self._resume_at: int | None = None
+        # What must match for a saved position to mean the same batches.
+        # The rank is not among them: every rank is at the same position, so one rank's
+        # state may restore all of them.
+        self._settings = {"kind": self.kind, "mode": mode, "seed": seed,
+                          "world_size": world_size, "batch_size": batch_size, **settings}
+        self._report = SkipReport()
+
+    # -- contract ------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._num_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch the next iteration yields (it seeds shuffling and augmentation)."""
+        if epoch < 0:
+            raise ValueError(f"epoch={epoch} must be >= 0")
+        if epoch != self.epoch:
+            self._resume_at = None
+            self._consumed = 0
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[Batch]:
+        start = self._resume_at or 0
+        self._resume_at = None
+        self._consumed = start
+        for images, labels in self._iter_epoch(self.epoch, start):
+            self._consumed += 1
+            yield images, labels
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Bad samples skipped so far, by reason."""
+        return self._report.as_dict()
+
+    @property
+    def last_batch_padding(self) -> int:
+        """Trailing samples of this epoch's last batch that repeat earlier ones (exact mode)."""
+        return 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Epoch, batches consumed in it, skip counts and the settings they depend on."""
+        return {"epoch": self.epoch, "batches_consumed": self._consumed,
+                "stats": self._report.as_dict(), "settings": dict(self._settings)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state``: the next iteration yields that epoch's remaining batches."""
+        saved = state.get("settings", {})
+        differ = {k: (saved.get(k), v) for k, v in self._settings.items() if saved.get(k) != v}
+        if differ:
+            detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in differ.items())
+            raise ValueError(f"cannot resume the data position: loader settings differ ({detail}); "
+                             "resume with the same data settings, or call set_epoch() to start "
+                             "an epoch from its beginning instead")
+        consumed = int(state["batches_consumed"])
+        if not 0 <= consumed <= self._num_batches:
+            raise ValueError(f"batches_consumed={consumed} is outside [0, {self._num_batches}]")
+        self.epoch = int(state["epoch"])
+        self._consumed = consumed
+        self._resume_at = consumed
+        self._report.load(state.get("stats", {}))
+
+    # -- for subclasses ------------------------------------------------------------------------
+    def _record(self, events: list[BadSample]) -> None:
+        self._report.add(events)
+
+    @abc.abstractmethod
+    def _iter_epoch(self, epoch: int, start: int) -> Iterator[Batch]:
+        """Batches ``start, start+1, ..., len-1`` of ``epoch``."""

@@ -1,0 +1,146 @@
+"""WebDataset shards through a torch DataLoader: PIL decode in worker processes."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .bad_data import BadSample, SkipLog, decode_jpeg
+from .epoch_plan import (derive_seed, exact_batches_per_rank, last_batch_padding,
+                         resampled_batches_per_rank, worker_batches)
+from .loader_base import Batch, Loader, to_model_input
+from .sample_streams import exact_stream, resampled_stream
+from .tar_reader import RawSample, ShardRef, shard_refs
+
+FLIP_TAG = 0x464C
+
+
+class _RankEpoch(IterableDataset):
+    """One rank's epoch; in each DataLoader worker it yields that worker's decoded batches."""
+
+    def __init__(self, shards: list[ShardRef], *, num_classes: int, image_size: tuple[int, int],
+                 mode: str, seed: int, epoch: int, rank: int, world_size: int, batch_size: int,
+                 num_batches: int, workers: int, start: int, buffer_size: int, flip: bool,
+                 strict: bool) -> None:
+        super().__init__()
+        self.shards, self.num_classes, self.image_size = shards, num_classes, image_size
+        self.mode, self.seed, self.epoch = mode, seed, epoch
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self.num_batches, self.workers, self.start = num_batches, workers, start
+        self.buffer_size, self.flip, self.strict = buffer_size, flip, strict
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, list[BadSample]]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        log = SkipLog(self.strict)
+        common = dict(num_classes=self.num_classes, seed=self.seed, epoch=self.epoch,
+                      rank=self.rank, worker=worker, buffer_size=self.buffer_size, log=log)
+        if self.mode == "exact":
+            batches, stream = exact_stream(self.shards, world_size=self.world_size,
+                                           batch_size=self.batch_size, workers=self.workers,
+                                           **common)
+        else:
+            batches = worker_batches(self.num_batches, self.workers, worker)
+            stream = resampled_stream(self.shards, **common)
+        for j in batches:
+            chunk = [next(stream) for _ in range(self.batch_size)]
+            if j < self.start:
+                # Already consumed before a resume: skipped undecoded; its skips were counted then.
+                log.take()
+                continue
+            images, labels = self._decode(chunk, stream, j, log)
+            yield images, labels, j, log.take()
+
+    def _decode(self, chunk: list[RawSample], stream: Iterator[RawSample], j: int,
+                log: SkipLog) -> tuple[torch.Tensor, torch.Tensor]:
+        arrays: list[np.ndarray] = []
+        labels: list[int] = []
+        for sample in chunk:
+            self._add(sample, arrays, labels, log)
+        while not arrays:
+            # A batch made only of undecodable images: read on until one decodes.
+            self._add(next(stream), arrays, labels, log)
+        good = len(arrays)
+        # Slots of undecodable images take repeats of the batch's good ones, so that the
+        # batch keeps its size and the samples after it stay where a resume expects them.
+        for k in range(self.batch_size - good):
+            arrays.append(arrays[k % good])
+            labels.append(labels[k % good])
+        flips = None
+        if self.flip:
+            rng = np.random.default_rng(derive_seed(self.seed, self.epoch, self.rank, j, FLIP_TAG))
+            flips = torch.from_numpy(rng.random(self.batch_size) < 0.5)
+        images = to_model_input(torch.from_numpy(np.stack(arrays)), flips)
+        return images, torch.tensor(labels, dtype=torch.int64)
+
+    def _add(self, sample: RawSample, arrays: list[np.ndarray], labels: list[int],
+             log: SkipLog) -> None:
+        decoded = decode_jpeg(sample.jpg, self.image_size)
+        if isinstance(decoded, tuple):
+            log.add(BadSample(decoded[0], sample.shard, sample.key, decoded[1]))
+        else:
+            arrays.append(decoded)
+            labels.append(sample.label)
+
+
+class WebDatasetLoader(Loader):
+    """WebDataset data shards read by ``workers`` DataLoader processes (0: in this process)."""
+
+    kind = "webdataset"
+
+    def __init__(self, manifest, *, rank: int, world_size: int, batch_size: int, workers: int,
+                 seed: int, mode: str, shuffle_buffer: int, flip: bool, strict: bool,
+                 device: str, epoch_samples: int | None) -> None:
+        if mode == "exact":
+            num_batches = exact_batches_per_rank(manifest.num_samples, world_size, batch_size)
+        else:
+            num_batches = resampled_batches_per_rank(epoch_samples or manifest.num_samples,
+                                                     world_size, batch_size)
+        super().__init__(num_classes=manifest.num_classes, num_batches=num_batches, rank=rank,
+                         world_size=world_size, batch_size=batch_size, seed=seed, mode=mode,
+                         settings={"workers": workers, "shuffle_buffer": shuffle_buffer,
+                                   "epoch_samples": epoch_samples})
+        self.manifest = manifest
+        self.shards = shard_refs(manifest)
+        self.workers, self.shuffle_buffer = workers, shuffle_buffer
+        self.flip, self.strict, self.device = flip, strict, torch.device(device)
+
+    @property
+    def last_batch_padding(self) -> int:
+        """Trailing samples of this rank's last exact-mode batch that repeat its first ones."""
+        if self.mode != "exact":
+            return 0
+        return last_batch_padding(self.manifest.num_samples, self.world_size, self.batch_size,
+                                  self.rank)
+
+    def _iter_epoch(self, epoch: int, start: int) -> Iterator[Batch]:
+        if start >= len(self):
+            return
+        dataset = _RankEpoch(
+            self.shards, num_classes=self.num_classes, image_size=self.manifest.image_size,
+            mode=self.mode, seed=self.seed, epoch=epoch, rank=self.rank,
+            world_size=self.world_size, batch_size=self.batch_size, num_batches=len(self),
+            workers=max(1, self.workers), start=start, buffer_size=self.shuffle_buffer,
+            flip=self.flip, strict=self.strict)
+        cuda = self.device.type == "cuda"
+        if self.workers == 0:
+            source = iter(dataset)
+        else:
+            source = iter(DataLoader(dataset, batch_size=None, num_workers=self.workers,
+                                     pin_memory=cuda))
+        # Workers hand batches over in turn; after a resume their next batches need not come
+        # in rank order, so hold early ones until their turn.
+        waiting: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        nxt = start
+        for images, labels, j, events in source:
+            self._record(events)
+            waiting[j] = (images, labels)
+            while nxt in waiting:
+                images, labels = waiting.pop(nxt)
+                nxt += 1
+                yield images.to(self.device, non_blocking=cuda), labels.to(self.device, non_blocking=cuda)
+        if nxt != len(self):
+            raise RuntimeError(f"the loader workers produced batches up to {nxt} of {len(self)} "
+                               f"(rank {self.rank}, epoch {epoch}); this is a bug in shardface")
