@@ -1,0 +1,57 @@
+"""Margins of the face-recognition literature, and a registry to build them by name.
+
+Each margin turns the cosines of :class:`~partial_fc.margins.base.MarginInput` into the
+logits of the distributed softmax; see ``docs/margins.md`` for the formulas and defaults.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from .adaface import AdaFace
+from .arcface import ArcFace
+from .base import COS_EPS, Margin, MarginInput
+from .combined import CombinedMargin
+from .cosface import CosFace
+from .curricularface import CurricularFace
+from .elasticface import ElasticFace
+from .lsoftmax import LSoftmax
+from .magface import MagFace
+from .normface import NormFace
+from .softmax import Softmax
+from .sphereface import SphereFace
+from .subcenter import SubCenterArcFace
+
+MARGINS: dict[str, type] = {cls.name: cls for cls in (
+    Softmax, NormFace, LSoftmax, SphereFace, CosFace, ArcFace, CombinedMargin, SubCenterArcFace,
+    CurricularFace, AdaFace, MagFace, ElasticFace)}
+
+
+def margin_parameters(name: str) -> dict[str, Any]:
+    """Hyper-parameters of the margin ``name`` and their defaults."""
+    cls = _lookup(name)
+    params = inspect.signature(cls.__init__).parameters
+    return {k: p.default for k, p in params.items() if k != "self"}
+
+
+def build_margin(name: str, **overrides: Any) -> Margin:
+    """The margin registered as ``name`` with its paper's defaults, some replaced by ``overrides``."""
+    cls = _lookup(name)
+    valid = margin_parameters(name)
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
+        listed = ", ".join(valid) if valid else "none"
+        raise ValueError(f"margin {name!r} has no parameter {', '.join(map(repr, unknown))}: "
+                         f"its parameters are {listed}")
+    return cls(**overrides)
+
+
+def _lookup(name: str) -> type:
+    if not isinstance(name, str) or name not in MARGINS:
+        raise ValueError(f"unknown margin {name!r}: choose one of {', '.join(MARGINS)}")
+    return MARGINS[name]
+
+
+__all__ = ["MARGINS", "build_margin", "margin_parameters", "Margin", "MarginInput", "COS_EPS",
+           "Softmax", "NormFace", "LSoftmax", "SphereFace", "CosFace", "ArcFace", "CombinedMargin",
+           "SubCenterArcFace", "CurricularFace", "AdaFace", "MagFace", "ElasticFace"]

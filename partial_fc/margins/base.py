@@ -8,8 +8,9 @@ the classifier and only uses ``group`` to reduce running statistics across ranks
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -56,12 +57,25 @@ class MarginInput:
         return all_reduce(self.target_values(self.cos.detach()).contiguous(), "sum", self.group)
 
 
+def require(condition: bool, message: str) -> None:
+    """Raise ``ValueError(message)`` unless ``condition``: hyper-parameter checks of the margins."""
+    if not condition:
+        raise ValueError(message)
+
+
 class Margin(nn.Module):
     """Base class: ``forward(MarginInput) -> logits [N, c]`` (float32, scale included).
 
     Subclasses set the class attributes below when they differ from the default of a
-    normalised-feature, normalised-weight margin with a single centre per class.
+    normalised-feature, normalised-weight margin with a single centre per class.  Their
+    constructor arguments are their hyper-parameters, kept as attributes of the same name
+    (``describe()`` reads them back).
     """
+
+    name: str = ""
+    """Registry name (``partial_fc.margins.MARGINS``)."""
+    paper: str = ""
+    """Short citation of the paper that defines the margin."""
 
     uses_bias: bool = False
     """The classifier keeps a per-class bias and passes it in ``MarginInput.bias``."""
@@ -75,6 +89,23 @@ class Margin(nn.Module):
         """Return the logits for the distributed softmax."""
         raise NotImplementedError
 
+    def describe(self) -> dict[str, Any]:
+        """Name and hyper-parameters, for logs and the loss study."""
+        params = inspect.signature(type(self).__init__).parameters.values()
+        out: dict[str, Any] = {"name": self.name or type(self).__name__}
+        for p in params:
+            if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and hasattr(self, p.name):
+                out[p.name] = getattr(self, p.name)
+        return out
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.describe().items() if k != "name")
+
+    @staticmethod
+    def target_cos(inp: MarginInput) -> torch.Tensor:
+        """[N] cosine at the target column (with gradient), 0 where another rank holds it."""
+        return inp.target_values(inp.cos)
+
     def extra_loss(self, inp: MarginInput) -> Optional[torch.Tensor]:
         """A regulariser added to the loss (MagFace's g(a)); its value over the global batch.
 
@@ -83,11 +114,17 @@ class Margin(nn.Module):
         return None
 
     @staticmethod
-    def apply_target(logits: torch.Tensor, inp: MarginInput, target_logit: torch.Tensor) -> torch.Tensor:
-        """Replace the target column of ``logits`` by ``target_logit`` [N] where held here."""
+    def apply_target(logits: torch.Tensor, inp: MarginInput, target_logit: torch.Tensor,
+                     inplace: bool = False) -> torch.Tensor:
+        """Replace the target column of ``logits`` by ``target_logit`` [N] where held here.
+
+        ``inplace=True`` writes into ``logits`` (for a tensor the margin has just made, whose
+        producer does not keep it for backward): it saves an [N, c] copy.
+        """
         rows = torch.nonzero(inp.has_target, as_tuple=True)[0]
         if rows.numel() == 0:
             return logits
-        logits = logits.clone()
-        logits[rows, inp.target[rows]] = target_logit[rows]
+        if not inplace:
+            logits = logits.clone()
+        logits[rows, inp.target[rows]] = target_logit[rows].to(logits.dtype)
         return logits
