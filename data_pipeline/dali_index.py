@@ -1,0 +1,187 @@
+"""DALI index files for WebDataset data shards, listing only the samples that pass the checks.
+
+``fn.readers.webdataset`` reads the members an index names (format ``v1.2``, one line per
+sample: ``ext offset size name ...``, as DALI's ``wds2idx`` writes). Writing the index here
+lets the checks of :mod:`data_pipeline.bad_data` run once per shard and bad samples simply be
+left out: DALI stops the whole pipeline on an image it cannot decode. The index
+``<shard>.dali.idx`` and a sidecar ``<shard>.dali.json`` (what was left out, and the tar's
+size and mtime, to notice a changed shard) sit next to the shard, or under
+``~/.cache/shardface/dali-index`` when that directory is read-only.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from PIL import Image
+from webdataset.tariterators import base_plus_ext
+
+from .bad_data import (BAD_LABEL, CORRUPT_JPEG, MISSING_CLS, MISSING_JPG, MISSING_SHARD,
+                       TRUNCATED_SHARD, WRONG_SIZE, BadSample, decode_jpeg, parse_label)
+from .manifest import atomic_write_bytes
+from .progress import Progress
+from .tar_reader import ShardRef
+
+INDEX_FORMAT = "shardface-dali-index/1"
+LABEL_WIDTH = 10  # the .cls payload DALI batches as a fixed-width byte array
+
+
+@dataclass
+class ShardIndex:
+    """A shard's DALI index: where it is, how many samples it lists, and what it left out."""
+
+    shard: ShardRef
+    index_path: Path
+    num_listed: int
+    skipped: list[BadSample]
+    decode_verified: bool
+
+
+def cache_dir() -> Path:
+    """Where indexes go when the shard directory cannot be written."""
+    return Path.home() / ".cache" / "shardface" / "dali-index"
+
+
+def _index_path(shard: ShardRef) -> Path:
+    here = shard.path.with_name(shard.path.name.rsplit(".tar", 1)[0] + ".dali.idx")
+    if os.access(shard.path.parent, os.W_OK):
+        return here
+    tag = hashlib.sha256(str(shard.path.resolve()).encode()).hexdigest()[:16]
+    return cache_dir() / tag / here.name
+
+
+def _stamp(path: Path) -> dict[str, int]:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def check_header(data: bytes, image_size: tuple[int, int]) -> tuple[str, str] | None:
+    """Why the JPEG's header is unusable (reason, detail), or None; no pixels are decoded."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt, size = im.format, im.size
+    except Exception as e:  # PIL raises several types on damaged headers
+        return CORRUPT_JPEG, f"unreadable JPEG header ({type(e).__name__}: {e})"
+    if fmt != "JPEG":
+        return CORRUPT_JPEG, f"not a JPEG (PIL reads it as {fmt})"
+    if (size[1], size[0]) != tuple(image_size):
+        return WRONG_SIZE, (f"image is {size[1]}x{size[0]}, the manifest says "
+                            f"{image_size[0]}x{image_size[1]}")
+    return None
+
+
+def _scan(shard: ShardRef, num_classes: int, image_size: tuple[int, int], decode: bool
+          ) -> tuple[list[str], list[BadSample]]:
+    """Index lines of the shard's good samples, and the bad ones."""
+    lines: list[str] = []
+    bad: list[BadSample] = []
+    if not shard.path.is_file():
+        return lines, [BadSample(MISSING_SHARD, shard.name, "#0", f"{shard.path} does not exist; "
+                                 "copy the shard back or rewrite the manifest",
+                                 count=shard.num_samples)]
+    file_size = shard.path.stat().st_size
+    seen = 0
+    key: str | None = None
+    group: dict[str, tarfile.TarInfo] = {}
+
+    def finish(tar: tarfile.TarFile) -> None:
+        if "jpg" not in group:
+            bad.append(BadSample(MISSING_JPG, shard.name, key, "the sample has no .jpg member"))
+            return
+        if "cls" not in group:
+            bad.append(BadSample(MISSING_CLS, shard.name, key, "the sample has no .cls member"))
+            return
+        raw = tar.extractfile(group["cls"]).read()
+        label = parse_label(raw, num_classes)
+        if isinstance(label, str) or len(raw) != LABEL_WIDTH:
+            why = label if isinstance(label, str) else (
+                f"label text {raw!r} is not {LABEL_WIDTH} zero-padded digits, which DALI needs")
+            bad.append(BadSample(BAD_LABEL, shard.name, key, why))
+            return
+        jpg = tar.extractfile(group["jpg"]).read()
+        problem = check_header(jpg, image_size)
+        if problem is None and decode:
+            decoded = decode_jpeg(jpg, image_size)
+            problem = decoded if isinstance(decoded, tuple) else None
+        if problem is not None:
+            bad.append(BadSample(problem[0], shard.name, key, problem[1]))
+            return
+        lines.append(" ".join(f"{ext} {m.offset_data} {m.size} {m.name}"
+                              for ext, m in (("jpg", group["jpg"]), ("cls", group["cls"]))))
+
+    failure: Exception | None = None
+    try:
+        with tarfile.open(shard.path, "r:") as tar:
+            for member in tar:
+                if not member.isreg():
+                    continue
+                if member.offset_data + member.size > file_size:
+                    raise tarfile.ReadError(f"member {member.name} runs past the end of the file")
+                k, ext = base_plus_ext(member.name)
+                if k is None:
+                    continue
+                if k != key:
+                    if key is not None:
+                        finish(tar)
+                        seen += 1
+                    key, group = k, {}
+                group[ext.lower()] = member
+            if key is not None:
+                finish(tar)
+                seen += 1
+    except (tarfile.TarError, OSError, EOFError) as e:
+        failure = e
+    if failure is not None or seen < shard.num_samples:
+        why = f"({failure})" if failure is not None else "(the file ends early)"
+        bad.append(BadSample(TRUNCATED_SHARD, shard.name, key or "#0",
+                             f"unreadable after {seen} of {shard.num_samples} samples {why}; "
+                             "re-copy or re-create the shard", count=shard.num_samples - seen))
+    return lines, bad
+
+
+def index_shard(shard: ShardRef, num_classes: int, image_size: tuple[int, int],
+                decode: bool = False) -> ShardIndex:
+    """The shard's index, read from the cache when it is current, else written (atomically)."""
+    idx = _index_path(shard)
+    meta_path = idx.with_suffix(".json")
+    stamp = _stamp(shard.path) if shard.path.is_file() else None
+    if stamp is not None and meta_path.is_file() and idx.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+            if (meta.get("format") == INDEX_FORMAT and meta.get("tar") == stamp
+                    and meta.get("num_classes") == num_classes
+                    and meta.get("image_size") == list(image_size)
+                    and (meta.get("decode_verified") or not decode)):
+                return ShardIndex(shard, idx, meta["num_listed"],
+                                  [BadSample(**e) for e in meta["skipped"]],
+                                  meta["decode_verified"])
+        except (ValueError, KeyError, TypeError):
+            pass  # an unreadable cache entry is rebuilt below
+    lines, bad = _scan(shard, num_classes, image_size, decode)
+    if stamp is not None:
+        idx.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(idx, (f"v1.2 {len(lines)}\n" + "".join(f"{ln}\n" for ln in lines))
+                           .encode())
+        meta = {"format": INDEX_FORMAT, "tar": stamp, "num_classes": num_classes,
+                "image_size": list(image_size), "num_listed": len(lines),
+                "decode_verified": decode, "skipped": [asdict(e) for e in bad]}
+        atomic_write_bytes(meta_path, json.dumps(meta).encode())
+    return ShardIndex(shard, idx, len(lines), bad, decode)
+
+
+def index_shards(shards: list[ShardRef], num_classes: int, image_size: tuple[int, int],
+                 decode: bool = False) -> list[ShardIndex]:
+    """Indexes for all shards (cached ones are reused), with a progress line for many shards."""
+    progress = Progress("DALI index" + (" (verifying decodes)" if decode else ""), len(shards),
+                        unit="shard", enabled=len(shards) > 8)
+    out = []
+    for shard in shards:
+        out.append(index_shard(shard, num_classes, image_size, decode))
+        progress.update()
+    progress.close()
+    return out

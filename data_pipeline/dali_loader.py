@@ -1,0 +1,159 @@
+"""NVIDIA DALI loader: ``fn.readers.webdataset`` sharded by rank, JPEG decode on GPU or CPU.
+
+Each epoch builds a pipeline over the data shards in the epoch's order (the one the
+webdataset loader uses, so both give a rank the same samples in exact mode). DALI splits the
+listed samples into ``world_size`` contiguous parts and this rank reads part ``rank``;
+``pad_last_batch`` repeats its last sample to fill the final batch. The pipeline's stream is
+cut at ``len(loader)`` batches, equal on all ranks. Resuming mid-epoch runs the pipeline over
+the consumed batches again (decoded, then dropped), which costs time, not correctness.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+
+from .bad_data import BadSample
+from .dali_index import LABEL_WIDTH, ShardIndex, index_shards
+from .epoch_plan import (derive_seed, exact_batches_per_rank, last_batch_padding,
+                         resampled_batches_per_rank, shard_order)
+from .loader_base import Batch, Loader
+from .tar_reader import shard_refs
+
+_DIGIT_WEIGHTS = torch.tensor([10 ** k for k in range(LABEL_WIDTH - 1, -1, -1)], dtype=torch.int64)
+
+
+def _import_dali() -> tuple[Any, Any, Any, Any]:
+    try:
+        from nvidia.dali import fn, types
+        from nvidia.dali.pipeline import Pipeline
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+    except ImportError as e:
+        raise ImportError(f"the 'dali' loader needs NVIDIA DALI ({e}): install it with "
+                          "`pip install nvidia-dali-cuda130` (or `pip install shardface[dali]`), "
+                          "or use kind='webdataset'") from None
+    return fn, types, Pipeline, DALIGenericIterator
+
+
+def labels_from_digits(cls: torch.Tensor) -> torch.Tensor:
+    """``[B, 10]`` uint8 ASCII digits (the ``.cls`` payloads) → int64 labels ``[B]``."""
+    return ((cls.to(torch.int64) - ord("0")) * _DIGIT_WEIGHTS.to(cls.device)).sum(1)
+
+
+class DaliLoader(Loader):
+    """WebDataset data shards read and decoded by a DALI pipeline (``workers`` = DALI threads)."""
+
+    kind = "dali"
+
+    def __init__(self, manifest, *, rank: int, world_size: int, batch_size: int, workers: int,
+                 seed: int, mode: str, shuffle_buffer: int, flip: bool, strict: bool,
+                 device: str, epoch_samples: int | None) -> None:
+        _import_dali()
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} but CUDA is not available here: use "
+                             "device='cpu' (DALI then decodes on the CPU)")
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device={device!r} is not supported by the DALI loader: use "
+                             "'cpu' or 'cuda[:N]'")
+        if mode == "exact":
+            num_batches = exact_batches_per_rank(manifest.num_samples, world_size, batch_size)
+        else:
+            num_batches = resampled_batches_per_rank(epoch_samples or manifest.num_samples,
+                                                     world_size, batch_size)
+        super().__init__(num_classes=manifest.num_classes, num_batches=num_batches, rank=rank,
+                         world_size=world_size, batch_size=batch_size, seed=seed, mode=mode,
+                         settings={"shuffle_buffer": shuffle_buffer,
+                                   "epoch_samples": epoch_samples})
+        self.manifest = manifest
+        self.threads, self.shuffle_buffer, self.flip, self.strict = max(1, workers), \
+            shuffle_buffer, flip, strict
+        self._indexes = self._build_indexes(decode=False)
+
+    @property
+    def last_batch_padding(self) -> int:
+        """Trailing samples of this rank's last exact-mode batch that repeat an earlier one."""
+        if self.mode != "exact":
+            return 0
+        return last_batch_padding(self.manifest.num_samples, self.world_size, self.batch_size,
+                                  self.rank)
+
+    def _build_indexes(self, decode: bool) -> list[ShardIndex]:
+        indexes = index_shards(shard_refs(self.manifest), self.num_classes,
+                               self.manifest.image_size, decode=decode)
+        events: list[BadSample] = [e for ix in indexes for e in ix.skipped]
+        if events and self.strict:
+            raise events[0].error()
+        # Indexing sees the whole dataset once, so its skips are counted once, not per epoch.
+        self._report.counts = {r: 0 for r in self._report.counts}
+        self._record(events)
+        if not any(ix.num_listed for ix in indexes):
+            raise RuntimeError(f"no readable samples in any of the {len(indexes)} data shards "
+                               f"under {self.manifest.root}; check the shard directory")
+        return indexes
+
+    def _pipeline(self, epoch: int) -> Any:
+        fn, types, Pipeline, _ = _import_dali()
+        gpu = self.device.type == "cuda"
+        device_id = (self.device.index if self.device.index is not None
+                     else torch.cuda.current_device()) if gpu else None
+        order = [self._indexes[i] for i in shard_order(len(self._indexes), self.seed, epoch)]
+        order = [ix for ix in order if ix.num_listed > 0]
+        seed = derive_seed(self.seed, epoch, self.rank) % (2 ** 31)
+        shuffle = self.shuffle_buffer > 1
+        pipe = Pipeline(batch_size=self.batch_size, num_threads=self.threads, device_id=device_id,
+                        seed=seed, prefetch_queue_depth=2)
+        with pipe:
+            jpegs, cls = fn.readers.webdataset(
+                paths=[str(ix.shard.path) for ix in order],
+                index_paths=[str(ix.index_path) for ix in order],
+                ext=["jpg", "cls"], dtypes=[types.UINT8, types.UINT8],
+                shard_id=self.rank, num_shards=self.world_size, stick_to_shard=True,
+                random_shuffle=shuffle, initial_fill=max(1, self.shuffle_buffer),
+                pad_last_batch=self.mode == "exact", missing_component_behavior="error",
+                name="reader")
+            images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu",
+                                       output_type=types.RGB)
+            mirror = fn.random.coin_flip(probability=0.5) if self.flip else 0
+            # (x / 255 - 0.5) / 0.5 == (x - 127.5) / 127.5
+            images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
+                                              mean=[127.5] * 3, std=[127.5] * 3, mirror=mirror)
+            pipe.set_outputs(images, cls)
+        return pipe
+
+    def _run(self, epoch: int, start: int) -> Iterator[Batch]:
+        _, _, _, DALIGenericIterator = _import_dali()
+        pipe = self._pipeline(epoch)
+        it = DALIGenericIterator([pipe], ["images", "cls"], size=-1, auto_reset=False)
+        try:
+            for j in range(len(self)):
+                out = next(it)[0]
+                if j < start:
+                    continue
+                labels = labels_from_digits(out["cls"].cpu()).to(self.device)
+                yield out["images"], labels
+        finally:
+            del it, pipe
+
+    def _iter_epoch(self, epoch: int, start: int) -> Iterator[Batch]:
+        if start >= len(self):
+            return
+        nxt = start
+        try:
+            for batch in self._run(epoch, start):
+                nxt += 1
+                yield batch
+        except RuntimeError as e:
+            if "Critical error" not in str(e) or self._indexes[0].decode_verified:
+                raise
+            # The decoder met an image whose header looked fine. Decode every image once
+            # with PIL to find it (cached; strict mode raises here, naming it), then carry
+            # on from the same batch without it.
+            first = str(e).strip().splitlines()[-1]
+            self._indexes = self._build_indexes(decode=True)
+            try:
+                yield from self._run(epoch, nxt)
+            except RuntimeError as again:
+                raise RuntimeError(f"DALI failed again after every image was checked with PIL "
+                                   f"(first failure: {first}); the data may hold images PIL "
+                                   "decodes but DALI does not: try kind='webdataset'") from again
