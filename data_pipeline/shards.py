@@ -310,6 +310,8 @@ def write_shards(source: SampleSource, out_dir: str | os.PathLike, *, samples_pe
             check.update()
         check.close(note=f"{len(kept)} kept")
     if previous is None:
+        # The old manifest describes shards that are about to be overwritten with other content.
+        (out / MANIFEST_NAME).unlink(missing_ok=True)
         atomic_write_bytes(journal_path, (json.dumps({"journal": JOURNAL_FORMAT,
                                                       "fingerprint": fingerprint}) + "\n").encode())
 

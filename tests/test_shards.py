@@ -121,7 +121,11 @@ def test_crash_then_resume_matches_uninterrupted_run(tmp_path):
     assert len(source.reads) == 30 and again == clean
     assert p1.read_bytes() == clean.shard_paths()[1].read_bytes()
 
-    # Other arguments: every shard is rewritten and the old extra shards are removed.
+    # Other arguments: every shard is rewritten and the old extra shards are removed. While
+    # that runs, no manifest describes the half-replaced directory.
+    with pytest.raises(SampleError):
+        write_shards(MemorySource(samples, C, fail_at=35), out, samples_per_shard=30, progress=False)
+    assert not (out / "manifest.json").exists()
     fewer = write_shards(MemorySource(samples, C), out, samples_per_shard=30, progress=False)
     assert sorted(p.name for p in out.glob("train-*")) == ["train-000000.tar", "train-000001.tar"]
     assert sorted(j for _, j, _ in read_dataset(fewer)) == sorted(j for j, _ in samples)
