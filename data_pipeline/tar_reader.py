@@ -96,7 +96,13 @@ def read_span(shard: ShardRef, start: int, stop: int, num_classes: int,
         except Exception as exn:  # a header read past the end of a cut file
             failure.append(exn)
     if failure:
-        where = group_key or f"#{done}"
+        if group_key is not None and {"jpg", "cls"} <= group.keys():
+            # Both members were read whole before the damage: the sample is fine.
+            yield from _finish(shard, group_key, group, num_classes, log)
+            done += 1
+            group_key = None
+        # Name the first lost sample: the half-read one, else the one whose member failed.
+        where = group_key or (positions.key if positions.pos >= done else f"#{done}")
         log.add(BadSample(TRUNCATED_SHARD, shard.name, where, f"unreadable after {done - start} of "
                           f"{stop - start} samples ({failure[0]}); re-copy or re-create the shard",
                           count=stop - done))
