@@ -2,22 +2,21 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import multiprocessing
 import os
 import re
-import tarfile
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TextIO, runtime_checkable
 
 import numpy as np
-from PIL import Image
 
-from .manifest import MANIFEST_NAME, Manifest, ShardInfo, atomic_write_bytes, fsync_dir
+from .jpeg import describe_image, jpeg_size
+from .manifest import MANIFEST_NAME, Manifest, ShardInfo, atomic_write_bytes
 from .progress import Progress
+from .tar_writer import write_tar_atomic
 
 JOURNAL_NAME = ".shardface-progress.jsonl"
 JOURNAL_FORMAT = "shardface-write/1"
@@ -89,17 +88,11 @@ def _prepare(source: SampleSource, i: int) -> tuple[bytes, int, tuple[int, int]]
         raise SampleError(f"sample {i} of source {source.name!r} gave {type(jpeg).__name__} "
                           "instead of JPEG bytes")
     jpeg = bytes(jpeg)
-    try:
-        # Opening parses only the header: cheap, and catches non-JPEG payloads early.
-        with Image.open(io.BytesIO(jpeg)) as im:
-            fmt, (w, h) = im.format, im.size
-    except Exception as e:  # noqa: BLE001
-        raise SampleError(f"sample {i} of source {source.name!r} is not a readable image "
-                          f"({type(e).__name__}: {e})") from e
-    if fmt != "JPEG":
-        raise SampleError(f"sample {i} of source {source.name!r} is {fmt}, not JPEG: "
-                          "re-encode it to JPEG in the source")
-    return jpeg, int(label), (h, w)
+    size = jpeg_size(jpeg)
+    if size is None:
+        raise SampleError(f"sample {i} of source {source.name!r} is not a JPEG with a readable "
+                          f"frame header ({describe_image(jpeg)}): re-encode it to JPEG in the source")
+    return jpeg, int(label), size
 
 
 # A pool worker's copy of the source, set once by the initializer so that the source is
@@ -143,54 +136,7 @@ def _stream_samples(source: SampleSource, indices: np.ndarray, workers: int,
         pool.join()
 
 
-# -- one data shard --------------------------------------------------------------------------------
-
-class _HashingFile:
-    """A write-only file wrapper that hashes what passes through (the shard's SHA-256)."""
-
-    def __init__(self, f: io.BufferedWriter) -> None:
-        self.f, self.sha, self.pos = f, hashlib.sha256(), 0
-
-    def write(self, data: bytes) -> int:
-        self.sha.update(data)
-        self.pos += len(data)
-        return self.f.write(data)
-
-    def tell(self) -> int:
-        return self.pos
-
-
-def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    # Fixed metadata makes a shard's bytes a function of its samples alone, so a resumed
-    # conversion reproduces the checksums of an uninterrupted one.
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o444
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
-
-
-def _write_shard(path: Path, samples: Iterable[tuple[str, bytes, int]]) -> tuple[str, int]:
-    """Write ``(key, jpeg, label)`` samples to ``path`` atomically; returns (sha256, count)."""
-    tmp = path.with_name(path.name + ".tmp")
-    count = 0
-    try:
-        with open(tmp, "wb") as f:
-            hf = _HashingFile(f)
-            with tarfile.open(fileobj=hf, mode="w", format=tarfile.USTAR_FORMAT) as tar:  # type: ignore[call-overload]
-                for key, jpeg, label in samples:
-                    _tar_member(tar, f"{key}.jpg", jpeg)
-                    _tar_member(tar, f"{key}.cls", encode_label(label))
-                    count += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-    return hf.sha.hexdigest(), count
-
+# -- checksums -------------------------------------------------------------------------------------
 
 def file_sha256(path: Path, block: int = 1 << 20) -> str:
     """SHA-256 of a file, read in 1 MiB blocks."""
@@ -224,7 +170,7 @@ def _read_journal(path: Path, fingerprint: dict[str, Any]) -> dict[int, dict[str
     return done
 
 
-def _append_line(f: io.TextIOWrapper, entry: dict[str, Any]) -> None:
+def _append_line(f: TextIO, entry: dict[str, Any]) -> None:
     f.write(json.dumps(entry, sort_keys=True) + "\n")
     f.flush()
     os.fsync(f.fileno())
@@ -330,7 +276,7 @@ def write_shards(source: SampleSource, out_dir: str | os.PathLike, *, samples_pe
                    initial=n - len(todo_indices))
     stream = _stream_samples(source, todo_indices, workers)
 
-    def shard_samples(s: int) -> Iterator[tuple[str, bytes, int]]:
+    def shard_members(s: int) -> Iterator[tuple[str, bytes]]:
         nonlocal image_size
         for k in range(starts[s], starts[s + 1]):
             jpeg, label, size = next(stream)
@@ -345,14 +291,14 @@ def write_shards(source: SampleSource, out_dir: str | os.PathLike, *, samples_pe
                                  f"{image_size[0]}x{image_size[1]}: a dataset holds aligned crops "
                                  "of one size; align or resize the images first")
             bar.update()
-            yield f"{k:09d}", jpeg, label
+            yield f"{k:09d}.jpg", jpeg
+            yield f"{k:09d}.cls", encode_label(label)
 
     try:
         with open(journal_path, "a", encoding="utf-8") as journal:
             for s in todo:
-                sha, count = _write_shard(out / shard_name(s), shard_samples(s))
-                assert count == sizes[s]
-                kept[s] = {"shard": s, "num_samples": count, "sha256": sha,
+                sha = write_tar_atomic(out / shard_name(s), shard_members(s))
+                kept[s] = {"shard": s, "num_samples": sizes[s], "sha256": sha,
                            "image_size": list(image_size)}  # type: ignore[arg-type]
                 _append_line(journal, kept[s])
     finally:

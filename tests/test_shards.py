@@ -3,15 +3,17 @@ import hashlib
 import io
 import json
 import os
-from pathlib import Path
+import tarfile
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from data_pipeline.inspect import inspect_dataset
+from data_pipeline.jpeg import jpeg_size
 from data_pipeline.manifest import Manifest, ManifestError, ShardInfo
 from data_pipeline.shards import SampleError, write_shards
+from data_pipeline.tar_writer import write_tar_atomic
 from shard_testing import MemorySource, make_jpeg, read_dataset, read_shard
 
 N, C, PER_SHARD = 60, 7, 16  # -> 4 shards of 15
@@ -53,6 +55,33 @@ def test_manifest_round_trip_and_errors(tmp_path):
         Manifest.load(tmp_path)
     with pytest.raises(ManifestError, match=r"no manifest at .*nowhere"):
         Manifest.load(tmp_path / "nowhere")
+
+
+def test_tar_writer_matches_tarfile_and_jpeg_size_matches_pil(tmp_path):
+    members = [("000000000.jpg", make_jpeg(0)), ("000000000.cls", b"0000000003"), ("x.jpg", b"")]
+    reference = io.BytesIO()
+    with tarfile.open(fileobj=reference, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "", ""
+            tar.addfile(info, io.BytesIO(data))
+    sha = write_tar_atomic(tmp_path / "a.tar", members)
+    assert (tmp_path / "a.tar").read_bytes() == reference.getvalue()
+    assert sha == hashlib.sha256(reference.getvalue()).hexdigest()
+
+    rgb = np.random.default_rng(0).integers(0, 256, (21, 34, 3), dtype=np.uint8)
+    variants = {"baseline": dict(), "progressive": dict(progressive=True), "exif": dict(exif=b"Exif\0\0" + bytes(300)),
+                "subsampled": dict(subsampling=2, quality=50)}
+    for what, kw in variants.items():
+        out = io.BytesIO()
+        Image.fromarray(rgb).save(out, format="JPEG", **kw)
+        assert jpeg_size(out.getvalue()) == (21, 34), what
+    gray = io.BytesIO()
+    Image.fromarray(rgb[:, :, 0]).save(gray, format="JPEG")
+    assert jpeg_size(gray.getvalue()) == (21, 34)
+    png = io.BytesIO()
+    Image.fromarray(rgb).save(png, format="PNG")
+    assert jpeg_size(png.getvalue()) is None and jpeg_size(b"\xff\xd8\xff") is None
 
 
 def test_global_shuffle_keeps_every_sample_once(tmp_path):
@@ -138,7 +167,7 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         write_shards(MemorySource(bad_label, C), tmp_path / "a", samples_per_shard=100, progress=False)
     png = io.BytesIO()
     Image.new("RGB", (12, 12)).save(png, format="PNG")
-    with pytest.raises(SampleError, match=r"sample 3 of source 'memory:test' is PNG, not JPEG"):
+    with pytest.raises(SampleError, match=r"sample 3 of source 'memory:test' is not a JPEG .*\(PNG 12x12\)"):
         write_shards(MemorySource(samples[:3] + [(png.getvalue(), 0)], C), tmp_path / "b", progress=False)
     mixed = samples[:5] + [(make_jpeg(99, size=(16, 12)), 0)]
     with pytest.raises(ValueError, match=r"is 16x12 but earlier samples are 12x12"):
