@@ -211,6 +211,37 @@ def _stale_shard_files(out: Path, keep: set[str]) -> list[Path]:
     return [p for p in out.iterdir() if SHARD_PATTERN.match(p.name) and p.name not in keep]
 
 
+def _resume_state(out: Path, journal_path: Path, fingerprint: dict[str, Any], sizes: list[int],
+                  progress: bool) -> dict[int, dict[str, Any]]:
+    """Journal entries of the shards an earlier run with the same fingerprint completed, checked
+    against the files; with no such run, start a new journal (and drop a manifest it outdates)."""
+    previous = _read_journal(journal_path, fingerprint)
+    if previous is None:
+        if not journal_path.exists() and not (out / MANIFEST_NAME).exists():
+            foreign = _stale_shard_files(out, keep=set())
+            if foreign:
+                raise FileExistsError(f"{out} already holds shard files ({foreign[0].name}, ...) that "
+                                      "no shardface run recorded: choose an empty output directory")
+        # The old manifest describes shards that are about to be overwritten with other content.
+        (out / MANIFEST_NAME).unlink(missing_ok=True)
+        atomic_write_bytes(journal_path, (json.dumps({"journal": JOURNAL_FORMAT,
+                                                      "fingerprint": fingerprint}) + "\n").encode())
+        return {}
+    kept: dict[int, dict[str, Any]] = {}
+    check = Progress("checking written shards", len(previous), unit="shards",
+                     enabled=progress and bool(previous))
+    for s, entry in sorted(previous.items()):
+        p = out / shard_name(s)
+        # Only a renamed, fsynced shard is in the journal, and only one whose bytes still
+        # hash to what was recorded is kept; anything else (a .tmp, a damaged file) is rewritten.
+        if (s < len(sizes) and entry.get("num_samples") == sizes[s] and p.is_file()
+                and file_sha256(p) == entry.get("sha256")):
+            kept[s] = entry
+        check.update()
+    check.close(note=f"{len(kept)} kept")
+    return kept
+
+
 def write_shards(source: SampleSource, out_dir: str | os.PathLike, *, samples_per_shard: int = 10000,
                  seed: int = 0, workers: int = 1, progress: bool = True,
                  verification: Mapping[str, str] | None = None,
@@ -238,29 +269,7 @@ def write_shards(source: SampleSource, out_dir: str | os.PathLike, *, samples_pe
                    "order_sha256": hashlib.sha256(order.tobytes()).hexdigest()}
 
     journal_path = out / JOURNAL_NAME
-    previous = _read_journal(journal_path, fingerprint)
-    if previous is None and not journal_path.exists() and not (out / MANIFEST_NAME).exists():
-        foreign = _stale_shard_files(out, keep=set())
-        if foreign:
-            raise FileExistsError(f"{out} already holds shard files ({foreign[0].name}, ...) that no "
-                                  "shardface run recorded: choose an empty output directory")
-
-    kept: dict[int, dict[str, Any]] = {}
-    if previous:
-        check = Progress("checking written shards", len(previous), unit="shards", enabled=progress)
-        for s, entry in sorted(previous.items()):
-            p = out / shard_name(s)
-            if (s < len(sizes) and entry.get("num_samples") == sizes[s] and p.is_file()
-                    and file_sha256(p) == entry.get("sha256")):
-                kept[s] = entry
-            check.update()
-        check.close(note=f"{len(kept)} kept")
-    if previous is None:
-        # The old manifest describes shards that are about to be overwritten with other content.
-        (out / MANIFEST_NAME).unlink(missing_ok=True)
-        atomic_write_bytes(journal_path, (json.dumps({"journal": JOURNAL_FORMAT,
-                                                      "fingerprint": fingerprint}) + "\n").encode())
-
+    kept = _resume_state(out, journal_path, fingerprint, sizes, progress)
     image_size: tuple[int, int] | None = None
     for entry in kept.values():
         size = tuple(entry["image_size"])
