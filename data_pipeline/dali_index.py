@@ -117,28 +117,34 @@ def _scan(shard: ShardRef, num_classes: int, image_size: tuple[int, int], decode
     failure: Exception | None = None
     try:
         with tarfile.open(shard.path, "r:") as tar:
-            for member in tar:
-                if not member.isreg():
-                    continue
-                if member.offset_data + member.size > file_size:
-                    raise tarfile.ReadError(f"member {member.name} runs past the end of the file")
-                k, ext = base_plus_ext(member.name)
-                if k is None:
-                    continue
-                if k != key:
-                    if key is not None:
-                        finish(tar)
-                        seen += 1
-                    key, group = k, {}
-                group[ext.lower()] = member
-            if key is not None:
+            try:
+                for member in tar:
+                    if not member.isreg():
+                        continue
+                    k, ext = base_plus_ext(member.name)
+                    if k is None:
+                        continue
+                    if k != key:
+                        if key is not None:
+                            finish(tar)
+                            seen += 1
+                        key, group = k, {}
+                    if member.offset_data + member.size > file_size:
+                        raise tarfile.ReadError(f"member {member.name} runs past the end of "
+                                                "the file")
+                    group[ext.lower()] = member
+            except (tarfile.TarError, OSError, EOFError) as e:
+                failure = e
+            # After damage, a sample with both members whole still counts.
+            if key is not None and (failure is None or {"jpg", "cls"} <= group.keys()):
                 finish(tar)
                 seen += 1
-    except (tarfile.TarError, OSError, EOFError) as e:
+                key = None
+    except (tarfile.TarError, OSError, EOFError) as e:  # not a tar at all
         failure = e
     if failure is not None or seen < shard.num_samples:
         why = f"({failure})" if failure is not None else "(the file ends early)"
-        bad.append(BadSample(TRUNCATED_SHARD, shard.name, key or "#0",
+        bad.append(BadSample(TRUNCATED_SHARD, shard.name, key or f"#{seen}",
                              f"unreadable after {seen} of {shard.num_samples} samples {why}; "
                              "re-copy or re-create the shard", count=shard.num_samples - seen))
     return lines, bad

@@ -1,0 +1,182 @@
+"""The DALI loader on the CPU: same samples as the webdataset loader, resume, index checks, bad data."""
+from __future__ import annotations
+
+import logging
+import os
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("nvidia.dali")
+
+from data_pipeline import dali_index  # noqa: E402
+from data_pipeline.bad_data import (BAD_LABEL, CORRUPT_JPEG, MISSING_CLS, MISSING_JPG,  # noqa: E402
+                                    MISSING_SHARD, TRUNCATED_SHARD, WRONG_SIZE, BadSampleError)
+from data_pipeline.dali_loader import labels_from_digits  # noqa: E402
+from data_pipeline.loaders import build_loader  # noqa: E402
+from shard_helpers import pil_reference, write_dataset  # noqa: E402
+
+SIZES = [5, 4, 3, 3, 2]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dali_shards")
+    write_dataset(root, SIZES)  # label of sample i is i
+    return root
+
+
+def collect(loader, e=0):
+    loader.set_epoch(e)
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+def test_labels_from_fixed_width_digits():
+    cls = torch.tensor([list(b"0000012345"), list(b"0000000000"), list(b"2147483647")],
+                       dtype=torch.uint8)
+    assert labels_from_digits(cls).tolist() == [12345, 0, 2147483647]
+
+
+def test_dali_cpu_matches_webdataset_per_rank(dataset):
+    world, batch = 2, 3
+    for rank in range(world):
+        kw = dict(rank=rank, world_size=world, batch_size=batch, workers=1, mode="exact",
+                  flip=False, shuffle_buffer=4)
+        dali = build_loader("dali", dataset, **kw)
+        wds = build_loader("webdataset", dataset, **kw)
+        assert len(dali) == len(wds) and dali.last_batch_padding == wds.last_batch_padding
+        got = {}
+        for name, loader in (("dali", dali), ("wds", wds)):
+            batches = collect(loader)
+            assert len(batches) == len(loader)
+            labels = torch.cat([y for _, y in batches]).tolist()
+            images = torch.cat([x for x, _ in batches])
+            assert images.shape[1:] == (3, 16, 16) and images.dtype == torch.float32
+            real = len(labels) - loader.last_batch_padding
+            got[name] = Counter(labels[:real])
+            for image, label in zip(images.double().numpy(), labels):
+                # Both decode with libjpeg-turbo; allow a little for decoder settings.
+                np.testing.assert_allclose(image, pil_reference(label), atol=4 / 127.5)
+        assert got["dali"] == got["wds"]
+        assert all(v == 1 for v in got["dali"].values())
+
+
+def test_dali_exact_epoch_covers_all_samples_and_flips(dataset):
+    seen, flipped = [], 0
+    for rank in range(2):
+        loader = build_loader("dali", dataset, rank=rank, world_size=2, batch_size=4, workers=2,
+                              mode="exact", flip=True)
+        batches = collect(loader, 1)
+        labels = torch.cat([y for _, y in batches]).tolist()
+        seen += labels[:len(labels) - loader.last_batch_padding]
+        for image, label in zip(torch.cat([x for x, _ in batches]).double().numpy(), labels):
+            ref = pil_reference(label)
+            if np.allclose(image, ref[:, :, ::-1], atol=4 / 127.5):
+                flipped += 1
+            else:
+                np.testing.assert_allclose(image, ref, atol=4 / 127.5)
+    assert sorted(seen) == list(range(17))
+    assert 0 < flipped < 20
+
+
+def test_dali_resume_and_epochs(dataset):
+    kw = dict(rank=0, world_size=1, batch_size=4, workers=1, mode="resampled", seed=5,
+              epoch_samples=16, shuffle_buffer=6)
+    loader = build_loader("dali", dataset, **kw)
+    full = collect(loader, 2)
+    assert len(full) == 4
+    resumed = build_loader("dali", dataset, **kw)
+    resumed.load_state_dict({**loader.state_dict(), "batches_consumed": 1})
+    rest = [(x.clone(), y.clone()) for x, y in resumed]
+    assert len(rest) == 3
+    for (xa, ya), (xb, yb) in zip(full[1:], rest):
+        assert torch.equal(ya, yb) and torch.equal(xa, xb)
+    other = torch.cat([y for _, y in collect(loader, 3)])
+    assert not torch.equal(other, torch.cat([y for _, y in full]))
+
+
+def test_index_is_cached_and_rebuilt_when_the_shard_changes(tmp_path):
+    write_dataset(tmp_path, [3, 2])
+    build_loader("dali", tmp_path, rank=0, world_size=1, batch_size=2, workers=1)
+    idx = tmp_path / "train-000000.dali.idx"
+    lines = idx.read_text().splitlines()
+    assert lines[0] == "v1.2 3" and lines[1].startswith("jpg ") and " cls " in lines[1]
+    before = idx.stat().st_mtime_ns
+    build_loader("dali", tmp_path, rank=0, world_size=1, batch_size=2, workers=1)
+    assert idx.stat().st_mtime_ns == before
+    write_dataset(tmp_path, [2, 2])  # rewrites the tars (and the manifest)
+    os.utime(tmp_path / "train-000000.tar", ns=(before + 10**9, before + 10**9))
+    build_loader("dali", tmp_path, rank=0, world_size=1, batch_size=2, workers=1)
+    assert idx.read_text().splitlines()[0] == "v1.2 2"
+
+
+def damaged(tmp_path):
+    """Shards with one case of each bad-data kind that DALI's index check catches."""
+    def members(i, jpg, cls):
+        key = f"{i:09d}"
+        return {1: [(f"{key}.jpg", jpg[:40]), (f"{key}.cls", cls)],
+                3: [(f"{key}.cls", cls)],
+                6: [(f"{key}.jpg", jpg)],
+                8: [(f"{key}.jpg", jpg), (f"{key}.cls", b"0000000099")]}.get(
+            i, [(f"{key}.jpg", jpg), (f"{key}.cls", cls)])
+    write_dataset(tmp_path, [4, 4, 4, 4], num_classes=16, members=members)
+    (tmp_path / "train-000003.tar").unlink()
+    path = tmp_path / "train-000002.tar"
+    with tarfile.open(path) as tar:
+        member = tar.getmember("000000009.jpg")
+    path.write_bytes(path.read_bytes()[:member.offset_data + member.size // 2])
+
+
+def test_dali_skips_and_counts_bad_data(tmp_path, caplog):
+    damaged(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="shardface.data"):
+        loader = build_loader("dali", tmp_path, rank=0, world_size=1, batch_size=2, workers=1,
+                              mode="exact")
+        labels = torch.cat([y for _, y in loader]).tolist()
+    assert loader.stats == {CORRUPT_JPEG: 1, MISSING_JPG: 1, MISSING_CLS: 1, BAD_LABEL: 1,
+                            TRUNCATED_SHARD: 3, MISSING_SHARD: 4, WRONG_SIZE: 0}
+    # 16 manifest samples make 8 batches on one rank; the 5 good ones fill them by repetition.
+    assert set(labels) == {0, 2, 4, 5, 7} and len(labels) == 16
+    assert any("train-000000.tar" in m and "000000001" in m for m in caplog.messages)
+
+
+def test_dali_strict_names_the_first_bad_sample(tmp_path):
+    damaged(tmp_path)
+    with pytest.raises(BadSampleError, match=r"corrupt_jpeg.*train-000000\.tar.*000000001"):
+        build_loader("dali", tmp_path, rank=0, world_size=1, batch_size=2, strict=True)
+
+
+def test_dali_decode_failure_is_found_and_skipped(tmp_path, monkeypatch):
+    def members(i, jpg, cls):
+        return [(f"{i:09d}.jpg", jpg[:40] if i == 2 else jpg), (f"{i:09d}.cls", cls)]
+    write_dataset(tmp_path, [3, 3], members=members)
+    # An image whose header passes the quick check but which DALI cannot decode.
+    monkeypatch.setattr(dali_index, "check_header", lambda data, size: None)
+    loader = build_loader("dali", tmp_path, rank=0, world_size=1, batch_size=2, workers=1,
+                          mode="exact", shuffle_buffer=0)
+    assert loader.stats[CORRUPT_JPEG] == 0
+    labels = torch.cat([y for _, y in loader]).tolist()
+    assert loader.stats[CORRUPT_JPEG] == 1
+    assert set(labels) == {0, 1, 3, 4, 5} and len(labels) == 6
+    with pytest.raises(BadSampleError, match=r"corrupt_jpeg.*000000002"):
+        for p in tmp_path.glob("*.dali.*"):
+            p.unlink()
+        list(build_loader("dali", tmp_path, rank=0, world_size=1, batch_size=2, workers=1,
+                          mode="exact", strict=True))
+
+
+def test_dali_cuda_without_cuda_is_a_clear_error(dataset):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        build_loader("dali", dataset, rank=0, world_size=1, batch_size=2, device="cuda")
+
+
+def test_missing_dali_is_a_clear_error(dataset, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)
+    with pytest.raises(ImportError, match="pip install nvidia-dali-cuda130"):
+        build_loader("dali", dataset, rank=0, world_size=1, batch_size=2)
