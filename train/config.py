@@ -47,6 +47,8 @@ class DataConfig:
     """Samples per epoch (all ranks together); None: the manifest's num_samples."""
     num_classes: Optional[int] = None
     """Number of identities; None: the manifest's num_classes (must match it when both are given)."""
+    num_samples: Optional[int] = None
+    """Size of the in-memory dataset of loader=synthetic without a manifest."""
 
 
 @dataclass

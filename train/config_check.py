@@ -35,6 +35,10 @@ def check_config(cfg: "TrainConfig") -> None:
     _at_least("data.image_size", d.image_size, 8)
     _at_least("data.epoch_samples", d.epoch_samples, 1)
     _at_least("data.num_classes", d.num_classes, 1)
+    _at_least("data.num_samples", d.num_samples, 1)
+    if not d.manifest and d.loader == "synthetic" and (d.num_classes is None or d.num_samples is None):
+        raise ConfigError("data.loader=synthetic without data.manifest needs data.num_classes and data.num_samples "
+                          f"(got {d.num_classes} and {d.num_samples})")
     if not d.manifest and d.loader != "synthetic":
         raise ConfigError(f"data.manifest is empty: the {d.loader} loader needs a manifest.json "
                           "(or use data.loader=synthetic)")

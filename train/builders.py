@@ -1,0 +1,136 @@
+"""Building a run's components from its config: data, backbone, classifier shard, losses, loggers."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import ConfigError, TrainConfig
+from .distributed import DistContext
+from .loggers import ConsoleLogger, Logger, LoggerGroup, WandbLogger
+
+HEAD_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and every GPU) with ``seed``."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """A per-rank seed (dropout and other per-process randomness differ between ranks)."""
+    return seed + 1_000_003 * (rank + 1)
+
+
+def load_manifest(cfg: TrainConfig) -> Optional[Any]:
+    """The dataset manifest, or None when the config names none (synthetic data)."""
+    if not cfg.data.manifest:
+        return None
+    from data_pipeline.manifest import Manifest
+    path = Path(cfg.data.manifest)
+    if path.is_dir():
+        path = path / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"data.manifest={cfg.data.manifest!r} does not exist: give the manifest.json "
+                                "written by `shardface data synth|convert` (or its folder)")
+    return Manifest.load(path)
+
+
+def build_data(cfg: TrainConfig, ctx: DistContext, manifest: Optional[Any]) -> Any:
+    """The loader of this rank (``data_pipeline.loaders.build_loader``)."""
+    from data_pipeline.loaders import build_loader
+    d = cfg.data
+    kwargs: dict[str, Any] = dict(rank=ctx.rank, world_size=ctx.world_size, batch_size=d.batch_size,
+                                  workers=d.workers, seed=cfg.seed, mode=d.mode, shuffle_buffer=d.shuffle_buffer,
+                                  flip=d.flip, strict=d.strict, device=str(ctx.device),
+                                  epoch_samples=d.epoch_samples)
+    if d.loader == "synthetic" and manifest is None:
+        # In-memory data without shards: its shape comes from the config.
+        kwargs.update(num_classes=d.num_classes, num_samples=d.num_samples, image_size=(d.image_size, d.image_size))
+    return build_loader(d.loader, manifest, **kwargs)
+
+
+def resolve_num_classes(cfg: TrainConfig, manifest: Optional[Any], loader: Any) -> int:
+    """Number of identities: config, manifest and loader must agree where they are given."""
+    found = {"data.num_classes": cfg.data.num_classes,
+             "the manifest": getattr(manifest, "num_classes", None),
+             "the loader": getattr(loader, "num_classes", None)}
+    given = {k: v for k, v in found.items() if v is not None}
+    if not given:
+        raise ConfigError("the number of classes is unknown: set data.num_classes or data.manifest")
+    if len(set(given.values())) > 1:
+        raise ConfigError("class counts disagree: " + ", ".join(f"{k}={v}" for k, v in given.items()) +
+                          ": fix data.num_classes or point data.manifest at the right dataset")
+    return int(next(iter(given.values())))
+
+
+def backbone_options(cfg: TrainConfig) -> dict[str, Any]:
+    """Keyword arguments of ``build_backbone`` for this config (also stored in the embedding export)."""
+    m = cfg.model
+    options: dict[str, Any] = dict(embedding_size=m.embedding_size, dropout=m.dropout, input_size=cfg.data.image_size)
+    if m.gradient_checkpointing:
+        options["gradient_checkpointing"] = True
+    options.update(m.options)
+    return options
+
+
+def build_backbone_module(cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """The backbone of ``model.backbone`` on ``device`` (channels-last when configured)."""
+    from train.backbones import build_backbone
+    m = cfg.model
+    try:
+        module = build_backbone(m.backbone, **backbone_options(cfg))
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"model.backbone={m.backbone!r}: {err}") from err
+    module = module.to(device)
+    if m.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    return module
+
+
+def build_head(cfg: TrainConfig, ctx: DistContext, num_classes: int) -> nn.Module:
+    """This rank's classifier shard: PartialFC with the configured margin."""
+    from partial_fc import PartialFC
+    from partial_fc.margins import build_margin
+    lo = cfg.loss
+    try:
+        margin = build_margin(lo.margin, **lo.margin_options)
+    except (ValueError, TypeError, KeyError) as err:
+        raise ConfigError(f"loss.margin={lo.margin!r} with loss.margin_options={lo.margin_options}: {err}") from err
+    seed = cfg.seed if lo.head_seed is None else lo.head_seed
+    head = PartialFC(cfg.model.embedding_size, num_classes, margin, sample_rate=lo.sample_rate,
+                     group=ctx.group, seed=seed, param_dtype=HEAD_DTYPES[lo.head_dtype])
+    return head.to(ctx.device)
+
+
+def build_metric(cfg: TrainConfig, ctx: DistContext, num_classes: int) -> Optional[nn.Module]:
+    """The optional metric loss (center, triplet, circle), or None."""
+    lo = cfg.loss
+    if lo.metric_loss == "none":
+        return None
+    from partial_fc.metric_losses import build_metric_loss
+    try:
+        loss = build_metric_loss(lo.metric_loss, num_classes, cfg.model.embedding_size, ctx.group,
+                                 **lo.metric_options)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"loss.metric_loss={lo.metric_loss!r} with loss.metric_options="
+                          f"{lo.metric_options}: {err}") from err
+    return loss.to(ctx.device)
+
+
+def build_loggers(cfg: TrainConfig, ctx: DistContext, total_steps: int, run_id: Optional[str]) -> Logger:
+    """Console (+ W&B) on rank 0; the no-op logger elsewhere."""
+    if not ctx.is_main:
+        return Logger()
+    loggers: list[Logger] = [ConsoleLogger(total_steps, progress=cfg.log.progress)]
+    if cfg.log.wandb:
+        out = Path(cfg.output_dir)
+        loggers.append(WandbLogger(cfg.log.project, cfg.log.run_name or out.name, out, cfg.to_dict(),
+                                   run_id=run_id, entity=cfg.log.entity))
+    return LoggerGroup(loggers)

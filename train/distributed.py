@@ -1,0 +1,157 @@
+"""Starting torch.distributed from the launcher's environment (torchrun, SLURM via torchrun, or none).
+
+This is the only module that reads ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``; everything else
+receives a :class:`DistContext` (and its process group) explicitly.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+class DistributedSetupError(RuntimeError):
+    """The requested device/backend/world size cannot work; the message says what to change."""
+
+
+@dataclass
+class DistContext:
+    """Where this process sits: rank and world size of ``group``, its device and backend."""
+
+    rank: int
+    """Rank in ``group``."""
+    world_size: int
+    """Number of processes in ``group``."""
+    local_rank: int
+    """Rank on this node (selects the GPU)."""
+    device: torch.device
+    """The device this rank computes on."""
+    group: Optional["dist.ProcessGroup"]
+    """Process group of the run; None in a single process without torch.distributed."""
+    backend: str
+    """nccl, gloo, or "none" without torch.distributed."""
+    owns_group: bool = False
+    """True when init_distributed created the process group (and shutdown destroys it)."""
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one that logs and writes shared files."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op in a single process)."""
+        if self.backend != "none" and self.world_size > 1:
+            dist.barrier(group=self.group)
+
+    def shutdown(self, barrier: bool = True) -> None:
+        """Destroy the process group if this context created it (after a barrier when ``barrier``)."""
+        if self.owns_group and dist.is_initialized():
+            if barrier:
+                dist.barrier(group=self.group)
+            dist.destroy_process_group()
+            self.owns_group = False
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise DistributedSetupError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_device(device: str, local_rank: int) -> torch.device:
+    """torch.device for "auto"/"cpu"/"cuda" on this rank; a clear error when cuda is missing."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise DistributedSetupError(f"device={device!r} is not one of auto, cpu, cuda")
+    has_cuda = torch.cuda.is_available()
+    if device == "cuda" and not has_cuda:
+        raise DistributedSetupError("device=cuda was requested but no CUDA GPU is visible to torch "
+                                    f"(torch {torch.__version__}, CUDA_VISIBLE_DEVICES="
+                                    f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): "
+                                    "use device=cpu or device=auto, or install a CUDA build of torch")
+    if device == "cpu" or not has_cuda:
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise DistributedSetupError(f"LOCAL_RANK={local_rank} but only {count} GPU(s) are visible: "
+                                    "start at most one process per GPU (--nproc_per_node)")
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed(backend: str = "auto", device: str = "auto", force_group: bool = False,
+                     timeout_s: float = 1800.0) -> DistContext:
+    """Join the run started by torchrun (or run as one plain process) and pick device and backend.
+
+    ``backend="auto"`` is NCCL on GPU and gloo on CPU.  A process group is created when
+    ``WORLD_SIZE > 1`` or ``force_group`` (DeepSpeed needs one even for a single process);
+    an already initialised default group (e.g. made by a test harness) is adopted.
+    """
+    rank = _env_int("RANK", 0)
+    world = _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", rank if world <= 1 else 0)
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local_rank = _env_int("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1))
+        dev = resolve_device(device, local_rank)
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        return DistContext(rank, world, local_rank, dev, dist.group.WORLD, dist.get_backend(), False)
+    if world < 1 or not 0 <= rank < world:
+        raise DistributedSetupError(f"RANK={rank} and WORLD_SIZE={world} are inconsistent: "
+                                    "launch with torchrun, which sets both")
+    dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if backend == "auto":
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+    if backend not in ("nccl", "gloo"):
+        raise DistributedSetupError(f"backend={backend!r} is not one of auto, nccl, gloo")
+    if backend == "nccl" and dev.type != "cuda":
+        raise DistributedSetupError("backend=nccl needs CUDA GPUs; this rank runs on the CPU: use backend=gloo")
+    if world == 1 and not force_group:
+        return DistContext(0, 1, local_rank, dev, None, "none", False)
+    if world == 1 and "MASTER_ADDR" not in os.environ:
+        # A single plain process still gets a (one-member) group, on a free local port.
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+    dist.init_process_group(backend, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    return DistContext(rank, world, local_rank, dev, dist.group.WORLD, backend, True)
+
+
+def check_world_size(ctx: DistContext, num_classes: int, global_batch: int) -> None:
+    """Raise when the run cannot use this many ranks (every rank needs classes and samples)."""
+    if num_classes < ctx.world_size:
+        raise DistributedSetupError(
+            f"num_classes={num_classes} is smaller than the world size {ctx.world_size}: every rank holds "
+            "at least one class of the sharded classifier; use fewer processes")
+    if global_batch < ctx.world_size:
+        raise DistributedSetupError(f"global batch {global_batch} is smaller than the world size "
+                                    f"{ctx.world_size}: raise data.batch_size")
+
+
+def broadcast_object(obj: object, ctx: DistContext, src: int = 0) -> object:
+    """Rank ``src``'s ``obj`` on every rank (e.g. the checkpoint path that rank 0 found)."""
+    if ctx.backend == "none" or ctx.world_size == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src, group=ctx.group)
+    return holder[0]
+
+
+__all__ = ["DistContext", "DistributedSetupError", "init_distributed", "resolve_device",
+           "check_world_size", "broadcast_object"]

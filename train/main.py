@@ -1,0 +1,71 @@
+"""Entry point of a training process: ``python -m train.main --config PRESET_OR_YAML --set key=value ...``.
+
+The same command runs as one plain process or as every worker under torchrun
+(``python -m torch.distributed.run --nproc_per_node=N -m train.main ...``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from .config import TrainConfig, all_keys, list_presets
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of ``train.main``."""
+    p = argparse.ArgumentParser(prog="python -m train.main", description="Train a face-embedding model.",
+                                epilog=f"presets: {', '.join(list_presets())}; keys: {', '.join(all_keys())}")
+    p.add_argument("--config", default="cpu_tiny", help="preset name (configs/*.yaml) or a YAML file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set optim.lr=0.05 (repeatable)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    # The deepspeed launcher passes --local_rank; LOCAL_RANK in the environment says the same.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf as None and unknown objects as strings, so summary.json is strict JSON."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (int, str, bool)):
+        return value
+    return str(value)
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    """Train as configured; returns the run's summary (final loss, evaluation, throughput, paths)."""
+    args = build_parser().parse_args(argv)
+    cfg = TrainConfig.load(args.config, args.set)
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return {"config": cfg.to_dict()}
+    from .distributed import init_distributed
+    from .trainer import Trainer
+    ctx = init_distributed(backend=cfg.parallel.backend, device=cfg.device,
+                           force_group=cfg.parallel.strategy == "deepspeed")
+    ok = False
+    try:
+        summary = Trainer(cfg, ctx).fit()
+        if ctx.is_main:
+            path = Path(cfg.output_dir) / "summary.json"
+            path.write_text(json.dumps(_json_safe(summary), indent=2))
+            summary["summary_path"] = str(path)
+        ok = True
+        return summary
+    finally:
+        # After a failure other ranks may be gone: no barrier then, only release the group.
+        ctx.shutdown(barrier=ok)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
+    sys.exit(0)

@@ -1,0 +1,296 @@
+"""The training loop: data-parallel backbone, model-parallel classifier shard, checkpoints, evaluation.
+
+One :class:`Trainer` per process.  Every rank builds the same backbone (same seed) and
+its own classifier shard; the loop is the same on one CPU process and on many GPUs.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import nn
+
+from .builders import (build_backbone_module, build_data, build_head, build_loggers, build_metric, load_manifest,
+                       rank_seed, resolve_num_classes, seed_everything)
+from .checkpoint import CheckpointManager, capture_rng, checkpoint_name, load_local, load_shared, resolve_resume, restore_rng
+from .config import TrainConfig
+from .distributed import DistContext, check_world_size
+from .loggers import Logger, Throughput, format_duration
+from .optim import build_classifier_optimizer, scaled_lrs
+from .parallel import build_runner
+from .reshard import classifier_state, load_classifier
+from .schedule import LRSchedule
+from .step import Batch, StepResult, TrainStep
+from .validation import Validator
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+class Trainer:
+    """Builds a run from its config and trains it (:meth:`fit`).
+
+    ``loader`` and ``backbone`` may be given to replace the ones the config describes
+    (benchmarks, tests); they must follow the same contracts.
+    """
+
+    def __init__(self, cfg: TrainConfig, ctx: DistContext, loader: Any = None, backbone: Optional[nn.Module] = None):
+        self.cfg, self.ctx = cfg, ctx
+        self.run_dir = Path(cfg.output_dir)
+        seed_everything(cfg.seed)
+        self.manifest = load_manifest(cfg)
+        self.loader = loader if loader is not None else build_data(cfg, ctx, self.manifest)
+        self.num_classes = resolve_num_classes(cfg, self.manifest, self.loader)
+        o = cfg.optim
+        self.local_batch = int(getattr(self.loader, "batch_size", cfg.data.batch_size))
+        self.samples_per_step = self.local_batch * ctx.world_size * o.grad_accum
+        check_world_size(ctx, self.num_classes, self.local_batch * ctx.world_size)
+        self.steps_per_epoch = max(len(self.loader) // o.grad_accum, 1)
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+
+        seed_everything(cfg.seed)  # the same initial backbone on every rank
+        self.injected_backbone = backbone is not None
+        module = backbone.to(ctx.device) if backbone is not None else build_backbone_module(cfg, ctx.device)
+        self.lr, self.head_lr = scaled_lrs(o, self.samples_per_step)
+        self.runner = build_runner(module, cfg, ctx, self.lr)
+        self.head = build_head(cfg, ctx, self.num_classes)
+        self.head_optimizer = build_classifier_optimizer(self.head, o, self.head_lr, cfg.seed)
+        self.metric_loss = build_metric(cfg, ctx, self.num_classes)
+        self.schedule = LRSchedule([self.runner.optimizer, self.head_optimizer], self.total_steps,
+                                   o.warmup_steps, o.schedule, o.poly_power, o.min_lr_ratio)
+        self.train_step = TrainStep(self.runner, self.head, self.head_optimizer, ctx, o.grad_accum,
+                                    o.clip_grad_norm, self.metric_loss, cfg.loss.metric_weight,
+                                    cfg.model.channels_last)
+        self.checkpoints = CheckpointManager(self.checkpoint_dir, ctx, cfg.checkpoint.keep_last)
+        self.validator = Validator(cfg, ctx, self.manifest, self.run_dir)
+        seed_everything(rank_seed(cfg.seed, ctx.rank))
+        self.step = 0
+        self.epoch = 0
+        self.skipped_steps = 0
+        self.skipped_in_row = 0
+        self.wandb_run_id: Optional[str] = None
+        self.resumed_from: Optional[Path] = None
+        self.logger: Logger = Logger()
+        self.eval_results: dict[str, dict[str, float]] = {}
+        self._fresh_epoch = True
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where checkpoints go (``checkpoint.dir`` or ``<output_dir>/checkpoints``)."""
+        return Path(self.cfg.checkpoint.dir) if self.cfg.checkpoint.dir else self.run_dir / "checkpoints"
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        """Write a checkpoint of the current state (a collective: every rank calls it)."""
+        shared = {
+            "format": 1, "step": self.step, "epoch": self.epoch, "world_size": self.ctx.world_size,
+            "num_classes": self.num_classes, "config": self.cfg.to_yaml(),
+            "class_ranges": self._class_ranges(), "schedule": self.schedule.state_dict(),
+            "wandb_run_id": self.wandb_run_id, "skipped_steps": self.skipped_steps,
+            "skipped_in_row": self.skipped_in_row, **self.runner.state_dict(),
+        }
+        local = {"rank": self.ctx.rank, "classifier": classifier_state(self.head, self.head_optimizer, self.metric_loss),
+                 "rng": capture_rng(self.ctx.device), "loader": self.loader.state_dict(),
+                 "fresh_epoch": self._fresh_epoch}
+        engine_save = self.runner.engine_save if self.cfg.parallel.strategy == "deepspeed" else None
+        return self.checkpoints.save(self.step, shared if self.ctx.is_main else {}, local, engine_save)
+
+    def _class_ranges(self) -> list[tuple[int, int]]:
+        from partial_fc.sharding import class_range
+        return [class_range(self.num_classes, r, self.ctx.world_size) for r in range(self.ctx.world_size)]
+
+    def resume(self, folder: Path) -> list[str]:
+        """Restore the state saved in ``folder``; returns notes on anything not restored exactly."""
+        shared = load_shared(folder)
+        same_world = shared["world_size"] == self.ctx.world_size
+        if shared["num_classes"] != self.num_classes:
+            raise ValueError(f"checkpoint {folder} has {shared['num_classes']} classes, this run has "
+                             f"{self.num_classes}: it belongs to another dataset")
+        notes = self.runner.load_state_dict(shared, folder, same_world)
+        local = load_local(folder, self.ctx.rank) if same_world else None
+        if load_classifier(self.head, self.head_optimizer, folder, shared, local, self.metric_loss):
+            notes.append(f"classifier shards re-sliced from world size {shared['world_size']} to "
+                         f"{self.ctx.world_size}; negative sampling restarts from fresh generators")
+        self.step, self.epoch = int(shared["step"]), int(shared["epoch"])
+        self.skipped_steps = int(shared.get("skipped_steps", 0))
+        self.skipped_in_row = int(shared.get("skipped_in_row", 0))
+        self.wandb_run_id = shared.get("wandb_run_id")
+        changed = self.schedule.changed_settings(shared["schedule"])
+        self.schedule.load_state_dict(shared["schedule"])
+        if changed:
+            notes.append("learning-rate schedule differs from the checkpoint's: " + "; ".join(changed))
+        if local is not None:
+            restore_rng(local["rng"], self.ctx.device)
+            self.loader.load_state_dict(local["loader"])
+            self._fresh_epoch = bool(local.get("fresh_epoch", False))
+        else:
+            seed_everything(rank_seed(self.cfg.seed + self.step, self.ctx.rank))
+            self._fresh_epoch = True
+            notes.append(f"data order restarts at epoch {self.epoch} (the per-rank loader positions of world "
+                         f"size {shared['world_size']} do not map to {self.ctx.world_size} ranks)")
+        self.resumed_from = Path(folder)
+        return notes
+
+    # ------------------------------------------------------------------ loop
+    def _batches(self) -> Iterator[Batch]:
+        """Batches forever, epoch after epoch (a resumed epoch continues where it stopped)."""
+        while True:
+            if self._fresh_epoch:
+                self.loader.set_epoch(self.epoch)
+            self._fresh_epoch = False
+            yield from self.loader
+            self.epoch += 1
+            self._fresh_epoch = True
+
+    def _describe(self) -> str:
+        cfg, ctx, head = self.cfg, self.ctx, self.head
+        bytes_per_class = head.bytes_per_class(cfg.optim.name) if hasattr(head, "bytes_per_class") else 0
+        lines = [
+            f"run: {self.run_dir} | device {ctx.device} | world size {ctx.world_size} ({ctx.backend}) | "
+            f"{cfg.parallel.strategy}{' ZeRO-' + str(cfg.parallel.zero_stage) if cfg.parallel.strategy == 'deepspeed' else ''}"
+            f" | precision {cfg.precision.dtype}",
+            f"global batch {self.local_batch * ctx.world_size} = {self.local_batch} x {ctx.world_size} ranks; "
+            f"samples/step {self.samples_per_step} (grad_accum {cfg.optim.grad_accum})",
+            f"steps {self.total_steps} ({self.steps_per_epoch} per epoch, "
+            f"{self.total_steps / self.steps_per_epoch:.2f} epochs); "
+            f"lr {self.lr:.4g} backbone / {self.head_lr:.4g} classifier (peak, {cfg.optim.schedule}, "
+            f"warm-up {cfg.optim.warmup_steps})",
+            f"classes {self.num_classes}: {head.num_local} on rank {ctx.rank} (~{self.num_classes / ctx.world_size:.0f}"
+            f" per rank), sampled per step {getattr(head, 'num_sample', head.num_local)}; "
+            f"{bytes_per_class} bytes/class ({cfg.loss.head_dtype}, {cfg.optim.name})",
+        ]
+        if self.resumed_from:
+            lines.append(f"resumed from {self.resumed_from} at step {self.step}")
+        return "\n".join(lines)
+
+    def _record(self, result: StepResult) -> None:
+        self.step += 1
+        if result.applied:
+            self.skipped_in_row = 0
+            return
+        self.skipped_steps += 1
+        self.skipped_in_row += 1
+        self.logger.log_text(f"step {self.step}: non-finite loss or gradient (loss {result.loss}), step skipped "
+                             f"({self.skipped_in_row} in a row, {self.skipped_steps} in total)")
+        limit = self.cfg.optim.max_nonfinite_in_row
+        if self.skipped_in_row >= limit:
+            raise NonFiniteTrainingError(
+                f"{self.skipped_in_row} steps in a row had a non-finite loss or gradient (step {self.step}, "
+                f"optim.max_nonfinite_in_row={limit}): the run diverged; lower optim.lr, raise "
+                f"optim.warmup_steps, enable optim.clip_grad_norm or use precision.dtype=bf16, and resume "
+                f"from the last checkpoint")
+
+    def _due(self, every: int) -> bool:
+        return every > 0 and self.step % every == 0 and self.step < self.total_steps
+
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        """Verification metrics of the current backbone (a collective; rank 0 computes)."""
+        results, images = self.validator.run(self.runner, self.step)
+        if results:
+            self.logger.log_eval(self.step, results, images)
+            self.eval_results = results
+        return results
+
+    def _start(self) -> Optional[Path]:
+        """Resume if configured, write config.yaml, start the loggers, print the derived quantities."""
+        cfg, ctx = self.cfg, self.ctx
+        folder = resolve_resume(cfg.checkpoint.resume, self.checkpoint_dir, ctx)
+        notes = self.resume(folder) if folder is not None else []
+        if ctx.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+        self.logger = build_loggers(cfg, ctx, self.total_steps, self.wandb_run_id)
+        self.wandb_run_id = self.logger.run_id or self.wandb_run_id
+        self.logger.log_text(self._describe())
+        for note in notes:
+            self.logger.log_text(f"note: {note}")
+        self.logger.log_config({"derived": {"samples_per_step": self.samples_per_step, "total_steps": self.total_steps,
+                                            "num_classes": self.num_classes, "world_size": ctx.world_size}})
+        return folder
+
+    def fit(self, stop_at_step: Optional[int] = None) -> dict[str, Any]:
+        """Train to ``total_steps`` (resuming if configured); returns the run's summary.
+
+        ``stop_at_step`` ends this process's work early, with a checkpoint and without the
+        final evaluation and export (a time-limited job that a later job resumes).
+        """
+        cfg = self.cfg
+        folder = self._start()
+        end = self.total_steps if stop_at_step is None else min(stop_at_step, self.total_steps)
+        start_step, t_start = self.step, time.perf_counter()
+        meter = Throughput(self.total_steps, self.step)
+        batches = self._batches()
+        last: Optional[StepResult] = None
+        last_saved = self.step if folder is not None else -1
+        self.runner.module.train()
+        self.head.train()
+        try:
+            while self.step < end:
+                self.schedule.set_step(self.step)
+                last = self.train_step(batches)
+                meter.add(last.samples)
+                self._record(last)
+                if self.step % cfg.log.every_steps == 0 or self.step == self.total_steps:
+                    self.logger.log_metrics(self.step, self._metrics(last, meter))
+                else:
+                    self.logger.progress_tick(self.step, last.loss)
+                if self._due(cfg.eval.every_steps):
+                    self.evaluate()
+                if self._due(cfg.checkpoint.every_steps):
+                    self.save_checkpoint()
+                    last_saved = self.step
+        except BaseException as err:
+            self.logger.finish({"error": f"{type(err).__name__}: {err}", "steps": self.step})
+            raise
+        elapsed = time.perf_counter() - t_start
+        final_ckpt = self.save_checkpoint() if last_saved != self.step else \
+            self.checkpoint_dir / checkpoint_name(self.step)
+        finished = self.step >= self.total_steps
+        if finished and cfg.eval.at_end:
+            self.evaluate()
+        export = self._export() if finished else None
+        steps_run = self.step - start_step
+        summary = {
+            "steps": self.step, "finished": finished, "steps_this_run": steps_run,
+            "skipped_steps": self.skipped_steps,
+            "final_loss": last.loss if last else None, "final_accuracy": last.accuracy if last else None,
+            "samples_per_s": steps_run * self.samples_per_step / elapsed if elapsed > 0 and steps_run else None,
+            "wall_s": elapsed, "eval": self.eval_results, "run_dir": str(self.run_dir),
+            "checkpoint": str(final_ckpt), "export": str(export) if export else None,
+            "wandb_run_id": self.wandb_run_id,
+        }
+        self.logger.log_text(f"{'done' if finished else 'stopped'}: step {self.step}/{self.total_steps}, "
+                             f"{steps_run} steps in {format_duration(elapsed)}, final loss {summary['final_loss']}, "
+                             f"skipped {self.skipped_steps}; run folder {self.run_dir}")
+        self.logger.finish(summary)
+        return summary
+
+    def _metrics(self, result: StepResult, meter: Throughput) -> dict[str, Any]:
+        m: dict[str, Any] = {"loss": result.loss, "accuracy": result.accuracy,
+                             "lr": self.runner.optimizer.param_groups[0]["lr"],
+                             "grad_norm": result.grad_norm, "skipped_steps": self.skipped_steps,
+                             "epoch": self.epoch}
+        if self.cfg.precision.dtype == "fp16":
+            m["loss_scale"] = result.loss_scale
+        m.update(meter.report(self.step))
+        return m
+
+    def _export(self) -> Optional[Path]:
+        """The embedding-only model (backbone weights + builder config) at the end, via train.export."""
+        if not self.cfg.checkpoint.export:
+            return None
+        if self.injected_backbone:
+            self.logger.log_text("note: no embedding export: the backbone was not built from model.backbone")
+            return None
+        from .builders import backbone_options
+        from .export import export_embedding_model
+        path = self.run_dir / "model.pt"
+        with self.runner.full_parameters() as module:
+            if self.ctx.is_main:
+                export_embedding_model(module, self.cfg.model.backbone, backbone_options(self.cfg), path)
+        self.ctx.barrier()
+        return path
