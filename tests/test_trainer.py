@@ -70,17 +70,30 @@ def _deepspeed(rank, world, out):
     # The shared-memory all-reduce is a CPU speed-up compiled on first use (~1 min): not needed here.
     # (``deepspeed.comm.torch`` as an attribute is the torch package, hence the module lookup.)
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    return {stage: _train(rank, world, f"{out}/z{stage}", ("parallel.strategy=deepspeed", f"parallel.zero_stage={stage}"))
-            for stage in (0, 1, 2, 3)}
+    results = {stage: _train(rank, world, f"{out}/z{stage}", ("parallel.strategy=deepspeed", f"parallel.zero_stage={stage}"))
+               for stage in (0, 1, 2, 3)}
+    for stage in (0, 2):  # stage 0 checks nothing itself; stages 1-3 check inside DeepSpeed
+        cfg = tiny_config(f"{out}/nan{stage}", "parallel.strategy=deepspeed", f"parallel.zero_stage={stage}")
+        trainer = Trainer(cfg, init_distributed(device="cpu"), loader=SplitLoader(rank, world, nan_batches=(1,)),
+                          backbone=bn_net())
+        summary = trainer.fit()
+        results[f"nan{stage}"] = (summary["skipped_steps"], summary["final_loss"],
+                                  all(bool(torch.isfinite(p).all()) for p in trainer.runner.module.parameters()))
+    return results
 
 
 @pytest.mark.slow
 def test_deepspeed_zero_two_ranks_equal_one_process(tmp_path):
+    """ZeRO 0-3 give the DDP/single-process numbers; a non-finite step is skipped at stage 0 and 2."""
     pytest.importorskip("deepspeed")
     results = run_distributed(_deepspeed, 2, str(tmp_path))
     ref = _reference(tmp_path / "ref", ())
     for stage in (0, 1, 2, 3):
         _assert_matches_reference([r[stage] for r in results], ref)
+    for r in results:
+        for stage in (0, 2):
+            skipped, loss, finite = r[f"nan{stage}"]
+            assert skipped == 1 and math.isfinite(loss) and finite, (stage, r[f"nan{stage}"])
 
 
 def test_nan_step_is_skipped_counted_and_rolled_back(tmp_path, capsys):
@@ -118,6 +131,25 @@ def test_consecutive_nan_steps_stop_the_run(tmp_path):
     assert "3 steps in a row had a non-finite loss or gradient (step 4" in str(err.value)
     assert "optim.max_nonfinite_in_row=3" in str(err.value)
     assert trainer.skipped_steps == 3
+
+
+def test_fp16_overflow_backs_the_scale_off_and_unscales_both_optimisers(tmp_path, capsys):
+    ctx = init_distributed(device="cpu")
+    moved = {}
+    for dtype in ("fp32", "fp16"):
+        cfg = tiny_config(tmp_path / dtype, "max_steps=8", f"precision.dtype={dtype}", "precision.init_scale=65536",
+                          "optim.max_nonfinite_in_row=2")
+        trainer = Trainer(cfg, ctx, loader=SplitLoader(), backbone=plain_net())
+        start = trainer.head.weight.detach().clone()
+        summary = trainer.fit()
+        moved[dtype] = (trainer.head.weight.detach() - start).norm().item()
+        if dtype == "fp16":
+            # 65536 overflows fp16 here at first; the scaler backs off, overflow skips do not end the run.
+            assert summary["skipped_steps"] >= 2 and trainer.skipped_in_row == 0
+            assert trainer.runner.loss_scale < 65536
+            assert "gradients overflowed at loss scale 65536" in capsys.readouterr().out
+    # Applied fp16 steps move the classifier like fp32 ones: its gradients were divided by the scale.
+    assert 0.0 < moved["fp16"] < 3 * moved["fp32"]
 
 
 def test_lr_multiplier_against_the_formulas():

@@ -16,6 +16,18 @@ from .loggers import ConsoleLogger, Logger, LoggerGroup, WandbLogger
 HEAD_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def set_deterministic(enabled: bool) -> None:
+    """Deterministic kernels (cuBLAS workspace, cuDNN, torch's deterministic mode) when ``enabled``."""
+    if not enabled:
+        return
+    import os
+    # cuBLAS needs a fixed workspace to be reproducible; it must be set before the first matmul.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and every GPU) with ``seed``."""
     random.seed(seed)

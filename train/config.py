@@ -126,7 +126,7 @@ class OptimConfig:
     clip_grad_norm: float = 0.0
     """Clip the backbone's gradient to this global L2 norm; 0: no clipping."""
     max_nonfinite_in_row: int = 10
-    """Stop the run after this many consecutive steps with a non-finite loss or gradient (each is skipped)."""
+    """Stop the run after this many consecutive steps with a non-finite loss or gradient (each is skipped; fp16 loss-scale overflows with a finite loss are skipped but not counted here)."""
 
 
 @dataclass
@@ -226,6 +226,8 @@ class TrainConfig:
     """Epochs to train when max_steps is 0."""
     device: str = "auto"
     """auto (cuda when available), cpu or cuda."""
+    deterministic: bool = False
+    """Use deterministic GPU kernels (slower; CPU runs are bitwise reproducible without it)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Data section."""
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -204,8 +204,11 @@ def _merge(base: dict, user: dict) -> dict:
 class DeepSpeedRunner(BackboneRunner):
     """A DeepSpeed engine (ZeRO 0-3) around the backbone and a client torch optimiser.
 
-    DeepSpeed accumulates and synchronises gradients itself, and skips an update whose
-    gradients are not finite (``was_step_applied``); the training step follows its decision.
+    DeepSpeed accumulates and synchronises gradients itself, and (ZeRO 1-3) skips an update
+    whose gradients are not finite (``was_step_applied``).  The training step's own vote
+    (classifier gradients, loss; stage 0, which checks nothing) reaches the engine through
+    the client optimiser: every stage updates the weights by calling its ``step``, which is
+    made a no-op for a skipped step.
     """
 
     def __init__(self, module: nn.Module, cfg: TrainConfig, ctx: DistContext, lr: float):
@@ -222,6 +225,13 @@ class DeepSpeedRunner(BackboneRunner):
             # DeepSpeed's bf16 mode expects bf16 weights already (BatchNorm fails otherwise).
             module = module.to(torch.bfloat16)
         client = build_backbone_optimizer(param_groups(module, cfg.optim.weight_decay), cfg.optim, lr)
+        self._skip = False
+        client_step = client.step
+
+        def guarded_step(*args, **kwargs):
+            return None if self._skip else client_step(*args, **kwargs)
+
+        client.step = guarded_step  # type: ignore[method-assign]
         self.config = deepspeed_config(cfg, ctx.world_size)
         self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=client, config=self.config,
                                                     dist_init_required=False)
@@ -245,9 +255,13 @@ class DeepSpeedRunner(BackboneRunner):
         return True, None
 
     def step(self, apply: bool) -> bool:
-        """The engine's boundary step; True when DeepSpeed applied it."""
-        self.engine.step()
-        return bool(self.engine.was_step_applied())
+        """The engine's boundary step (the client update suppressed unless ``apply``); True when applied."""
+        self._skip = not apply
+        try:
+            self.engine.step()
+        finally:
+            self._skip = False
+        return apply and bool(self.engine.was_step_applied())
 
     def grad_norm_after_step(self) -> Optional[float]:
         """DeepSpeed's global gradient norm of the last step."""

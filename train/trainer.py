@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .builders import (build_backbone_module, build_data, build_head, build_loggers, build_metric, load_manifest,
-                       rank_seed, resolve_num_classes, seed_everything)
+                       rank_seed, resolve_num_classes, seed_everything, set_deterministic)
 from .checkpoint import CheckpointManager, capture_rng, checkpoint_name, load_local, load_shared, resolve_resume, restore_rng
 from .config import TrainConfig
 from .distributed import DistContext, check_world_size
@@ -41,6 +41,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, ctx: DistContext, loader: Any = None, backbone: Optional[nn.Module] = None):
         self.cfg, self.ctx = cfg, ctx
         self.run_dir = Path(cfg.output_dir)
+        set_deterministic(cfg.deterministic)
         seed_everything(cfg.seed)
         self.manifest = load_manifest(cfg)
         self.loader = loader if loader is not None else build_data(cfg, ctx, self.manifest)
@@ -173,6 +174,12 @@ class Trainer:
             self.skipped_in_row = 0
             return
         self.skipped_steps += 1
+        if math.isfinite(result.loss) and result.loss_scale > 1.0:
+            # fp16: a finite loss whose scaled gradients overflowed.  The scaler backs off and
+            # the next steps usually fit; this is not the divergence the counter below detects.
+            self.logger.log_text(f"step {self.step}: gradients overflowed at loss scale {result.loss_scale:g}, "
+                                 f"step skipped ({self.skipped_steps} skipped in total)")
+            return
         self.skipped_in_row += 1
         self.logger.log_text(f"step {self.step}: non-finite loss or gradient (loss {result.loss}), step skipped "
                              f"({self.skipped_in_row} in a row, {self.skipped_steps} in total)")
