@@ -66,6 +66,13 @@ def test_embedding_export_refuses_a_config_that_cannot_rebuild(tmp_path):
         load_embedding_model(tmp_path / "other.pt")
 
 
+def test_a_bf16_backbone_exports_from_a_float32_copy(tmp_path):
+    model = trained_looking("mobilefacenet_tiny", embedding_size=16, input_size=56).to(torch.bfloat16)
+    path = export_onnx(model, tmp_path / "bf16.onnx", image_size=56)
+    assert check_onnx_parity(model, path, batch_sizes=(2,)) < 1e-4
+    assert next(model.parameters()).dtype == torch.bfloat16, "the backbone itself is left as it was"
+
+
 def test_wrappers_are_unwrapped():
     inner = nn.Linear(2, 2)
     wrapper = nn.Module()

@@ -4,6 +4,7 @@ checkpoint (weights + builder config) that rebuilds the model anywhere; embeddin
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import sys
 import tempfile
@@ -48,6 +49,13 @@ def _atomic_path(path: str | Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def _float32(model: nn.Module) -> nn.Module:
+    """``model`` itself when its floating-point weights are float32, else a float32 copy (bf16/fp16 training)."""
+    if all(t.dtype == torch.float32 for t in model.state_dict().values() if t.is_floating_point()):
+        return model
+    return copy.deepcopy(model).float()
+
+
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     was_training = model.training
@@ -63,9 +71,10 @@ def export_onnx(backbone: nn.Module, path: str | Path, image_size: int = 112, op
     """Write ``backbone`` (eval mode, float32) as ONNX: input ``images`` [batch,3,S,S] → ``embeddings`` [batch,D].
 
     The TorchScript-based exporter is used by default (it needs only ``onnx``); ``dynamo=True``
-    uses the ``torch.export`` exporter, which also needs ``onnxscript``.
+    uses the ``torch.export`` exporter, which also needs ``onnxscript``.  A bf16/fp16 backbone is
+    exported from a float32 copy.
     """
-    model = unwrap(backbone)
+    model = _float32(unwrap(backbone))
     device = next(model.parameters()).device
     example = (torch.zeros(2, 3, image_size, image_size, device=device),)
     names = dict(input_names=["images"], output_names=["embeddings"], opset_version=opset)
@@ -89,7 +98,7 @@ def check_onnx_parity(backbone: nn.Module, path: str | Path, batch_sizes: Sequen
     """Largest |ONNX Runtime − PyTorch| over random inputs at each batch size; raises above ``atol``."""
     import onnxruntime
 
-    model = unwrap(backbone)
+    model = _float32(unwrap(backbone))
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     input_meta = session.get_inputs()[0]
     side = input_meta.shape[-1]
