@@ -9,6 +9,7 @@ the consumed batches again (decoded, then dropped), which costs time, not correc
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Iterator
 
 import torch
@@ -20,6 +21,7 @@ from .epoch_plan import (derive_seed, exact_batches_per_rank, last_batch_padding
 from .loader_base import Batch, Loader
 from .tar_reader import shard_refs
 
+log = logging.getLogger("shardface.data")
 _DIGIT_WEIGHTS = torch.tensor([10 ** k for k in range(LABEL_WIDTH - 1, -1, -1)], dtype=torch.int64)
 
 
@@ -124,6 +126,9 @@ class DaliLoader(Loader):
     def _run(self, epoch: int, start: int) -> Iterator[Batch]:
         _, _, _, DALIGenericIterator = _import_dali()
         pipe = self._pipeline(epoch)
+        if start:
+            log.info("DALI loader: resuming epoch %d at batch %d of %d (re-running the batches "
+                     "before it)", epoch, start, len(self))
         it = DALIGenericIterator([pipe], ["images", "cls"], size=-1, auto_reset=False)
         try:
             for j in range(len(self)):

@@ -32,6 +32,7 @@ class _RankEpoch(IterableDataset):
         self.buffer_size, self.flip, self.strict = buffer_size, flip, strict
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, list[BadSample]]]:
+        """Yields ``(uint8 images [B, H, W, 3], labels, batch index, skip events)``."""
         info = get_worker_info()
         worker = info.id if info is not None else 0
         log = SkipLog(self.strict)
@@ -68,12 +69,11 @@ class _RankEpoch(IterableDataset):
         for k in range(self.batch_size - good):
             arrays.append(arrays[k % good])
             labels.append(labels[k % good])
-        flips = None
         if self.flip:
             rng = np.random.default_rng(derive_seed(self.seed, self.epoch, self.rank, j, FLIP_TAG))
-            flips = torch.from_numpy(rng.random(self.batch_size) < 0.5)
-        images = to_model_input(torch.from_numpy(np.stack(arrays)), flips)
-        return images, torch.tensor(labels, dtype=torch.int64)
+            flips = rng.random(self.batch_size) < 0.5
+            arrays = [a[:, ::-1] if f else a for a, f in zip(arrays, flips)]
+        return torch.from_numpy(np.stack(arrays)), torch.tensor(labels, dtype=torch.int64)
 
     def _add(self, sample: RawSample, arrays: list[np.ndarray], labels: list[int],
              log: SkipLog) -> None:
@@ -140,7 +140,9 @@ class WebDatasetLoader(Loader):
             while nxt in waiting:
                 images, labels = waiting.pop(nxt)
                 nxt += 1
-                yield images.to(self.device, non_blocking=cuda), labels.to(self.device, non_blocking=cuda)
-        if nxt != len(self):
+                images = to_model_input(images.to(self.device, non_blocking=cuda))
+                yield images, labels.to(self.device, non_blocking=cuda)
+        if nxt != len(self) or waiting:
             raise RuntimeError(f"the loader workers produced batches up to {nxt} of {len(self)} "
-                               f"(rank {self.rank}, epoch {epoch}); this is a bug in shardface")
+                               f"and {sorted(waiting)} out of turn (rank {self.rank}, epoch "
+                               f"{epoch}); this is a bug in shardface")

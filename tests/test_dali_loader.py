@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import tarfile
+from pathlib import Path
 from collections import Counter
 
 import numpy as np
@@ -180,3 +181,16 @@ def test_missing_dali_is_a_clear_error(dataset, monkeypatch):
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)
     with pytest.raises(ImportError, match="pip install nvidia-dali-cuda130"):
         build_loader("dali", dataset, rank=0, world_size=1, batch_size=2)
+
+
+def test_index_goes_to_the_cache_when_the_shard_directory_is_read_only(tmp_path, monkeypatch):
+    shards, cache = tmp_path / "shards", tmp_path / "cache"
+    write_dataset(shards, [2, 2])
+    real_access = os.access
+    monkeypatch.setattr(dali_index.os, "access",
+                        lambda p, mode: False if Path(p) == shards else real_access(p, mode))
+    monkeypatch.setattr(dali_index, "cache_dir", lambda: cache)
+    loader = build_loader("dali", shards, rank=0, world_size=1, batch_size=2, mode="exact")
+    assert sorted(torch.cat([y for _, y in loader]).tolist()) == [0, 1, 2, 3]
+    assert not list(shards.glob("*.dali.*"))
+    assert len(list(cache.glob("*/*.dali.idx"))) == 2
