@@ -103,3 +103,9 @@ def test_every_field_has_a_docstring():
         names = [f.name for f in dataclasses.fields(cls)]
         assert [n for n in names if not docs.get(n)] == [], cls.__name__
     assert len(all_keys()) == sum(len(dataclasses.fields(c)) for c in SECTIONS.values()) + 6
+
+
+def test_docs_config_reference_is_up_to_date():
+    from train.config_docs import DOC, render
+    text = DOC.read_text()
+    assert render(text) == text, "run: python -m train.config_docs"
