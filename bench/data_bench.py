@@ -60,8 +60,9 @@ class JpegFolder(Dataset):
 def make_data(root: Path, images: int) -> tuple[Manifest, list[bytes], Path]:
     """Shards, the same JPEG bytes in memory, and the same JPEGs as an image folder."""
     per_identity = 25
-    cfg = SynthConfig(num_identities=max(1, images // per_identity), images_per_identity=per_identity,
-                      heldout_identities=0, heldout_pairs=0, image_size=(112, 112))
+    cfg = SynthConfig(num_identities=max(1, images // per_identity),
+                      images_per_identity=per_identity, heldout_identities=0, heldout_pairs=0,
+                      image_size=(112, 112))
     manifest = write_shards(SyntheticFaces(cfg), root / "shards", samples_per_shard=500,
                             workers=2, progress=True)
     folder = root / "folder"
@@ -142,15 +143,16 @@ def main() -> None:
               f"mean {sum(map(len, jpegs)) / len(jpegs) / 1024:.1f} KiB; batch {args.batch_size}",
               flush=True)
         floor = floor_rate(jpegs, args.repeats)
-        rows: list[tuple[str, str, float]] = [("PIL decode floor (bytes in memory)", "1 (loop)", floor)]
+        rows: list[tuple[str, str, float]] = [
+            ("PIL decode floor (bytes in memory)", "1 (loop)", floor)]
         print(f"PIL decode floor: {floor:,.0f} img/s", flush=True)
-        runs = [(f"{kind} loader", w, lambda k=kind, w=w: loader_rate(k, manifest, w, args.batch_size,
-                                                                       args.repeats))
+        b, r = args.batch_size, args.repeats
+        runs = [(f"{kind} loader", w, lambda k=kind, w=w: loader_rate(k, manifest, w, b, r))
                 for kind in ("webdataset", "dali") for w in (1, 2)]
         runs += [("image folder + PIL + DataLoader", w,
-                  lambda w=w: folder_rate(folder, w, args.batch_size, args.repeats)) for w in (1, 2)]
+                  lambda w=w: folder_rate(folder, w, b, r)) for w in (1, 2)]
         runs += [("synthetic loader (no decode)", 0,
-                  lambda: loader_rate("synthetic", manifest, 0, args.batch_size, args.repeats))]
+                  lambda: loader_rate("synthetic", manifest, 0, b, r))]
         for name, workers, run in runs:
             rate = run()
             rows.append((name, str(workers), rate))

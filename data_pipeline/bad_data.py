@@ -27,12 +27,15 @@ FULL_WARNINGS_PER_REASON = 5
 
 
 class BadSampleError(ValueError):
-    """A bad sample met with ``strict=True`` (a one-string constructor, so DataLoader workers can re-raise it)."""
+    """A bad sample met with ``strict=True``.
+
+    It takes one message string, so a DataLoader worker's error is re-raised as this type.
+    """
 
 
 @dataclass(frozen=True)
 class BadSample:
-    """One skip event: ``count`` samples of ``shard`` lost for ``reason`` (``key`` is the first of them)."""
+    """One skip event: ``count`` samples of ``shard`` lost for ``reason``, the first at ``key``."""
 
     reason: str
     shard: str

@@ -58,7 +58,7 @@ def shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
 
 
 def spans_between(order: list[int], sizes: list[int], start: int, stop: int) -> list[Span]:
-    """The positions ``[start, stop)`` of the shards concatenated in ``order``, wrapping at the end."""
+    """Positions ``[start, stop)`` of the shards concatenated in ``order``, wrapping around."""
     total = sum(sizes)
     spans: list[Span] = []
     if total == 0 or stop <= start:

@@ -88,6 +88,7 @@ def resampled_stream(shards: list[ShardRef], *, num_classes: int, seed: int, epo
             empty_in_a_row = 0 if got else empty_in_a_row + 1
             if empty_in_a_row >= max(16, 2 * len(shards)):
                 raise RuntimeError(f"{empty_in_a_row} data shards drawn in a row had no readable "
-                                   f"sample (last: {shards[shard].path}); check the shard directory")
+                                   f"sample (last: {shards[shard].path}); check the shard "
+                                   "directory")
 
     return shuffled(draws(), buffer_size, rng)

@@ -63,7 +63,7 @@ class _Positions:
 
 def read_span(shard: ShardRef, start: int, stop: int, num_classes: int,
               log: SkipLog) -> Iterator[RawSample]:
-    """The good samples at positions ``[start, stop)`` of ``shard``; bad ones are reported to ``log``."""
+    """The good samples at positions ``[start, stop)`` of ``shard``; bad ones go to ``log``."""
     stop = min(stop, shard.num_samples)
     if start >= stop:
         return
@@ -112,7 +112,8 @@ def read_span(shard: ShardRef, start: int, stop: int, num_classes: int,
         done += 1
     if done < stop:
         log.add(BadSample(TRUNCATED_SHARD, shard.name, f"#{done}", f"the shard ends after {done} "
-                          f"samples, the manifest says {shard.num_samples}; re-copy or re-create it",
+                          f"samples, the manifest says {shard.num_samples}; re-copy or "
+                          "re-create it",
                           count=stop - done))
 
 

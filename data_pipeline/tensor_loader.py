@@ -1,4 +1,4 @@
-"""Synthetic in-memory tensors: random images and labels for throughput runs (no files, no decode)."""
+"""Synthetic in-memory tensors: random images and labels for throughput runs (no decode)."""
 from __future__ import annotations
 
 from typing import Iterator, Sequence
@@ -30,7 +30,8 @@ class SyntheticLoader(Loader):
             raise ValueError(f"num_samples={num_samples} and num_classes={num_classes} must be "
                              "positive for the synthetic loader")
         if len(image_size) != 2 or min(image_size) < 1:
-            raise ValueError(f"image_size={list(image_size)} must be [height, width], both positive")
+            raise ValueError(f"image_size={list(image_size)} must be [height, width], both "
+                             "positive")
         if mode == "exact" and num_samples < world_size:
             raise ValueError(f"num_samples={num_samples} is fewer than world_size={world_size}: "
                              "an exact epoch needs at least one sample per rank")
@@ -64,8 +65,8 @@ class SyntheticLoader(Loader):
         if self.mode == "resampled":
             return torch.randint(self.num_samples, (total,), generator=g)
         # The permutation must agree across ranks, so it is seeded without the rank.
-        perm = torch.randperm(self.num_samples,
-                              generator=torch.Generator().manual_seed(derive_seed(self.seed, epoch)))
+        shared = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
+        perm = torch.randperm(self.num_samples, generator=shared)
         lo, hi = even_split(self.num_samples, self.world_size, self.rank)
         mine = perm[lo:hi]
         # Padding repeats the rank's first samples, as in the file loaders.

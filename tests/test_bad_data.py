@@ -1,4 +1,4 @@
-"""Bad data in the webdataset loader: skipped, counted and named when lenient; an error when strict."""
+"""Bad data in the webdataset loader: skipped, counted and named, or an error when strict."""
 from __future__ import annotations
 
 import logging
@@ -148,7 +148,8 @@ def test_no_readable_shard_is_a_clear_error(tmp_path):
 def test_warnings_are_rate_limited(caplog):
     report = SkipReport()
     with caplog.at_level(logging.WARNING, logger="shardface.data"):
-        report.add(BadSample(CORRUPT_JPEG, "train-000000.tar", f"{i:09d}", "bad") for i in range(1000))
+        report.add(BadSample(CORRUPT_JPEG, "train-000000.tar", f"{i:09d}", "bad")
+                   for i in range(1000))
     # Five in full, then one each at the 10th, 100th and 1000th event.
     assert len(caplog.records) == 8
     assert report.as_dict()[CORRUPT_JPEG] == 1000

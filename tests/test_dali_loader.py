@@ -1,4 +1,4 @@
-"""The DALI loader on the CPU: same samples as the webdataset loader, resume, index checks, bad data."""
+"""The DALI loader on the CPU: same samples as the webdataset loader, resume, index, bad data."""
 from __future__ import annotations
 
 import logging
