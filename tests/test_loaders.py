@@ -234,3 +234,33 @@ def test_batches_per_rank_is_equal_on_all_ranks():
         per_rank = [math.ceil((even_split(n, world, r)[1] - even_split(n, world, r)[0]) / batch)
                     for r in range(world)]
         assert exact_batches_per_rank(n, world, batch) == max(per_rank)
+
+
+class _Source:
+    """A tiny SampleSource: sample i is make_jpeg(i) with label i % 5."""
+
+    num_classes, name = 5, "loader-test"
+
+    def __len__(self):
+        return 11
+
+    def __getitem__(self, i):
+        from shard_helpers import make_jpeg
+        return make_jpeg(i), i % 5
+
+
+def test_shards_from_write_shards_load_in_both_file_loaders(tmp_path):
+    from data_pipeline.shards import write_shards
+    manifest = write_shards(_Source(), tmp_path, samples_per_shard=4, progress=False)
+    kinds = ["webdataset"]
+    try:
+        import nvidia.dali  # noqa: F401
+        kinds.append("dali")
+    except ImportError:
+        pass
+    for kind in kinds:
+        loader = build_loader(kind, manifest, rank=0, world_size=1, batch_size=11, workers=1,
+                              mode="exact", flip=False)
+        (x, y), = epoch(loader)
+        assert sorted(y.tolist()) == sorted(i % 5 for i in range(11)), kind
+        assert x.shape == (11, 3, 16, 16)
