@@ -5,10 +5,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
+from webdataset.tariterators import base_plus_ext
 
 from .bad_data import (BAD_LABEL, MISSING_CLS, MISSING_JPG, MISSING_SHARD, TRUNCATED_SHARD,
                        BadSample, SkipLog, parse_label)
+from .tar_members import NotPlainTar, library_members, plain_members
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ def shard_refs(manifest) -> list[ShardRef]:
 
 
 class _SpanDone(Exception):
-    """Raised inside the tar iteration once the span is read, to stop without reading on."""
+    """Raised from ``select`` once the span is read, to stop without reading on."""
 
 
 class _Positions:
@@ -61,6 +62,29 @@ class _Positions:
         return self.start <= self.pos < self.stop
 
 
+class _Groups:
+    """Gathers members into samples (runs sharing a key) and checks each finished sample."""
+
+    def __init__(self, shard: ShardRef, num_classes: int, log: SkipLog, start: int) -> None:
+        self.shard, self.num_classes, self.log = shard, num_classes, log
+        self.key: str | None = None
+        self.members: dict[str, bytes] = {}
+        self.done = start  # positions before this one are settled (yielded or reported)
+
+    def add(self, fname: str, data: bytes) -> Iterator[RawSample]:
+        key, ext = base_plus_ext(fname)
+        if key != self.key:
+            yield from self.close()
+            self.key = key
+        self.members[ext.lower()] = data
+
+    def close(self) -> Iterator[RawSample]:
+        if self.key is not None:
+            yield from _finish(self.shard, self.key, self.members, self.num_classes, self.log)
+            self.done += 1
+        self.key, self.members = None, {}
+
+
 def read_span(shard: ShardRef, start: int, stop: int, num_classes: int,
               log: SkipLog) -> Iterator[RawSample]:
     """The good samples at positions ``[start, stop)`` of ``shard``; bad ones go to ``log``."""
@@ -71,50 +95,41 @@ def read_span(shard: ShardRef, start: int, stop: int, num_classes: int,
         log.add(BadSample(MISSING_SHARD, shard.name, f"#{start}", f"{shard.path} does not exist; "
                           "copy the shard back or rewrite the manifest", count=stop - start))
         return
+    groups = _Groups(shard, num_classes, log, start)
     positions = _Positions(start, stop)
-    failure: list[BaseException] = []
-
-    def stop_shard(exn: BaseException) -> bool:
-        if not isinstance(exn, _SpanDone):
-            failure.append(exn)
-        return False
-
-    group_key: str | None = None
-    group: dict[str, bytes] = {}
-    done = start  # positions before this one are settled (yielded or reported)
+    failure: Exception | None = None
     with open(shard.path, "rb") as stream:
         try:
-            for member in tar_file_iterator(stream, handler=stop_shard,
-                                            select_files=positions.select):
-                key, ext = base_plus_ext(member["fname"])
-                if key != group_key:
-                    if group_key is not None:
-                        yield from _finish(shard, group_key, group, num_classes, log)
-                        done += 1
-                    group_key, group = key, {}
-                group[ext.lower()] = member["data"]
-        except Exception as exn:  # a header read past the end of a cut file
-            failure.append(exn)
-    if failure:
-        if group_key is not None and {"jpg", "cls"} <= group.keys():
+            try:
+                for fname, data in plain_members(stream, positions.select):
+                    yield from groups.add(fname, data)
+            except NotPlainTar:
+                # Start over with the general reader at the first sample not yet settled.
+                groups.key, groups.members = None, {}
+                positions = _Positions(groups.done, stop)
+                stream.seek(0)
+                for fname, data in library_members(stream, positions.select):
+                    yield from groups.add(fname, data)
+        except _SpanDone:
+            pass
+        except Exception as exn:  # a cut or damaged file: tarfile and OSError kinds
+            failure = exn
+    if failure is not None:
+        if groups.key is not None and {"jpg", "cls"} <= groups.members.keys():
             # Both members were read whole before the damage: the sample is fine.
-            yield from _finish(shard, group_key, group, num_classes, log)
-            done += 1
-            group_key = None
+            yield from groups.close()
         # Name the first lost sample: the half-read one, else the one whose member failed.
-        where = group_key or (positions.key if positions.pos >= done else f"#{done}")
-        log.add(BadSample(TRUNCATED_SHARD, shard.name, where, f"unreadable after {done - start} of "
-                          f"{stop - start} samples ({failure[0]}); re-copy or re-create the shard",
-                          count=stop - done))
+        where = groups.key or (positions.key if positions.pos >= groups.done
+                               else f"#{groups.done}")
+        log.add(BadSample(TRUNCATED_SHARD, shard.name, where, f"unreadable after "
+                          f"{groups.done - start} of {stop - start} samples ({failure}); "
+                          "re-copy or re-create the shard", count=stop - groups.done))
         return
-    if group_key is not None:
-        yield from _finish(shard, group_key, group, num_classes, log)
-        done += 1
-    if done < stop:
-        log.add(BadSample(TRUNCATED_SHARD, shard.name, f"#{done}", f"the shard ends after {done} "
-                          f"samples, the manifest says {shard.num_samples}; re-copy or "
-                          "re-create it",
-                          count=stop - done))
+    yield from groups.close()
+    if groups.done < stop:
+        log.add(BadSample(TRUNCATED_SHARD, shard.name, f"#{groups.done}", f"the shard ends after "
+                          f"{groups.done} samples, the manifest says {shard.num_samples}; "
+                          "re-copy or re-create it", count=stop - groups.done))
 
 
 def _finish(shard: ShardRef, key: str, group: dict[str, bytes], num_classes: int,

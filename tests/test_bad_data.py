@@ -101,6 +101,22 @@ def test_truncated_shard_loses_only_its_tail(tmp_path, caplog, inside_member):
                for m in caplog.messages), caplog.messages
 
 
+def test_damaged_member_header_loses_the_rest_of_the_shard(tmp_path, caplog):
+    write_dataset(tmp_path, SIZES)
+    path = tmp_path / "train-000001.tar"
+    with tarfile.open(path) as tar:
+        offset = tar.getmember(f"{6:09d}.cls").offset
+    data = bytearray(path.read_bytes())
+    data[offset + 10] ^= 0xFF  # inside the name: the header checksum no longer matches
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="shardface.data"):
+        labels, stats = run_epoch(tmp_path)
+    assert stats == {r: 2 * (r == TRUNCATED_SHARD) for r in REASONS}
+    assert set(labels) == set(range(12)) - {6, 7}
+    assert any("train-000001.tar" in m and "000000006" in m and "checksum" in m
+               for m in caplog.messages), caplog.messages
+
+
 def test_truncated_shard_is_an_error_when_strict(tmp_path):
     write_dataset(tmp_path, SIZES)
     truncate(tmp_path)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import tarfile
 from collections import Counter
 
 import numpy as np
@@ -264,3 +265,32 @@ def test_shards_from_write_shards_load_in_both_file_loaders(tmp_path):
         (x, y), = epoch(loader)
         assert sorted(y.tolist()) == sorted(i % 5 for i in range(11)), kind
         assert x.shape == (11, 3, 16, 16)
+
+
+def test_fast_tar_path_reads_what_tarfile_reads(dataset):
+    from data_pipeline.tar_members import library_members, plain_members
+    path = dataset / "train-000000.tar"
+    with open(path, "rb") as a, open(path, "rb") as b:
+        fast = list(plain_members(a, lambda name: True))
+        slow = list(library_members(b, lambda name: True))
+    assert len(fast) == 2 * SIZES[0] and fast == slow
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_long_names_fall_back_to_the_library_reader(tmp_path, fmt):
+    from data_pipeline.bad_data import SkipLog
+    from data_pipeline.tar_members import NotPlainTar, plain_members
+    from data_pipeline.tar_reader import ShardRef, read_span
+    from shard_helpers import add_member, make_jpeg
+    path = tmp_path / "long.tar"
+    prefix = "some/deep/" + "d" * 120 + "/"
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for i in range(3):
+            add_member(tar, f"{prefix}{i:09d}.jpg", make_jpeg(i))
+            add_member(tar, f"{prefix}{i:09d}.cls", f"{i:010d}".encode())
+    with open(path, "rb") as f, pytest.raises(NotPlainTar):
+        list(plain_members(f, lambda name: True))
+    log = SkipLog(strict=True)
+    samples = list(read_span(ShardRef(path, "long.tar", 3), 1, 3, 10, log))
+    assert [(s.key, s.label) for s in samples] == [(f"{prefix}{i:09d}", i) for i in (1, 2)]
+    assert samples[0].jpg == make_jpeg(1)
