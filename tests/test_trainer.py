@@ -165,6 +165,18 @@ def test_lr_multiplier_against_the_formulas():
         lr_multiplier(20, total, warm, "step")
 
 
+def test_schedule_peaks_survive_loading_an_optimiser_state():
+    from train.schedule import LRSchedule
+    p = torch.nn.Parameter(torch.zeros(2))
+    saved = torch.optim.SGD([p], lr=0.4)  # e.g. saved by a run with a larger global batch
+    LRSchedule([saved], 10).set_step(9)
+    opt = torch.optim.SGD([p], lr=0.1)
+    schedule = LRSchedule([opt], 10, warmup_steps=2, schedule="constant")
+    opt.load_state_dict(saved.state_dict())
+    assert schedule.set_step(0) == 0.5 and opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    assert schedule.set_step(5) == 1.0 and opt.param_groups[0]["lr"] == pytest.approx(0.1)
+
+
 def test_no_weight_decay_on_norms_biases_and_prelu():
     net = bn_net()
     decay, no_decay = split_decay(net)

@@ -84,6 +84,8 @@ class ConsoleLogger(Logger):
         if "loss_scale" in m:
             parts.append(f"scale {m['loss_scale']:.0f}")
         parts.append(f"skipped {int(m.get('skipped_steps', 0))}")
+        if m.get("bad_samples"):
+            parts.append(f"bad samples {int(m['bad_samples'])}")
         self._print(" | ".join(parts))
 
     def progress_tick(self, step: int, loss: float) -> None:

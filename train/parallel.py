@@ -124,7 +124,11 @@ class DDPRunner(BackboneRunner):
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         if not params:
             return True, 0.0
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
+        total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
+        if clip > 0 or total_norm is None:
+            norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
+        else:
+            norm = total_norm([p.grad for p in params])
         value = float(norm)
         return math.isfinite(value), value
 

@@ -36,8 +36,8 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int = 0, schedule: 
 class LRSchedule:
     """Sets ``lr = peak × lr_multiplier(step)`` in every param group of several optimisers.
 
-    Each param group's peak learning rate is remembered as ``initial_lr`` when the
-    schedule is built, so the backbone's and the classifier's peaks may differ.
+    Each param group's learning rate when the schedule is built is its peak, so the
+    backbone's and the classifier's peaks may differ.
     """
 
     def __init__(self, optimizers: Iterable[torch.optim.Optimizer], total_steps: int,
@@ -46,18 +46,18 @@ class LRSchedule:
         self.total_steps, self.warmup_steps = total_steps, warmup_steps
         self.schedule, self.power, self.min_ratio = schedule, power, min_ratio
         lr_multiplier(0, total_steps, warmup_steps, schedule, power, min_ratio)  # validates the arguments
-        for opt in self.optimizers:
-            for group in opt.param_groups:
-                group.setdefault("initial_lr", group["lr"])
+        # Peaks are kept here, not in the param groups, so that loading an optimiser's state
+        # (whose groups carry the learning rate of the run that saved it) cannot change them.
+        self.peaks = [[float(group["lr"]) for group in opt.param_groups] for opt in self.optimizers]
         self.last_multiplier = 0.0
 
     def set_step(self, step: int) -> float:
         """Apply the learning rates of optimiser step ``step``; returns the multiplier."""
         mult = lr_multiplier(step, self.total_steps, self.warmup_steps, self.schedule, self.power,
                              self.min_ratio)
-        for opt in self.optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * mult
+        for opt, peaks in zip(self.optimizers, self.peaks):
+            for group, peak in zip(opt.param_groups, peaks):
+                group["lr"] = peak * mult
         self.last_multiplier = mult
         return mult
 

@@ -78,6 +78,7 @@ class Trainer:
         self.logger: Logger = Logger()
         self.eval_results: dict[str, dict[str, float]] = {}
         self._fresh_epoch = True
+        self._batch_iter: Optional[Iterator[Batch]] = None
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -230,7 +231,9 @@ class Trainer:
         end = self.total_steps if stop_at_step is None else min(stop_at_step, self.total_steps)
         start_step, t_start = self.step, time.perf_counter()
         meter = Throughput(self.total_steps, self.step)
-        batches = self._batches()
+        if self._batch_iter is None:
+            self._batch_iter = self._batches()
+        batches = self._batch_iter
         last: Optional[StepResult] = None
         last_saved = self.step if folder is not None else -1
         self.runner.module.train()
@@ -283,6 +286,9 @@ class Trainer:
                              "epoch": self.epoch}
         if self.cfg.precision.dtype == "fp16":
             m["loss_scale"] = result.loss_scale
+        bad = sum(getattr(self.loader, "stats", {}).values())
+        if bad:
+            m["bad_samples"] = bad  # undecodable or invalid samples the loader skipped (this rank)
         m.update(meter.report(self.step))
         return m
 
