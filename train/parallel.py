@@ -233,6 +233,7 @@ class DeepSpeedRunner(BackboneRunner):
         client_step = client.step
 
         def guarded_step(*args, **kwargs):
+            """The client optimiser's step, or nothing while a skipped step is being applied."""
             return None if self._skip else client_step(*args, **kwargs)
 
         client.step = guarded_step  # type: ignore[method-assign]

@@ -19,6 +19,7 @@ class _InputCast(nn.Module):
         self.module, self.dtype = module, dtype
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Float32 embeddings of float images."""
         return self.module(images.to(self.dtype)).float()
 
 
