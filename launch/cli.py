@@ -25,9 +25,11 @@ class UsageError(Exception):
 def _cmd_data_synth(a: argparse.Namespace) -> int:
     from data_pipeline.synthetic import SynthConfig
     from data_pipeline.synthetic_dataset import make_synthetic_dataset
-    cfg = SynthConfig(num_identities=a.identities, images_per_identity=a.images_per_identity,
-                      heldout_identities=a.heldout_identities, heldout_pairs=a.pairs,
-                      image_size=a.image_size, difficulty=a.difficulty, seed=a.seed)
+    chosen = dict(num_identities=a.identities, images_per_identity=a.images_per_identity,
+                  heldout_identities=a.heldout_identities, heldout_pairs=a.pairs,
+                  image_size=a.image_size, difficulty=a.difficulty, seed=a.seed)
+    # Options left unset take the generator's own defaults.
+    cfg = SynthConfig(**{k: v for k, v in chosen.items() if v is not None})
     manifest = make_synthetic_dataset(cfg, a.out, samples_per_shard=a.samples_per_shard, workers=a.workers)
     print(f"wrote {manifest.num_samples} images of {manifest.num_classes} identities in "
           f"{len(manifest.shards)} shards to {a.out} (held-out pairs and contact_sheet.png beside them)")

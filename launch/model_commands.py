@@ -1,0 +1,69 @@
+"""What the CLI does with a trained model: evaluate on .bin sets, export to ONNX, embed a folder."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+MODEL_FILE = "model.pt"
+
+
+def resolve_model(path: str | Path) -> Path:
+    """The embedding export for ``path``: the file itself, or ``model.pt`` in a run directory."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / MODEL_FILE
+    if not p.is_file():
+        raise FileNotFoundError(f"no embedding model at {path}: pass a model.pt written by training "
+                                "(or its run directory)")
+    return p
+
+
+def evaluate_model(model_path: str | Path, bins: list[str], out_dir: Optional[str | Path] = None,
+                   batch_size: int = 256) -> dict:
+    """Verification results of a saved model on each .bin; writes results.json and roc.png."""
+    from data_pipeline.verification import load_bin
+    from train.evaluation.verification import evaluate_bin, plot_roc, scalars
+    from train.export import load_embedding_model
+
+    model = load_embedding_model(resolve_model(model_path))
+    results = {}
+    for path in bins:
+        vset = load_bin(path, image_size=model.image_size)
+        name = Path(path).stem
+        results[name] = evaluate_bin(model, vset, batch_size=batch_size)
+        values = scalars(results[name])
+        print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
+    out = Path(out_dir) if out_dir else resolve_model(model_path).parent / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({k: scalars(v) for k, v in results.items()}, indent=2))
+    roc = plot_roc(results, out / "roc.png")
+    print(f"results: {out / 'results.json'}; ROC: {roc}")
+    return results
+
+
+def export_model(model_path: str | Path, onnx_path: str | Path, check: bool = True) -> Path:
+    """ONNX export (dynamic batch) of a saved model, checked against PyTorch with onnxruntime."""
+    from train.export import check_onnx_parity, export_onnx, load_embedding_model
+
+    model = load_embedding_model(resolve_model(model_path))
+    path = export_onnx(model.backbone, onnx_path, image_size=model.image_size)
+    if check:
+        diff = check_onnx_parity(model.backbone, path)
+        print(f"wrote {path} (max |onnxruntime - torch| = {diff:.2e})")
+    else:
+        print(f"wrote {path}")
+    return path
+
+
+def embed_images(model_path: str | Path, images: str | Path, out: str | Path,
+                 batch_size: int = 128) -> tuple[Path, Path]:
+    """Embeddings of every image under ``images`` into ``out`` (.npy) with the file names beside it."""
+    from train.export import embed_folder, load_embedding_model
+
+    if not Path(images).is_dir():
+        raise FileNotFoundError(f"image folder {images} does not exist")
+    model = load_embedding_model(resolve_model(model_path))
+    array, names = embed_folder(model, images, out, batch_size=batch_size)
+    print(f"wrote {array} and {names}")
+    return array, names
