@@ -177,6 +177,21 @@ def test_schedule_peaks_survive_loading_an_optimiser_state():
     assert schedule.set_step(5) == 1.0 and opt.param_groups[0]["lr"] == pytest.approx(0.1)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_requested_without_gpu_is_a_clear_error():
+    from train.distributed import DistributedSetupError
+    with pytest.raises(DistributedSetupError, match="device=cuda was requested but no CUDA GPU is visible"):
+        init_distributed(device="cuda")
+
+
+def test_world_size_larger_than_the_class_count_is_refused():
+    from train.distributed import DistContext, DistributedSetupError, check_world_size
+    ctx = DistContext(0, 8, 0, torch.device("cpu"), None, "gloo")
+    with pytest.raises(DistributedSetupError, match="num_classes=5 is smaller than the world size 8"):
+        check_world_size(ctx, num_classes=5, global_batch=64)
+    check_world_size(ctx, num_classes=8, global_batch=8)
+
+
 def test_no_weight_decay_on_norms_biases_and_prelu():
     net = bn_net()
     decay, no_decay = split_decay(net)

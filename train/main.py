@@ -66,6 +66,17 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         ctx.shutdown(barrier=ok)
 
 
+def run_cli(argv: list[str]) -> int:
+    """``python -m train.main``: a mistake in the config or the setup is one line, not a traceback."""
+    from .config import ConfigError
+    from .distributed import DistributedSetupError
+    try:
+        main(argv)
+    except (ConfigError, DistributedSetupError, FileNotFoundError) as err:
+        print(f"train.main: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
-    sys.exit(0)
+    sys.exit(run_cli(sys.argv[1:]))
