@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-import torch
 from torch import nn
 
 from .builders import (build_backbone_module, build_data, build_head, build_loggers, build_metric, load_manifest,
@@ -65,7 +64,8 @@ class Trainer:
                                    o.warmup_steps, o.schedule, o.poly_power, o.min_lr_ratio)
         self.train_step = TrainStep(self.runner, self.head, self.head_optimizer, ctx, o.grad_accum,
                                     o.clip_grad_norm, self.metric_loss, cfg.loss.metric_weight,
-                                    cfg.model.channels_last)
+                                    cfg.model.channels_last,
+                                    use_classifier=cfg.loss.classifier)
         self.checkpoints = CheckpointManager(self.checkpoint_dir, ctx, cfg.checkpoint.keep_last)
         self.validator = Validator(cfg, ctx, self.manifest, self.run_dir)
         seed_everything(rank_seed(cfg.seed, ctx.rank))
