@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import statistics
 import sys
 import tarfile
@@ -137,6 +138,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
 
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         manifest, jpegs, folder = make_data(Path(tmp), args.images)
         print(f"data: {manifest.num_samples} JPEGs 112x112 in {len(manifest.shards)} shards, "
@@ -163,7 +165,10 @@ def main() -> None:
     print("\n" + table)
     if args.no_write:
         return
-    note = (f"Machine: {machine_description()}; 2-core CPU, no GPU, so DALI decodes on the CPU "
+    # Other work on the machine takes cores from the loaders: say how busy it was.
+    load = f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
+    note = (f"Machine: {machine_description()}, 1-minute load average {load} "
+            f"({os.cpu_count()} cores). No GPU, so DALI decodes on the CPU "
             "(`device='cpu'`). `workers`: DataLoader processes (webdataset, image folder) or DALI "
             f"threads. {args.images} synthetic-face JPEGs 112x112 (quality 90), batch "
             f"{args.batch_size}, one rank, exact epochs with random flip; median of "
