@@ -6,7 +6,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .bad_data import BadSample, SkipReport
+from .bad_data import BadSample, SkipReport, log
 
 MODES = ("resampled", "exact")
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -82,18 +82,32 @@ class Loader(abc.ABC):
         return {"epoch": self.epoch, "batches_consumed": self._consumed,
                 "stats": self._report.as_dict(), "settings": dict(self._settings)}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state``: the next iteration yields that epoch's remaining batches."""
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+        """Continue from ``state``: the next iteration yields that epoch's remaining batches.
+
+        With other settings than the saved ones the same batches cannot be replayed:
+        ``strict`` raises; otherwise the epoch continues after as many samples as were
+        consumed (a warning says so), in this loader's own order.
+        """
         saved = state.get("settings", {})
         differ = {k: (saved.get(k), v) for k, v in self._settings.items() if saved.get(k) != v}
+        consumed = int(state["batches_consumed"])
         if differ:
             detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in differ.items())
-            raise ValueError(f"cannot resume the data position: loader settings differ ({detail}); "
-                             "resume with the same data settings, or call set_epoch() to start "
-                             "an epoch from its beginning instead")
-        consumed = int(state["batches_consumed"])
+            if strict:
+                raise ValueError(f"cannot resume the data position: loader settings differ "
+                                 f"({detail}); resume with the same data settings, pass "
+                                 "strict=False to continue the epoch in a new order, or call "
+                                 "set_epoch() to start the epoch over")
+            samples = consumed * int(saved.get("batch_size") or self.batch_size) * \
+                int(saved.get("world_size") or self.world_size)
+            consumed = min(samples // (self.batch_size * self.world_size), self._num_batches)
+            log.warning("loader settings differ from the checkpoint's (%s): epoch %s continues "
+                        "at batch %d of %d in a new order", detail, state["epoch"], consumed,
+                        self._num_batches)
         if not 0 <= consumed <= self._num_batches:
-            raise ValueError(f"batches_consumed={consumed} is outside [0, {self._num_batches}]")
+            raise ValueError(f"batches_consumed={consumed} is outside [0, {self._num_batches}]: "
+                             "the checkpoint's epoch is longer than this loader's")
         self.epoch = int(state["epoch"])
         self._consumed = consumed
         self._resume_at = consumed

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import tarfile
 from collections import Counter
@@ -168,11 +169,17 @@ def test_state_dict_resume_gives_the_same_next_batches(dataset, mode, workers, s
     assert len(list(resumed)) == len(full)
 
 
-def test_resume_refuses_other_settings(dataset):
+def test_resume_with_other_settings_is_refused_or_continues_by_samples(dataset, caplog):
     a = build_loader("webdataset", dataset, rank=0, world_size=2, batch_size=2, workers=2)
-    b = build_loader("webdataset", dataset, rank=0, world_size=2, batch_size=2, workers=1)
-    with pytest.raises(ValueError, match="workers"):
-        b.load_state_dict(a.state_dict())
+    state = {**a.state_dict(), "epoch": 1, "batches_consumed": 3}
+    b = build_loader("webdataset", dataset, rank=0, world_size=2, batch_size=3, workers=1)
+    with pytest.raises(ValueError, match="workers: saved 2, now 1"):
+        b.load_state_dict(state)
+    with caplog.at_level(logging.WARNING, logger="shardface.data"):
+        b.load_state_dict(state, strict=False)
+    assert "differ" in caplog.text
+    # 3 batches x 2 samples x 2 ranks = 12 samples = 2 batches of 3 x 2 ranks.
+    assert b.epoch == 1 and len(list(b)) == len(b) - 2
 
 
 def test_synthetic_loader_contract_and_exact_coverage():
