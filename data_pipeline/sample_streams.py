@@ -66,7 +66,8 @@ def exact_stream(shards: list[ShardRef], *, num_classes: int, seed: int, epoch: 
     rng = random.Random(derive_seed(seed, epoch, rank, worker, SHUFFLE_TAG))
     stream = itertools.chain(
         shuffled(_read_spans(shards, plan.real, num_classes, log), buffer_size, rng),
-        _read_spans(shards, plan.padding, num_classes, log),
+        # Padding repeats samples whose problems their owner reports.
+        _read_spans(shards, plan.padding, num_classes, SkipLog(strict=False)),
         _filler(shards, order, plan.filler_start, num_classes))
     return plan.batches, stream
 
