@@ -68,8 +68,8 @@ class DaliLoader(Loader):
                          settings={"shuffle_buffer": shuffle_buffer,
                                    "epoch_samples": epoch_samples})
         self.manifest = manifest
-        self.threads, self.shuffle_buffer, self.flip, self.strict = max(1, workers), \
-            shuffle_buffer, flip, strict
+        self.threads = max(1, workers)
+        self.shuffle_buffer, self.flip, self.strict = shuffle_buffer, flip, strict
         self._indexes = self._build_indexes(decode=False)
 
     @property
