@@ -91,6 +91,8 @@ class LossConfig:
     """Weight of the metric loss added to the classification loss."""
     metric_options: dict[str, Any] = field(default_factory=dict)
     """Overrides of the metric loss's parameters."""
+    classifier: bool = True
+    """Train with the margin classifier's loss; false: the metric loss alone (its shard is built but never used)."""
 
 
 @dataclass

@@ -54,6 +54,9 @@ def check_config(cfg: "TrainConfig") -> None:
     if lo.metric_loss != "none" and lo.metric_weight == 0.0:
         raise ConfigError(f"loss.metric_loss={lo.metric_loss!r} with loss.metric_weight=0 has no effect: "
                           "set loss.metric_weight > 0 or loss.metric_loss=none")
+    if not lo.classifier and lo.metric_loss == "none":
+        raise ConfigError("loss.classifier=false with loss.metric_loss=none leaves no loss to train: "
+                          "set loss.metric_loss (center, triplet or circle) or loss.classifier=true")
     _choice("optim.name", o.name, ("sgd", "adamw"))
     if o.lr <= 0:
         raise ConfigError(f"optim.lr={o.lr} must be > 0")

@@ -28,7 +28,7 @@ class StepResult:
     loss: float
     """Global-batch loss, averaged over the micro-steps (NaN when not finite)."""
     accuracy: float
-    """Top-1 accuracy of the classifier on the last micro-step's global batch."""
+    """Top-1 accuracy of the classifier on the last micro-step's global batch (NaN when it is not trained)."""
     grad_norm: Optional[float]
     """Backbone gradient norm before clipping (None when not measured)."""
     applied: bool
@@ -45,19 +45,23 @@ class TrainStep:
     def __init__(self, runner: BackboneRunner, head: nn.Module, head_optimizer: torch.optim.Optimizer,
                  ctx: DistContext, grad_accum: int = 1, clip_grad_norm: float = 0.0,
                  metric_loss: Optional[nn.Module] = None, metric_weight: float = 0.0,
-                 channels_last: bool = False):
+                 channels_last: bool = False, use_classifier: bool = True):
+        if not use_classifier and metric_loss is None:
+            raise ValueError("use_classifier=False needs a metric_loss: without either there is nothing to train")
         self.runner, self.head, self.head_optimizer, self.ctx = runner, head, head_optimizer, ctx
         self.grad_accum, self.clip = grad_accum, clip_grad_norm
         self.metric_loss, self.metric_weight = metric_loss, metric_weight
         self.channels_last = channels_last
+        self.use_classifier = use_classifier
 
     def _loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         from partial_fc import NonFiniteEmbeddingError
         features = embeddings.float()
         try:
-            loss = self.head(features, labels)
+            loss = self.head(features, labels) if self.use_classifier else None
             if self.metric_loss is not None:
-                loss = loss + self.metric_weight * self.metric_loss(features, labels)
+                metric = self.metric_weight * self.metric_loss(features, labels)
+                loss = metric if loss is None else loss + metric
         except NonFiniteEmbeddingError:
             # Every rank raises together.  A NaN loss tied to the backbone's graph keeps the
             # backward (and DDP's/DeepSpeed's gradient synchronisation) identical on all
@@ -83,7 +87,8 @@ class TrainStep:
                 loss = self._loss(embeddings, labels)
                 self.runner.backward(loss, self.grad_accum, last)
             losses.append(loss.detach().float())
-            accuracy = self.head.accuracy
+            # Without the classifier there is no top-1 to report (its rows are never used).
+            accuracy = self.head.accuracy if self.use_classifier else torch.tensor(float("nan"))
             local_samples += images.shape[0]
 
         scale = self.runner.loss_scale
