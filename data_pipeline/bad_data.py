@@ -127,7 +127,7 @@ def decode_jpeg(data: bytes, image_size: tuple[int, int]) -> np.ndarray | tuple[
         with Image.open(io.BytesIO(data)) as im:
             if im.format != "JPEG":
                 return CORRUPT_JPEG, f"not a JPEG (PIL reads it as {im.format})"
-            arr = np.asarray(im.convert("RGB"))
+            arr = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on damaged data
         return CORRUPT_JPEG, f"cannot decode ({type(e).__name__}: {e})"
     if arr.shape[:2] != tuple(image_size):
