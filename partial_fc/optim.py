@@ -38,8 +38,9 @@ class _RowOptimizer(torch.optim.Optimizer):
         params = [head.weight] + ([head.bias] if head.bias is not None else [])
         super().__init__(params, defaults)
         self.head = head
-        self._round_gen = torch.Generator(device=head.weight.device)
-        self._round_gen.manual_seed(seed + 17 * head.rank)
+        # The bf16 stochastic-rounding stream; checkpoints save its state for an exact resume.
+        self.rounding_generator = torch.Generator(device=head.weight.device)
+        self.rounding_generator.manual_seed(seed + 17 * head.rank)
 
     def _param_state(self, p: torch.nn.Parameter) -> dict:
         state = self.state[p]
@@ -61,7 +62,7 @@ class _RowOptimizer(torch.optim.Optimizer):
 
     def _write(self, target: torch.Tensor, index: Optional[torch.Tensor], value: torch.Tensor) -> None:
         if target.dtype == torch.bfloat16:
-            value = _stochastic_round_bf16(value, self._round_gen)
+            value = _stochastic_round_bf16(value, self.rounding_generator)
         else:
             value = value.to(target.dtype)
         if index is None:

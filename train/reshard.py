@@ -112,8 +112,11 @@ def classifier_state(head: torch.nn.Module, optimizer: torch.optim.Optimizer,
                       optimizer.state_rows())
     metric_rows, metric_other = _metric_rows(metric, head)
     rows.update(metric_rows)
-    extra = {"head": head.get_extra_state(), "metric": metric_other}
-    round_gen = getattr(optimizer, "_round_gen", None)  # bf16 stochastic rounding stream
+    # The margin's running state (λ schedule step, CurricularFace t, AdaFace statistics,
+    # ElasticFace draws) is the same on every rank and independent of the world size.
+    extra = {"head": head.get_extra_state(), "metric": metric_other,
+             "margin": {k: v.cpu() if torch.is_tensor(v) else v for k, v in head.margin.state_dict().items()}}
+    round_gen = getattr(optimizer, "rounding_generator", None)  # bf16 stochastic rounding stream
     if round_gen is not None:
         extra["round_gen"] = round_gen.get_state().cpu()
     return {"class_start": head.class_start, "num_local": head.num_local, "num_classes": head.num_classes,
@@ -145,9 +148,11 @@ def restore_classifier(head: torch.nn.Module, optimizer: torch.optim.Optimizer, 
                              f"loss.metric_loss={type(metric).__name__} ({sorted(own_rows)})")
         state.update((extra or {}).get("metric", {}) or own_other)
         metric.load_state_dict(state)
-    if extra:
+    if extra and "margin" in extra:
+        head.margin.load_state_dict(extra["margin"])
+    if extra and "head" in extra:
         head.set_extra_state(extra["head"])
-        round_gen = getattr(optimizer, "_round_gen", None)
+        round_gen = getattr(optimizer, "rounding_generator", None)
         if round_gen is not None and "round_gen" in extra:
             round_gen.set_state(extra["round_gen"])
 
@@ -169,5 +174,8 @@ def load_classifier(head: torch.nn.Module, optimizer: torch.optim.Optimizer, fol
         return False
     rows = gather_rows(ranges, lambda i: read_shard_file(Path(folder) / rank_file(i)),
                        head.class_start, head.num_local)
-    restore_classifier(head, optimizer, rows, None, metric)
+    # Per-rank generators have no equivalent at another world size; the margin state does.
+    first = torch.load(Path(folder) / rank_file(0), map_location="cpu", mmap=True, weights_only=False)
+    margin_state = first["classifier"]["extra"].get("margin")
+    restore_classifier(head, optimizer, rows, {"margin": margin_state} if margin_state else None, metric)
     return True
