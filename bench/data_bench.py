@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import resource
 import statistics
 import sys
 import tarfile
@@ -83,18 +84,32 @@ def make_data(root: Path, images: int) -> tuple[Manifest, list[bytes], Path]:
     return manifest, jpegs, folder
 
 
-def median_rate(epoch, count: int, repeats: int) -> float:
-    """Median images/s over ``repeats`` timed calls of ``epoch()`` after one untimed call."""
+def _cpu_seconds() -> float:
+    # Loader worker processes are reaped at the end of each epoch, so their time is in
+    # RUSAGE_CHILDREN by then; DALI's threads are in RUSAGE_SELF.
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def median_rate(epoch, count: int, repeats: int) -> tuple[float, float]:
+    """Median images/s and CPU ms per image over ``repeats`` timed ``epoch()`` calls.
+
+    One untimed call comes first. CPU time counts every process and thread of the loader,
+    so it says what an image costs even when other work on the machine slows the wall clock.
+    """
     epoch()
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_seconds()
         epoch()
         times.append(time.perf_counter() - t0)
-    return count / statistics.median(times)
+        cpu.append(_cpu_seconds() - c0)
+    return count / statistics.median(times), 1e3 * statistics.median(cpu) / count
 
 
-def loader_rate(kind: str, manifest, workers: int, batch: int, repeats: int) -> float:
+def loader_rate(kind: str, manifest, workers: int, batch: int, repeats: int
+                ) -> tuple[float, float]:
     """images/s of one exact epoch of ``build_loader(kind, ...)`` on one rank."""
     loader = build_loader(kind, manifest, rank=0, world_size=1, batch_size=batch, workers=workers,
                           mode="exact")
@@ -106,7 +121,7 @@ def loader_rate(kind: str, manifest, workers: int, batch: int, repeats: int) -> 
     return median_rate(epoch, len(loader) * batch - loader.last_batch_padding, repeats)
 
 
-def folder_rate(folder: Path, workers: int, batch: int, repeats: int) -> float:
+def folder_rate(folder: Path, workers: int, batch: int, repeats: int) -> tuple[float, float]:
     """images/s of a shuffled epoch of the image-folder Dataset through a DataLoader."""
     ds = JpegFolder(folder)
     dl = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers)
@@ -118,7 +133,7 @@ def folder_rate(folder: Path, workers: int, batch: int, repeats: int) -> float:
     return median_rate(epoch, len(ds), repeats)
 
 
-def floor_rate(jpegs: list[bytes], repeats: int) -> float:
+def floor_rate(jpegs: list[bytes], repeats: int) -> tuple[float, float]:
     """images/s of a bare PIL decode loop over bytes in memory (one core)."""
     def epoch() -> None:
         for data in jpegs:
@@ -144,10 +159,10 @@ def main() -> None:
         print(f"data: {manifest.num_samples} JPEGs 112x112 in {len(manifest.shards)} shards, "
               f"mean {sum(map(len, jpegs)) / len(jpegs) / 1024:.1f} KiB; batch {args.batch_size}",
               flush=True)
-        floor = floor_rate(jpegs, args.repeats)
-        rows: list[tuple[str, str, float]] = [
-            ("PIL decode floor (bytes in memory)", "1 (loop)", floor)]
-        print(f"PIL decode floor: {floor:,.0f} img/s", flush=True)
+        floor, floor_cpu = floor_rate(jpegs, args.repeats)
+        rows: list[tuple[str, str, float, float]] = [
+            ("PIL decode floor (bytes in memory)", "1 (loop)", floor, floor_cpu)]
+        print(f"PIL decode floor: {floor:,.0f} img/s, {floor_cpu:.3f} CPU ms/img", flush=True)
         b, r = args.batch_size, args.repeats
         runs = [(f"{kind} loader", w, lambda k=kind, w=w: loader_rate(k, manifest, w, b, r))
                 for kind in ("webdataset", "dali") for w in (1, 2)]
@@ -156,12 +171,14 @@ def main() -> None:
         runs += [("synthetic loader (no decode)", 0,
                   lambda: loader_rate("synthetic", manifest, 0, b, r))]
         for name, workers, run in runs:
-            rate = run()
-            rows.append((name, str(workers), rate))
-            print(f"{name}, workers={workers}: {rate:,.0f} img/s", flush=True)
+            rate, cpu = run()
+            rows.append((name, str(workers), rate, cpu))
+            print(f"{name}, workers={workers}: {rate:,.0f} img/s, {cpu:.3f} CPU ms/img",
+                  flush=True)
 
-    headers = ["loader", "workers", "images/s", "vs PIL floor"]
-    table = markdown_table(headers, [[n, w, f"{r:,.0f}", f"{r / floor:.2f}x"] for n, w, r in rows])
+    headers = ["loader", "workers", "images/s", "vs PIL floor", "CPU ms/img (all processes)"]
+    table = markdown_table(headers, [[n, w, f"{r:,.0f}", f"{r / floor:.2f}x", f"{c:.3f}"]
+                                     for n, w, r, c in rows])
     print("\n" + table)
     if args.no_write:
         return
@@ -172,7 +189,9 @@ def main() -> None:
             "(`device='cpu'`). `workers`: DataLoader processes (webdataset, image folder) or DALI "
             f"threads. {args.images} synthetic-face JPEGs 112x112 (quality 90), batch "
             f"{args.batch_size}, one rank, exact epochs with random flip; median of "
-            f"{args.repeats} timed epochs after a warm-up epoch. Written by `bench/data_bench.py`.")
+            f"{args.repeats} timed epochs after a warm-up epoch. CPU ms/img sums the time of "
+            "every process and thread involved, which other load on the machine changes far "
+            "less than images/s. Written by `bench/data_bench.py`.")
     write_section("Data loaders", note + "\n\n" + table)
     print("\nwrote the 'Data loaders' section of bench/RESULTS.md")
 
