@@ -60,6 +60,23 @@ def _launch_spec(a: argparse.Namespace) -> LaunchSpec:
                       rdzv_endpoint=a.rdzv_endpoint, rdzv_id=a.rdzv_id, max_restarts=a.max_restarts)
 
 
+def _check_launch(cfg, spec: LaunchSpec) -> None:
+    """Mistakes that would otherwise surface inside every worker: no GPU, too many ranks."""
+    if cfg.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise UsageError("device=cuda was asked for but torch sees no CUDA GPU: use --set device=cpu "
+                             "(or device=auto), or install a CUDA build of torch")
+    world = spec.nproc_per_node * spec.nnodes
+    classes = cfg.data.num_classes
+    if classes is None and cfg.data.manifest and Path(cfg.data.manifest).exists():
+        from data_pipeline.manifest import Manifest
+        classes = Manifest.load(cfg.data.manifest).num_classes
+    if classes is not None and classes < world:
+        raise UsageError(f"{world} processes ({spec.nproc_per_node} per node x {spec.nnodes} nodes) but only "
+                         f"{classes} classes: every rank must hold at least one class of the classifier")
+
+
 def _overrides(a: argparse.Namespace) -> list[str]:
     sets = list(a.set or [])
     if a.max_restarts:  # a restarted worker must pick up where the killed one stopped
@@ -75,7 +92,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
     overrides = _overrides(a)
     # Validate the configuration here, so that a mistake is one line before any process starts.
     from train.config import TrainConfig
-    TrainConfig.load(a.config, overrides)
+    _check_launch(TrainConfig.load(a.config, overrides), spec)
     train_args = ["--config", a.config] + [x for item in overrides for x in ("--set", item)]
     if spec.needs_torchrun and not under_torchrun():
         cmd = torchrun_command(spec, "train.main", train_args)
@@ -209,9 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     sl = st_sub.add_parser("losses", help="train once per loss; table, feature geometry and margin curves")
     sl.add_argument("--out", default="runs/loss_study")
     sl.add_argument("--losses", nargs="+", default=None, help="default: every margin and metric loss")
-    sl.add_argument("--steps", type=int, default=None)
+    sl.add_argument("--steps", type=int, default=None, help="optimiser steps per loss (default 300)")
     sl.add_argument("--parallel", type=int, default=1, help="losses trained at the same time")
     sl.add_argument("--data", default=None, help="dataset directory (default: make the demo's synthetic data)")
+    sl.add_argument("--batch-size", type=int, default=None, help="local batch per process (default 32)")
+    sl.add_argument("--nproc", type=int, default=None, help="training processes per loss (default 2, torchrun)")
+    sl.add_argument("--seed", type=int, default=None, help="seed of every run and of the study's data (default 0)")
+    sl.add_argument("--geometry-steps", type=int, default=None,
+                    help="steps of each 2-D/3-D picture run (default 200; 0: no geometry pictures)")
     sl.set_defaults(func=_cmd_study)
     return p
 

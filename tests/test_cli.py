@@ -37,3 +37,28 @@ def test_multi_node_without_rendezvous_is_one_line():
 def test_missing_converter_input_is_one_line(tmp_path):
     one_line_error(shardface("data", "convert", "--from", "folder", str(tmp_path / "nope"),
                              "--out", str(tmp_path / "out")), "does not exist")
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("model.backbone=resnet9000", "unknown backbone 'resnet9000'"),
+    ("optim.lrr=1", "did you mean 'optim.lr'"),
+    ("device=cuda", "no CUDA GPU"),
+    ("data.manifest=/nonexistent/manifest.json", "does not exist"),
+])
+def test_train_mistakes_are_one_line(override, fragment):
+    one_line_error(shardface("train", "--set", override), fragment)
+
+
+def test_unknown_preset_is_one_line():
+    one_line_error(shardface("train", "--config", "no_such_preset"), "no_such_preset")
+
+
+def test_world_size_the_config_cannot_use_is_one_line():
+    one_line_error(shardface("train", "--nproc-per-node", "3", "--set", "data.loader=synthetic",
+                             "--set", "data.num_classes=2", "--set", "data.num_samples=16"),
+                   "only 2 classes")
+
+
+def test_missing_model_file_is_one_line(tmp_path):
+    one_line_error(shardface("export", "--model", str(tmp_path / "nope.pt"), "--onnx", str(tmp_path / "m.onnx")),
+                   "no embedding model")
