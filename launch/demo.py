@@ -31,9 +31,11 @@ class DemoOptions:
 
 
 # Sizes chosen so that the full demo finishes in well under 10 minutes on 2 CPU cores.
-FULL = dict(identities=600, images=20, heldout=200, pairs=3000, steps=300)
+FULL = dict(identities=1000, images=16, heldout=200, pairs=3000, steps=600)
 QUICK = dict(identities=200, images=16, heldout=100, pairs=1000, steps=120)
 IMAGE_SIZE = 56
+# bf16 autocast is 2-4x faster than fp32 on CPUs with AVX512-BF16 (and on every recent GPU).
+PRECISION = "bf16"
 
 
 def _banner(text: str) -> None:
@@ -58,10 +60,10 @@ def _train(opts: DemoOptions, manifest: Path, sizes: dict) -> dict:
     run_dir = opts.out / "run"
     overrides = [f"data.manifest={manifest}", f"output_dir={run_dir}", f"max_steps={sizes['steps']}",
                  f"log.wandb={'true' if opts.wandb else 'false'}", f"checkpoint.every_steps={sizes['steps'] // 3}",
-                 f"eval.every_steps={sizes['steps']}"]
+                 f"eval.every_steps={sizes['steps']}", f"precision.dtype={PRECISION}"]
     args = ["--config", "cpu_tiny"] + [x for o in overrides for x in ("--set", o)]
     _banner(f"2/4 training: iresnet_tiny + ArcFace Partial FC (r=0.5) on {opts.nproc} processes, "
-            f"{sizes['steps']} steps")
+            f"{sizes['steps']} steps, {PRECISION} autocast")
     env = dict(os.environ)
     if opts.wandb and "WANDB_API_KEY" not in env:
         env.setdefault("WANDB_MODE", "offline")
