@@ -130,21 +130,28 @@ class WebDatasetLoader(Loader):
         else:
             source = iter(DataLoader(dataset, batch_size=None, num_workers=self.workers,
                                      pin_memory=cuda))
-        # Workers hand batches over in turn; after a resume their next batches need not come
-        # in rank order, so hold early ones until their turn.
-        waiting: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        nxt = start
-        for images, labels, j, events in source:
-            self._record(events)
-            waiting[j] = (images, labels)
-            while nxt in waiting:
-                images, labels = waiting.pop(nxt)
-                nxt += 1
-                # Workers hand over uint8: a float batch is 4x the bytes, and moving it
-                # between processes costs about three times the conversion done here
-                # (on a GPU, after a copy of a quarter of the bytes).
-                images = to_model_input(images.to(self.device, non_blocking=cuda))
-                yield images, labels.to(self.device, non_blocking=cuda)
+        try:
+            # Workers hand batches over in turn; after a resume their next batches need not come
+            # in rank order, so hold early ones until their turn.
+            waiting: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+            nxt = start
+            for images, labels, j, events in source:
+                self._record(events)
+                waiting[j] = (images, labels)
+                while nxt in waiting:
+                    images, labels = waiting.pop(nxt)
+                    nxt += 1
+                    # Workers hand over uint8: a float batch is 4x the bytes, and moving it
+                    # between processes costs about three times the conversion done here
+                    # (on a GPU, after a copy of a quarter of the bytes).
+                    images = to_model_input(images.to(self.device, non_blocking=cuda))
+                    yield images, labels.to(self.device, non_blocking=cuda)
+        finally:
+            # Stop the workers now rather than when the iterator is collected: after an
+            # error that can be much later, and the workers then take seconds to join.
+            shutdown = getattr(source, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
         if nxt != len(self) or waiting:
             raise RuntimeError(f"the loader workers produced batches up to {nxt} of {len(self)} "
                                f"and {sorted(waiting)} out of turn (rank {self.rank}, epoch "
