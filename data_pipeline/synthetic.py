@@ -107,7 +107,7 @@ class SyntheticFaces:
     identities: Sequence[int] | None = None
     """Global identity ids to render; default ``range(cfg.num_identities)`` (the training set)."""
     name: str = ""
-    _cache: dict[int, FaceIdentity] = field(default_factory=dict, repr=False, compare=False)
+    _cache: dict[int, FaceIdentity] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.identities is None:

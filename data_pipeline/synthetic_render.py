@@ -138,7 +138,8 @@ def _draw_ears(d: ImageDraw.ImageDraw, f: _Face) -> None:
         scale = f.side_scale(side)
         rx = i.ear_size * 0.55 * (scale if side * f.nz.yaw <= 0 else scale**3)
         ry = i.ear_size
-        x = f.cx + side * (i.face_w * (1 - 0.2 * (1 - i.jaw) * 0.3)) * scale
+        # Ears sit just inside the outline; a narrow jaw pulls them in slightly.
+        x = f.cx + side * i.face_w * (1 - 0.06 * (1 - i.jaw)) * scale
         d.ellipse([f.x(x - rx), f.y(ey - ry), f.x(x + rx), f.y(ey + ry)], fill=_shade(i.skin, 0.88))
         d.ellipse([f.x(x - rx * 0.5), f.y(ey - ry * 0.6), f.x(x + rx * 0.5), f.y(ey + ry * 0.6)],
                   fill=_shade(i.skin, 0.7))
