@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import queue
 import resource
 import statistics
 import sys
@@ -124,7 +125,16 @@ def run_config(args) -> dict:
     procs = [ctx.Process(target=_worker, args=(r, args, out)) for r in range(args.world_size)]
     for p in procs:
         p.start()
-    results = [out.get() for _ in procs]
+    results = []
+    while len(results) < len(procs):
+        try:
+            results.append(out.get(timeout=5))
+        except queue.Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead:  # e.g. killed for memory: the other ranks would wait forever
+                for p in procs:
+                    p.kill()
+                return dict(failed=f"a rank exited with code {dead[0]}")
     for p in procs:
         p.join()
     ms = max(r[1] for r in results)
@@ -160,7 +170,10 @@ def main(argv=None) -> None:
                                    + [("partial_fc", min(args.rates), True)]):
             cfg = argparse.Namespace(**{**vars(args), "classes": classes, "rate": rate,
                                         "layout": layout, "bf16": bf16})
-            need = classes * args.dim * 4 * (4 if layout == "replicated" else 3 / args.world_size) * args.world_size
+            # Replicated: weight, its normalised copy, gradient, momentum and step temporaries on
+            # every rank; Partial FC: the shard's weight and momentum plus the sampled rows.
+            copies = 6 * args.world_size if layout == "replicated" else 3
+            need = classes * args.dim * 4 * copies
             name = {"replicated": "replicated FC (all-reduce)", "partial_fc": "Partial FC"}[layout]
             label = f"{name}{' bf16' if bf16 else ''}"
             if need / 2 ** 30 > 0.8 * _mem_available_gib():
@@ -169,6 +182,9 @@ def main(argv=None) -> None:
                 continue
             print(f"running C={classes:,} {label} r={rate} ...", flush=True)
             r = run_config(cfg)
+            if "failed" in r:
+                rows.append([f"{classes:,}", label, rate, r["failed"], "", "", "", ""])
+                continue
             ratio = r["ms"] / r["floor"] if r["floor"] == r["floor"] else float("nan")
             rows.append([f"{classes:,}", label, rate, f"{r['ms']:.1f}",
                          "" if r["floor"] != r["floor"] else f"{r['floor']:.1f}",

@@ -87,24 +87,25 @@ class PartialFC(nn.Module):
         self.num_sample = math.ceil(self.sample_rate * self.num_local)
         self.seed = seed
         self.check_inputs = check_inputs
-        self.weight = nn.Parameter(self._initial_rows(init_std).to(param_dtype))
+        self.weight = nn.Parameter(self._initial_rows(init_std, param_dtype))
         self.bias = nn.Parameter(torch.zeros(self.num_local, dtype=param_dtype)) if margin.uses_bias else None
         self._sampler: Optional[torch.Generator] = None
         self._chosen: list[_Chosen] = []
         self.accuracy = torch.zeros(())
 
     # ------------------------------------------------------------------ construction
-    def _initial_rows(self, std: float) -> torch.Tensor:
+    def _initial_rows(self, std: float, dtype: torch.dtype) -> torch.Tensor:
         width = self.num_centers * self.embedding_size
         first, last = self.class_start, self.class_start + self.num_local
-        parts = []
+        # Filled chunk by chunk in place: the peak is the shard plus one chunk, never two shards.
+        out = torch.empty(self.num_local, width, dtype=dtype)
         for chunk in range(first // _INIT_CHUNK, (last - 1) // _INIT_CHUNK + 1):
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + chunk)
-            rows = torch.randn(_INIT_CHUNK, width, generator=gen) * std
-            lo = max(first, chunk * _INIT_CHUNK) - chunk * _INIT_CHUNK
-            hi = min(last, (chunk + 1) * _INIT_CHUNK) - chunk * _INIT_CHUNK
-            parts.append(rows[lo:hi])
-        return torch.cat(parts)
+            rows = torch.randn(_INIT_CHUNK, width, generator=gen).mul_(std)
+            lo = max(first, chunk * _INIT_CHUNK)
+            hi = min(last, (chunk + 1) * _INIT_CHUNK)
+            out[lo - first:hi - first] = rows[lo - chunk * _INIT_CHUNK:hi - chunk * _INIT_CHUNK]
+        return out
 
     def sampler(self) -> torch.Generator:
         """The generator of negative sampling (per rank, seeded; its state is checkpointed)."""

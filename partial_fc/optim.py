@@ -21,12 +21,23 @@ import torch
 from .head import PartialFC
 
 
-def _stochastic_round_bf16(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Round float32 to bfloat16 up or down with probability given by the remainder."""
-    noise = torch.randint(0, 1 << 16, x.shape, generator=gen, device=x.device, dtype=torch.int32)
-    bits = (x.contiguous().view(torch.int32) + noise) & -65536  # keep the upper 16 bits
-    finite = torch.isfinite(x)
-    return torch.where(finite, bits.view(torch.float32), x).to(torch.bfloat16)
+def _rounding_noise(shape, gen: torch.Generator, device) -> torch.Tensor:
+    """Uniform integers in [0, 2^16): the bits dropped when float32 becomes bfloat16."""
+    return torch.randint(0, 1 << 16, shape, generator=gen, device=device, dtype=torch.int32)
+
+
+def _stochastic_round_bf16(x: torch.Tensor, gen: torch.Generator,
+                           noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Round finite float32 to bfloat16 up or down with probability given by the remainder.
+
+    ``x`` is overwritten (it is a scratch copy of the rows).  Adding uniform noise below the
+    kept bits and truncating rounds up exactly with the probability of the dropped fraction.
+    """
+    if noise is None:
+        noise = _rounding_noise(x.shape, gen, x.device)
+    bits = x.contiguous().view(torch.int32)
+    bits.add_(noise).bitwise_and_(-65536)  # keep the upper 16 bits: the bf16 value, exactly
+    return bits.view(torch.float32).to(torch.bfloat16)
 
 
 class _RowOptimizer(torch.optim.Optimizer):
@@ -60,9 +71,10 @@ class _RowOptimizer(torch.optim.Optimizer):
         ok = w is None or bool(torch.isfinite(w).all())
         return ok and (b is None or bool(torch.isfinite(b).all()))
 
-    def _write(self, target: torch.Tensor, index: Optional[torch.Tensor], value: torch.Tensor) -> None:
+    def _write(self, target: torch.Tensor, index: Optional[torch.Tensor], value: torch.Tensor,
+               noise: Optional[torch.Tensor] = None) -> None:
         if target.dtype == torch.bfloat16:
-            value = _stochastic_round_bf16(value, self.rounding_generator)
+            value = _stochastic_round_bf16(value, self.rounding_generator, noise)
         else:
             value = value.to(target.dtype)
         if index is None:
@@ -94,9 +106,14 @@ class _RowOptimizer(torch.optim.Optimizer):
                 rows[name] = state[name] if in_place else self._read(state[name], index)
             self._update(rows, grad, group)
             if not in_place:
-                self._write(p.data, index, rows["param"])
+                # One noise draw serves the weight and its state: each element still rounds
+                # without bias, and random numbers are the costliest part of the write.
+                noise = (_rounding_noise(rows["param"].shape, self.rounding_generator, p.device)
+                         if p.dtype == torch.bfloat16 else None)
+                self._write(p.data, index, rows["param"], noise)
                 for name in self.state_names:
-                    self._write(state[name], index, rows[name])
+                    same_shape = noise is not None and rows[name].shape == noise.shape
+                    self._write(state[name], index, rows[name], noise if same_shape else None)
         return loss
 
     @staticmethod
