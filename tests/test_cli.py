@@ -46,7 +46,10 @@ def test_missing_converter_input_is_one_line(tmp_path):
     ("data.manifest=/nonexistent/manifest.json", "does not exist"),
 ])
 def test_train_mistakes_are_one_line(override, fragment):
-    one_line_error(shardface("train", "--set", override), fragment)
+    # A data source that exists everywhere, so only the planted mistake can be reported.
+    base = ["data.loader=synthetic", "data.manifest=", "data.num_classes=10", "data.num_samples=16"]
+    args = [x for item in base + [override] for x in ("--set", item)]
+    one_line_error(shardface("train", *args), fragment)
 
 
 def test_unknown_preset_is_one_line():
