@@ -1,5 +1,6 @@
 """Sharded margin-softmax classifier (Partial FC), margins and metric losses."""
-from .head import NonFiniteEmbeddingError, PartialFC
+from .checks import NonFiniteEmbeddingError
+from .head import PartialFC
 from .optim import PartialFCAdamW, PartialFCSGD, build_head_optimizer
 from .sharding import class_range
 from .softmax import sharded_cross_entropy, sharded_top1_accuracy

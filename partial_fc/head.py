@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .checks import check_global_batch
 from .cosine import cosine_logits, row_norms
 from .comm import ProcessGroup, all_gather_no_grad, all_gather_with_grad, gather_sizes, rank_and_world
 from .margins.base import Margin, MarginInput
@@ -33,10 +34,6 @@ from .softmax import sharded_cross_entropy, sharded_top1_accuracy
 # initial weight of class j is the same whatever the world size.
 _INIT_CHUNK = 4096
 _NORM_EPS = 1e-12
-
-
-class NonFiniteEmbeddingError(ValueError):
-    """A feature of the global batch is NaN or infinite (every rank raises it together)."""
 
 
 @dataclass
@@ -134,26 +131,6 @@ class PartialFC(nn.Module):
         if labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise ValueError(f"labels must be integer class ids, got dtype {labels.dtype}")
 
-    def _check_global(self, features: torch.Tensor, labels: torch.Tensor, sizes: list[int]) -> None:
-        bad_label = (labels < 0) | (labels >= self.num_classes)
-        finite = torch.isfinite(features).all(dim=1)
-        flags = torch.stack([bad_label.any(), ~finite.all()]).cpu()
-        if flags[0]:
-            i = int(torch.nonzero(bad_label)[0])
-            raise ValueError(f"label {int(labels[i])} (global sample {i}, rank {self._owner(i, sizes)}) is "
-                             f"outside [0, {self.num_classes}): is num_classes right for this data?")
-        if flags[1]:
-            i = int(torch.nonzero(~finite)[0])
-            raise NonFiniteEmbeddingError(f"embedding of global sample {i} (rank {self._owner(i, sizes)}) "
-                                          "is not finite (NaN or inf): the backbone diverged or the input is bad")
-
-    @staticmethod
-    def _owner(i: int, sizes: list[int]) -> int:
-        for rank, end in enumerate(torch.tensor(sizes).cumsum(0).tolist()):
-            if i < end:
-                return rank
-        return len(sizes) - 1
-
     @torch.no_grad()
     def _choose_rows(self, labels: torch.Tensor) -> tuple[Optional[torch.Tensor], torch.Tensor]:
         """(sorted shard-local row index or None for all rows, target column per sample or -1)."""
@@ -191,7 +168,7 @@ class PartialFC(nn.Module):
         labels = all_gather_no_grad(local_labels.long(), self.group, sizes)
         features = all_gather_with_grad(local_embeddings, self.group, sizes).float()
         if self.check_inputs:
-            self._check_global(features.detach(), labels, sizes)
+            check_global_batch(features.detach(), labels, sizes, self.num_classes)
 
         index, target = self._choose_rows(labels)
         chosen = self._leaves(index)

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..comm import ProcessGroup, all_gather_no_grad, all_gather_with_grad, all_reduce, rank_and_world
-from ..head import NonFiniteEmbeddingError
+from ..checks import check_global_batch
 
 # Codes of the local structural problems that one rank reports to all the others.
 _OK, _BAD_EMBEDDING_SHAPE, _BAD_LABEL_SHAPE, _BAD_LABEL_DTYPE, _BAD_WIDTH = range(5)
@@ -44,15 +44,6 @@ class GlobalBatch:
     def local_rows(self) -> slice:
         """This rank's rows of the global batch."""
         return slice(self.offset, self.offset + self.num_local)
-
-    def owner(self, i: int) -> int:
-        """Rank that contributed global sample ``i``."""
-        end = 0
-        for rank, n in enumerate(self.sizes):
-            end += n
-            if i < end:
-                return rank
-        return len(self.sizes) - 1
 
 
 def without_autocast(device: torch.device) -> torch.autocast:
@@ -132,26 +123,8 @@ def gather_global_batch(local_embeddings: torch.Tensor, local_labels: torch.Tens
     batch = GlobalBatch(features=features, labels=labels, offset=sum(sizes[:rank]),
                         num_local=sizes[rank], sizes=sizes)
     if check_inputs:
-        _check_values(batch, num_classes)
+        check_global_batch(batch.features.detach(), batch.labels, batch.sizes, num_classes)
     return batch
-
-
-def _check_values(batch: GlobalBatch, num_classes: Optional[int]) -> None:
-    # Every rank holds the same gathered batch, so every rank reaches the same verdict.
-    labels, features = batch.labels, batch.features.detach()
-    upper = num_classes if num_classes is not None else torch.iinfo(torch.long).max
-    bad_label = (labels < 0) | (labels >= upper)
-    finite = torch.isfinite(features).all(dim=1)
-    flags = torch.stack([bad_label.any(), ~finite.all()]).cpu()
-    if flags[0]:
-        i = int(torch.nonzero(bad_label)[0])
-        bound = f"[0, {num_classes})" if num_classes is not None else "[0, ∞)"
-        raise ValueError(f"label {int(labels[i])} (global sample {i}, rank {batch.owner(i)}) is outside "
-                         f"{bound}: is num_classes right for this data?")
-    if flags[1]:
-        i = int(torch.nonzero(~finite)[0])
-        raise NonFiniteEmbeddingError(f"embedding of global sample {i} (rank {batch.owner(i)}) is not finite "
-                                      "(NaN or inf): the backbone diverged or the input is bad")
 
 
 def pair_masks(batch: GlobalBatch) -> tuple[torch.Tensor, torch.Tensor]:
