@@ -303,6 +303,11 @@ class LossStudy:
     def run(self) -> int:
         """Prepare, train every loss (skipping finished ones), write the table and figures; 0 if all succeeded."""
         s, t0 = self.s, time.perf_counter()
+        try:
+            import matplotlib  # noqa: F401 - checked before hours of training, not after
+        except ImportError:
+            raise ValueError("the loss study draws its figures with matplotlib, which is not installed: "
+                             "pip install 'shardface[plots]'") from None
         self.out.mkdir(parents=True, exist_ok=True)
         self.prepare()
         print(f"loss study: {len(s.losses)} losses x {s.steps} steps, global batch {s.batch_size * s.nproc} "

@@ -84,8 +84,8 @@ def labelled_images(cfg: SynthConfig, identities: Sequence[int], samples: Sequen
             if str(saved["key"]) == key:
                 return torch.from_numpy(saved["images"]), saved["labels"]
     per = max(samples) + 1
-    source = SyntheticFaces(SynthConfig(**{**asdict(cfg), "images_per_identity": per, "heldout_pairs": 0}), list(identities),
-                            name=label)
+    more = SynthConfig(**{**asdict(cfg), "images_per_identity": per, "heldout_pairs": 0})
+    source = SyntheticFaces(more, list(identities), name=label)
     indices = [k * per + j for k in range(len(identities)) for j in samples]
     images = decode_images(render_jpegs(source, indices, workers=_workers(), label=label), size)
     labels = np.repeat(np.arange(len(identities)), len(samples))

@@ -36,7 +36,7 @@ def _margin_loss(name: str) -> StudyLoss:
     shown = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
     return StudyLoss(name, (f"loss.margin={name}", "loss.margin_options={}", "loss.metric_loss=none",
                             "loss.metric_weight=0.0", "loss.classifier=true"),
-                     f"margin classifier ({shown})" if shown else "linear classifier with bias", margin.paper)
+                     shown or "linear classifier with bias", margin.paper)
 
 
 _METRIC = {
@@ -45,12 +45,12 @@ _METRIC = {
                                    "loss.classifier=true"),
                         f"softmax + {CENTER_LAMBDA:g}·center (alpha=0.5)",
                         "Wen et al., A Discriminative Feature Learning Approach for Deep Face Recognition, ECCV 2016"),
-    "triplet": StudyLoss("triplet", ("loss.margin=normface", "loss.margin_options={}", "loss.metric_loss=triplet", "loss.metric_weight=1.0",
-                                     "loss.metric_options={}", "loss.classifier=false"),
+    "triplet": StudyLoss("triplet", ("loss.margin=normface", "loss.margin_options={}", "loss.metric_loss=triplet",
+                                     "loss.metric_weight=1.0", "loss.metric_options={}", "loss.classifier=false"),
                          "batch-hard triplet alone (margin=0.3, no classifier)",
                          "Schroff et al., FaceNet, CVPR 2015; batch hard: Hermans et al. 2017"),
-    "circle": StudyLoss("circle", ("loss.margin=normface", "loss.margin_options={}", "loss.metric_loss=circle", "loss.metric_weight=1.0",
-                                   "loss.metric_options={}", "loss.classifier=false"),
+    "circle": StudyLoss("circle", ("loss.margin=normface", "loss.margin_options={}", "loss.metric_loss=circle",
+                                   "loss.metric_weight=1.0", "loss.metric_options={}", "loss.classifier=false"),
                         "circle loss, pair form, alone (m=0.25, gamma=256, no classifier)",
                         "Sun et al., Circle Loss: A Unified Perspective of Pair Similarity Optimization, CVPR 2020"),
 }

@@ -5,6 +5,7 @@ Plotting only: the numbers come from :mod:`train.evaluation.geometry` and
 """
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -37,17 +38,25 @@ def _finish(fig: Any, title: str, fontsize: int) -> None:
     if title:
         fig.suptitle(title, fontsize=fontsize)
         height = fig.get_size_inches()[1]
-        fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / height))
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / height))
     else:
         fig.tight_layout()
 
 
 def _save(fig: Any, path: Path) -> Path:
+    """Write the figure as a 256-colour PNG (a third of the bytes of full colour, same look)."""
+    from PIL import Image
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=DPI)
-    tmp.replace(path)  # a reader never sees half a PNG
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=DPI, format="png")
     _pyplot().close(fig)
+    buf.seek(0)
+    with Image.open(buf) as img:
+        small = img.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    small.save(tmp, format="PNG", optimize=True)
+    tmp.replace(path)  # a reader never sees half a PNG
     return path
 
 
@@ -69,7 +78,7 @@ def plot_geometry(features: Mapping[str, tuple[np.ndarray, np.ndarray]], dim: in
         raise ValueError(f"dim={dim}: the geometry figure draws 2-D (circle) or 3-D (sphere) features")
     plt = _pyplot()
     rows, cols = _grid(len(features))
-    fig = plt.figure(figsize=(3.0 * cols, 3.2 * rows + 0.5))
+    fig = plt.figure(figsize=(3.0 * cols, 3.5 * rows + 0.5))
     colours = plt.get_cmap("tab10")
     rng = np.random.default_rng(0)
     for k, (name, (unit, labels)) in enumerate(features.items()):
@@ -99,7 +108,7 @@ def plot_geometry(features: Mapping[str, tuple[np.ndarray, np.ndarray]], dim: in
             # Points on the far side of the sphere are faded, so the near side reads clearly.
             near = unit @ _view_direction(ELEV, AZIM) >= 0
             for c in classes:
-                for side, alpha, size in ((~near, 0.15, 4), (near, 0.9, 8)):
+                for side, alpha, size in ((~near, 0.25, 4), (near, 0.9, 8)):
                     sel = (labels == c) & side
                     ax.scatter(unit[sel, 0], unit[sel, 1], unit[sel, 2], s=size, color=colour_of[c],
                                alpha=alpha, depthshade=False, linewidths=0)

@@ -1,7 +1,6 @@
 """The loss study: geometry math, margin curves, metric-loss-only training, and the study end to end."""
 import csv
 import math
-import os
 
 import numpy as np
 import pytest
@@ -174,6 +173,7 @@ def study(tmp_path_factory):
     return root / "out", args
 
 
+@pytest.mark.slow
 def test_study_writes_the_table_and_figures(study):
     out, _ = study
     with open(out / "results.csv") as f:
@@ -196,6 +196,7 @@ def test_study_writes_the_table_and_figures(study):
     assert (out / "runs" / "triplet" / "train.log").read_text().count("acc nan") >= 1  # no classifier trained
 
 
+@pytest.mark.slow
 def test_study_resumes_with_the_losses_not_done(study, capsys):
     out, args = study
     redo = out / "runs" / "center"

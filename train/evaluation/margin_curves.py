@@ -123,8 +123,9 @@ def standard_curves(theta: Optional[np.ndarray] = None) -> list[MarginCurve]:
         curves.append(target_curve(margin, theta, f"AdaFace ẑ={what}", norm, "adaptive", color="tab:orange", ls=ls))
     for a, ls in ((10.0, ":"), (60.0, "--"), (110.0, "-")):
         margin = build_margin("magface")
-        curves.append(target_curve(margin, theta, f"MagFace ‖x‖={a:g} (m={float(margin.margin_of(torch.tensor(a))):.3g})",
-                                   a, "adaptive", color="tab:cyan", ls=ls))
+        m = float(margin.margin_of(torch.tensor(a)))
+        curves.append(target_curve(margin, theta, f"MagFace ‖x‖={a:g} (m={m:.3g})", a, "adaptive",
+                                   color="tab:cyan", ls=ls))
     curves.append(target_curve(build_margin("elasticface"), theta, "ElasticFace mean margin cos(θ + 0.5)",
                                group="adaptive", color="tab:pink"))
     curves.append(target_curve(build_margin("arcface"), theta, "ArcFace (reference)", group="adaptive",
