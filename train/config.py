@@ -8,6 +8,7 @@ command line are generated from them).  Everything is validated once, when the
 from __future__ import annotations
 
 import dataclasses
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,17 @@ import yaml
 from .config_parse import (ConfigError, build_section, coerce, field_types, parse_override, to_plain,
                            unknown_key_error)
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _preset_dir() -> Path:
+    """``configs/`` of a source checkout, else the copy an installed wheel put under ``<prefix>/share``."""
+    checkout = Path(__file__).resolve().parent.parent / "configs"
+    if checkout.is_dir():
+        return checkout
+    return Path(sys.prefix) / "share" / "shardface" / "configs"
+
+
+PRESET_DIR = _preset_dir()
 
 
 @dataclass
