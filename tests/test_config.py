@@ -2,6 +2,7 @@
 import dataclasses
 
 import pytest
+import torch
 
 from train.config import SECTIONS, ConfigError, TrainConfig, all_keys, list_presets
 from train.config_parse import field_docs
@@ -109,3 +110,16 @@ def test_docs_config_reference_is_up_to_date():
     from train.config_docs import DOC, render
     text = DOC.read_text()
     assert render(text) == text, "run: python -m train.config_docs"
+
+
+def test_random_margin_follows_the_run_seed_unless_given_one() -> None:
+    from train.builders import build_head
+    from train.distributed import DistContext
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), group=None, backend="none")
+    cfg = TrainConfig.load("cpu_tiny", ["seed=7", "loss.margin=elasticface", "loss.margin_options={}"])
+    assert build_head(cfg, ctx, num_classes=10).margin.seed == 7
+    cfg = TrainConfig.load("cpu_tiny", ["seed=7", "loss.margin=elasticface", "loss.margin_options={seed: 3}"])
+    assert build_head(cfg, ctx, num_classes=10).margin.seed == 3
+    cfg = TrainConfig.load("cpu_tiny", ["seed=7", "loss.margin=elasticface", "loss.margin_options={}",
+                                        "loss.head_seed=11"])
+    assert build_head(cfg, ctx, num_classes=10).margin.seed == 11

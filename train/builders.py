@@ -109,13 +109,16 @@ def build_backbone_module(cfg: TrainConfig, device: torch.device) -> nn.Module:
 def build_head(cfg: TrainConfig, ctx: DistContext, num_classes: int) -> nn.Module:
     """This rank's classifier shard: PartialFC with the configured margin."""
     from partial_fc import PartialFC
-    from partial_fc.margins import build_margin
+    from partial_fc.margins import build_margin, margin_parameters
     lo = cfg.loss
+    seed = cfg.seed if lo.head_seed is None else lo.head_seed
+    options = dict(lo.margin_options)
     try:
-        margin = build_margin(lo.margin, **lo.margin_options)
+        if "seed" in margin_parameters(lo.margin) and "seed" not in options:
+            options["seed"] = seed  # a random margin (ElasticFace) follows the run's seed unless told otherwise
+        margin = build_margin(lo.margin, **options)
     except (ValueError, TypeError, KeyError) as err:
         raise ConfigError(f"loss.margin={lo.margin!r} with loss.margin_options={lo.margin_options}: {err}") from err
-    seed = cfg.seed if lo.head_seed is None else lo.head_seed
     head = PartialFC(cfg.model.embedding_size, num_classes, margin, sample_rate=lo.sample_rate,
                      group=ctx.group, seed=seed, param_dtype=HEAD_DTYPES[lo.head_dtype])
     return head.to(ctx.device)
