@@ -95,7 +95,7 @@ class LossConfig:
     head_dtype: str = "fp32"
     """Storage dtype of the classifier rows and their optimiser state: fp32 or bf16."""
     head_seed: Optional[int] = None
-    """Seed of the classifier's initial rows and negative sampling; None: the run's seed."""
+    """Seed of the classifier's initial rows, negative sampling and random margins (ElasticFace); None: the run's seed."""
     metric_loss: str = "none"
     """Additional metric loss: none, center, triplet or circle."""
     metric_weight: float = 0.0
