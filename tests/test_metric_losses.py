@@ -317,3 +317,22 @@ def test_autocast_bf16_features_give_float32_loss_and_finite_gradient():
         x.grad = None
         loss.backward()
         assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0, name
+
+
+def test_center_rollback_restores_every_row_moved_since_record():
+    torch.manual_seed(0)
+    loss = CenterLoss(num_classes=6, embedding_size=4).train()
+    loss(torch.randn(8, 4), torch.randint(0, 6, (8,)))
+    kept = loss.centers.clone()
+    loss.record_updates()
+    for _ in range(3):  # micro-batches of one step, some classes repeated between them
+        loss(torch.randn(8, 4), torch.tensor([0, 1, 1, 2, 3, 3, 5, 0]))
+    assert not torch.equal(loss.centers, kept)
+    loss.rollback_updates()
+    assert torch.equal(loss.centers, kept)
+    loss.record_updates()
+    loss(torch.randn(8, 4), torch.tensor([0, 1, 1, 2, 3, 3, 5, 0]))
+    moved = loss.centers.clone()
+    loss.commit_updates()
+    loss.rollback_updates()  # nothing recorded any more: a no-op
+    assert torch.equal(loss.centers, moved) and not torch.equal(moved, kept)

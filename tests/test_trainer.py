@@ -122,6 +122,28 @@ def test_nan_step_is_skipped_counted_and_rolled_back(tmp_path, capsys):
     assert all(torch.isfinite(p).all() for p in planted.runner.module.parameters())
 
 
+def test_skipped_step_puts_back_margin_state_and_centres(tmp_path, monkeypatch):
+    # Finite features, non-finite gradient: the forward already moved CurricularFace's t and the
+    # centre rows of the batch's classes; the skip must undo both.
+    ctx = init_distributed(device="cpu")
+    cfg = tiny_config(tmp_path, "loss.margin=curricularface", "loss.margin_options={}", "loss.metric_loss=center",
+                      "loss.metric_weight=0.01", "max_steps=6", "optim.max_nonfinite_in_row=3")
+    trainer = Trainer(cfg, ctx, loader=SplitLoader(), backbone=bn_net())
+    trainer.fit(stop_at_step=2)
+    t_before = trainer.head.margin.t.clone()
+    centres_before = trainer.metric_loss.centers.clone()
+    assert float(t_before) != 0.0 and centres_before.abs().sum() > 0  # both did move in the applied steps
+    monkeypatch.setattr(trainer.head_optimizer, "grads_finite", lambda: False)
+    trainer.fit(stop_at_step=3)
+    assert trainer.skipped_steps == 1
+    assert torch.equal(trainer.head.margin.t, t_before)
+    assert torch.equal(trainer.metric_loss.centers, centres_before)
+    monkeypatch.undo()
+    trainer.fit(stop_at_step=4)
+    assert not torch.equal(trainer.metric_loss.centers, centres_before)
+    assert not torch.equal(trainer.head.margin.t, t_before)
+
+
 def test_consecutive_nan_steps_stop_the_run(tmp_path):
     cfg = tiny_config(tmp_path, "max_steps=8", "optim.max_nonfinite_in_row=3")
     trainer = Trainer(cfg, init_distributed(device="cpu"), loader=SplitLoader(nan_batches=tuple(range(1, 99))),

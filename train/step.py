@@ -1,9 +1,9 @@
 """One optimiser step: micro-steps of forward/backward, the finiteness vote, both optimisers.
 
 A step whose loss or gradients are not finite on any rank is skipped by every rank: no
-optimiser moves, the BatchNorm statistics of its forwards are rolled back, and under fp16
-the loss scale is backed off.  The caller counts skipped steps and stops the run after
-too many in a row.
+optimiser moves, the BatchNorm statistics of its forwards, the margin's running state and
+the centres of a center loss are rolled back, and under fp16 the loss scale is backed off.
+The caller counts skipped steps and stops the run after too many in a row.
 """
 from __future__ import annotations
 
@@ -72,7 +72,13 @@ class TrainStep:
     def __call__(self, batches: Iterator[Batch]) -> StepResult:
         """One optimiser step over ``grad_accum`` local batches drawn from ``batches``."""
         device = self.ctx.device
+        # What a skipped step must put back: the backbone's BatchNorm statistics, the margin's
+        # running state (scalars) and, through its journal, the centre rows a metric loss moves.
         buffers = [b.detach().clone() for b in self.runner.module.buffers()]
+        head_buffers = [b.detach().clone() for b in self.head.buffers()]
+        journal = getattr(self.metric_loss, "record_updates", None)
+        if journal is not None:
+            journal()
         losses, local_samples = [], 0
         accuracy = torch.zeros(())
         for micro in range(self.grad_accum):
@@ -107,8 +113,11 @@ class TrainStep:
         self.head_optimizer.zero_grad()
         if not (ok and applied):
             with torch.no_grad():
-                for b, saved in zip(self.runner.module.buffers(), buffers):
+                for b, saved in zip(list(self.runner.module.buffers()) + list(self.head.buffers()),
+                                    buffers + head_buffers):
                     b.copy_(saved)
+        if journal is not None:
+            (self.metric_loss.commit_updates if ok and applied else self.metric_loss.rollback_updates)()
         if grad_norm is None:
             grad_norm = self.runner.grad_norm_after_step()
         return StepResult(loss=float(mean_loss), accuracy=float(accuracy), grad_norm=grad_norm,

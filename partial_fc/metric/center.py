@@ -1,6 +1,8 @@
 """Center loss (Wen et al., ECCV 2016) with the class centres sharded like the classifier."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -44,6 +46,27 @@ class CenterLoss(nn.Module):
         self.check_inputs = check_inputs
         self.class_start, self.num_local = class_range(num_classes, self.rank, self.world_size)
         self.register_buffer("centers", torch.zeros(self.num_local, embedding_size))
+        self._undo: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None
+
+    def record_updates(self) -> None:
+        """Remember the old value of every centre row that the next forwards move.
+
+        A training step that is skipped (a non-finite gradient) calls :meth:`rollback_updates`,
+        so the centres stay as if the step never ran; one that is applied calls
+        :meth:`commit_updates`.  Only the rows of the step's classes are kept, not the shard.
+        """
+        self._undo = []
+
+    def rollback_updates(self) -> None:
+        """Put back the centre rows moved since :meth:`record_updates`."""
+        with torch.no_grad():
+            for classes, old in reversed(self._undo or []):
+                self.centers[classes] = old
+        self._undo = None
+
+    def commit_updates(self) -> None:
+        """Keep the centre rows moved since :meth:`record_updates`."""
+        self._undo = None
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
         """Center loss of the global batch (same value on every rank); updates the centres when training."""
@@ -73,6 +96,8 @@ class CenterLoss(nn.Module):
         count = torch.zeros(classes.numel(), dtype=dtype, device=features.device)
         count.index_add_(0, slot, torch.ones_like(slot, dtype=dtype))
         feature_sum = features.new_zeros(classes.numel(), self.embedding_size).index_add_(0, slot, features)
+        if self._undo is not None:
+            self._undo.append((classes, self.centers[classes].clone()))
         centers = self.centers[classes].to(dtype)
         # Σ_i δ(y_i=j)(c_j − x_i) = n_j·c_j − Σ_{i: y_i=j} x_i
         delta = (count[:, None] * centers - feature_sum) / (1.0 + count[:, None])
