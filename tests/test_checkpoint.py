@@ -183,3 +183,15 @@ def test_retention_and_pointer_fallback(tmp_path):
     (root / LATEST).unlink()
     assert find_latest(root).name == "step_00000003"
     assert find_latest(tmp_path / "nothing") is None
+
+
+def test_resume_with_another_batch_size_continues_at_the_same_sample_count(tmp_path):
+    ctx = init_distributed(device="cpu")
+    common = ("loss.sample_rate=0.5", "max_steps=6")
+    Trainer(tiny_config(tmp_path, *common), ctx, loader=SplitLoader(batch_size=4), backbone=bn_net()).fit(
+        stop_at_step=3)
+    resumed = Trainer(tiny_config(tmp_path, *common, "checkpoint.resume=latest"), ctx,
+                      loader=SplitLoader(batch_size=6), backbone=bn_net())
+    notes = resumed.resume(find_latest(resumed.checkpoint_dir))
+    assert any("batch_size: saved 4, now 6" in n and "new order" in n for n in notes), notes
+    assert resumed.step == 3 and resumed.loader.state_dict()["batches_consumed"] == 3 * 4 // 6

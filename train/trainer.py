@@ -127,7 +127,16 @@ class Trainer:
             notes.append("learning-rate schedule differs from the checkpoint's: " + "; ".join(changed))
         if local is not None:
             restore_rng(local["rng"], self.ctx.device)
-            self.loader.load_state_dict(local["loader"])
+            try:
+                self.loader.load_state_dict(local["loader"])
+            except ValueError as err:
+                if "loader settings differ" not in str(err):
+                    raise
+                # Data settings changed on purpose (batch size, shards): keep the position in
+                # samples and go on in the new order rather than refuse to resume.
+                self.loader.load_state_dict(local["loader"], strict=False)
+                notes.append(str(err).split(";")[0].replace("cannot resume the data position: ", "data order: ")
+                             + f"; epoch {self.epoch} continues at the same sample count in a new order")
             self._fresh_epoch = bool(local.get("fresh_epoch", False))
         else:
             seed_everything(rank_seed(self.cfg.seed + self.step, self.ctx.rank))
