@@ -5,13 +5,12 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..comm import ProcessGroup
-from .batch import without_autocast, add_shares, gather_global_batch, pair_masks
+from .pair_loss import PairLoss
 
 
-class CircleLoss(nn.Module):
+class CircleLoss(PairLoss):
     """Per anchor: log[1 + Σ_n exp(γ·α_n·(s_n − Δ_n)) · Σ_p exp(−γ·α_p·(s_p − Δ_p))], averaged.
 
     s are cosine similarities between an anchor and the other samples of the global batch
@@ -34,44 +33,28 @@ class CircleLoss(nn.Module):
     def __init__(self, m: float = 0.25, gamma: float = 256.0, group: ProcessGroup = None,
                  embedding_size: Optional[int] = None, num_classes: Optional[int] = None,
                  check_inputs: bool = True):
-        super().__init__()
+        super().__init__(group, embedding_size, num_classes, check_inputs)
         if not (isinstance(m, (int, float)) and 0.0 <= m < 1.0):
             raise ValueError(f"m={m!r} is outside [0, 1): it is the relaxation margin of the similarities "
                              "(0.25 in the paper)")
         if not (isinstance(gamma, (int, float)) and gamma > 0.0):
             raise ValueError(f"gamma={gamma!r} must be positive: it is the scale of the similarities (256 in the paper)")
         self.m, self.gamma = float(m), float(gamma)
-        self.group = group
-        self.embedding_size, self.num_classes = embedding_size, num_classes
-        self.check_inputs = check_inputs
-        self.num_valid_anchors = torch.zeros((), dtype=torch.long)
-        self.num_anchors = torch.zeros((), dtype=torch.long)
 
-    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
-        """Circle loss of the global batch (same value on every rank)."""
-        with without_autocast(local_embeddings.device):
-            batch = gather_global_batch(local_embeddings, local_labels, self.group, self.embedding_size,
-                                        self.num_classes, self.check_inputs)
-            unit = F.normalize(batch.features, dim=1)
-            # Anchors come from the gathered tensor: their gradient goes through the gather too.
-            sim = unit[batch.local_rows] @ unit.t()
-            positive, negative = pair_masks(batch)
-            valid = positive.any(dim=1) & negative.any(dim=1)
-            alpha_p = (1.0 + self.m - sim.detach()).clamp_min(0.0)
-            alpha_n = (sim.detach() + self.m).clamp_min(0.0)
-            logit_p = -self.gamma * alpha_p * (sim - (1.0 - self.m))
-            logit_n = self.gamma * alpha_n * (sim - self.m)
-            # Invalid anchors get all-zero rows: a log-sum-exp over nothing (−inf) would turn the
-            # zero gradient of their (discarded) term into NaN.
-            keep = valid[:, None]
-            logit_p = torch.where(keep, logit_p.masked_fill(~positive, float("-inf")), torch.zeros_like(logit_p))
-            logit_n = torch.where(keep, logit_n.masked_fill(~negative, float("-inf")), torch.zeros_like(logit_n))
-            # log(1 + Σ_n e^{a_n} · Σ_p e^{b_p}) = softplus(lse(a) + lse(b)), stable at γ = 256.
-            per_anchor = F.softplus(torch.logsumexp(logit_n, dim=1) + torch.logsumexp(logit_p, dim=1))
-            per_anchor = torch.where(valid, per_anchor, torch.zeros_like(per_anchor))
-            loss, self.num_valid_anchors = add_shares(per_anchor.sum(), valid.sum(), self.group)
-            self.num_anchors = torch.tensor(batch.labels.numel(), dtype=torch.long)
-            return loss
+    def anchor_terms(self, similarity: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
+                     valid: torch.Tensor) -> torch.Tensor:
+        """log(1 + Σ_n e^{γ α_n (s_n − m)} Σ_p e^{−γ α_p (s_p − 1 + m)}) of each anchor."""
+        alpha_p = (1.0 + self.m - similarity.detach()).clamp_min(0.0)
+        alpha_n = (similarity.detach() + self.m).clamp_min(0.0)
+        logit_p = -self.gamma * alpha_p * (similarity - (1.0 - self.m))
+        logit_n = self.gamma * alpha_n * (similarity - self.m)
+        # Invalid anchors get all-zero rows: a log-sum-exp over nothing (−inf) would turn the
+        # zero gradient of their (discarded) term into NaN.
+        keep = valid[:, None]
+        logit_p = torch.where(keep, logit_p.masked_fill(~positive, float("-inf")), torch.zeros_like(logit_p))
+        logit_n = torch.where(keep, logit_n.masked_fill(~negative, float("-inf")), torch.zeros_like(logit_n))
+        # log(1 + Σ_n e^{a_n} · Σ_p e^{b_p}) = softplus(lse(a) + lse(b)), stable at γ = 256.
+        return F.softplus(torch.logsumexp(logit_n, dim=1) + torch.logsumexp(logit_p, dim=1))
 
     def extra_repr(self) -> str:
         """The settings shown by print(module)."""

@@ -41,6 +41,16 @@ def check_images(x: torch.Tensor, input_size: int, model: str) -> None:
                          f"{list(x.shape)}: resize the images or build it with input_size={x.shape[-1]}")
 
 
+def init_conv_bn(model: nn.Module) -> None:
+    """He-normal convolutions (fan-out), BatchNorms at identity: the IResNet family's initialisation."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, checkpointing: bool) -> torch.Tensor:
     """Apply blocks in order; with ``checkpointing`` (and gradients on) recompute each in backward."""
     recompute = checkpointing and torch.is_grad_enabled()

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .common import check_dropout, check_images, check_input_size, run_blocks, strided_size
+from .common import check_dropout, check_images, check_input_size, init_conv_bn, run_blocks, strided_size
 from .registry import register_backbone
 
 STANDARD_WIDTHS = (64, 128, 256, 512)
@@ -69,15 +69,7 @@ class IResNet(nn.Module):
         side = strided_size(input_size, 4)
         self.fc = nn.Linear(in_channels * side * side, embedding_size)
         self.features = nn.BatchNorm1d(embedding_size)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_bn(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embeddings (not normalised) of a batch of images."""

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .common import check_dropout, check_images, check_input_size, run_blocks, strided_size
+from .common import check_dropout, check_images, check_input_size, init_conv_bn, run_blocks, strided_size
 from .registry import register_backbone
 
 # (expansion t, output channels c, repeats n, stride of the first repeat s), from the paper's Table 1.
@@ -76,15 +76,7 @@ class MobileFaceNet(nn.Module):
         self.dropout = nn.Dropout(p=check_dropout(dropout))
         self.embed = nn.Conv2d(head_channels, embedding_size, 1, bias=False)
         self.features = nn.BatchNorm1d(embedding_size)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_bn(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embeddings (not normalised) of a batch of images."""
