@@ -16,8 +16,7 @@ import torch
 
 from .bad_data import BadSample
 from .dali_index import LABEL_WIDTH, ShardIndex, index_shards
-from .epoch_plan import (derive_seed, exact_batches_per_rank, last_batch_padding,
-                         resampled_batches_per_rank, shard_order)
+from .epoch_plan import batches_per_rank, derive_seed, last_batch_padding, shard_order
 from .loader_base import Batch, Loader
 from .tar_reader import shard_refs
 
@@ -58,11 +57,7 @@ class DaliLoader(Loader):
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"device={device!r} is not supported by the DALI loader: use "
                              "'cpu' or 'cuda[:N]'")
-        if mode == "exact":
-            num_batches = exact_batches_per_rank(manifest.num_samples, world_size, batch_size)
-        else:
-            num_batches = resampled_batches_per_rank(epoch_samples or manifest.num_samples,
-                                                     world_size, batch_size)
+        num_batches = batches_per_rank(mode, manifest.num_samples, world_size, batch_size, epoch_samples)
         super().__init__(num_classes=manifest.num_classes, num_batches=num_batches, rank=rank,
                          world_size=world_size, batch_size=batch_size, seed=seed, mode=mode,
                          settings={"shuffle_buffer": shuffle_buffer,

@@ -46,6 +46,14 @@ def resampled_batches_per_rank(epoch_samples: int, world_size: int, batch_size: 
     return math.ceil(epoch_samples / (world_size * batch_size))
 
 
+def batches_per_rank(mode: str, num_samples: int, world_size: int, batch_size: int,
+                     epoch_samples: int | None = None) -> int:
+    """Batches per rank per epoch: every sample once (``exact``) or ``epoch_samples`` draws (``resampled``)."""
+    if mode == "exact":
+        return exact_batches_per_rank(num_samples, world_size, batch_size)
+    return resampled_batches_per_rank(epoch_samples or num_samples, world_size, batch_size)
+
+
 def worker_batches(num_batches: int, workers: int, worker: int) -> list[int]:
     """The rank's batch indices that worker ``worker`` of ``workers`` produces."""
     return list(range(worker, num_batches, workers))

@@ -5,8 +5,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .epoch_plan import (derive_seed, even_split, exact_batches_per_rank, last_batch_padding,
-                         resampled_batches_per_rank)
+from .epoch_plan import batches_per_rank, derive_seed, even_split, last_batch_padding
 from .loader_base import Batch, Loader
 
 # Distinct images kept in memory; sample i shows image i % POOL_SIZE.
@@ -35,11 +34,7 @@ class SyntheticLoader(Loader):
         if mode == "exact" and num_samples < world_size:
             raise ValueError(f"num_samples={num_samples} is fewer than world_size={world_size}: "
                              "an exact epoch needs at least one sample per rank")
-        if mode == "exact":
-            num_batches = exact_batches_per_rank(num_samples, world_size, batch_size)
-        else:
-            num_batches = resampled_batches_per_rank(epoch_samples or num_samples, world_size,
-                                                     batch_size)
+        num_batches = batches_per_rank(mode, num_samples, world_size, batch_size, epoch_samples)
         super().__init__(num_classes=num_classes, num_batches=num_batches, rank=rank,
                          world_size=world_size, batch_size=batch_size, seed=seed, mode=mode,
                          settings={"num_samples": num_samples, "epoch_samples": epoch_samples})

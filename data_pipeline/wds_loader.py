@@ -8,8 +8,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .bad_data import BadSample, SkipLog, decode_jpeg
-from .epoch_plan import (derive_seed, exact_batches_per_rank, last_batch_padding,
-                         resampled_batches_per_rank, worker_batches)
+from .epoch_plan import batches_per_rank, derive_seed, last_batch_padding, worker_batches
 from .loader_base import Batch, Loader, to_model_input
 from .sample_streams import exact_stream, resampled_stream
 from .tar_reader import RawSample, ShardRef, shard_refs
@@ -93,11 +92,7 @@ class WebDatasetLoader(Loader):
     def __init__(self, manifest, *, rank: int, world_size: int, batch_size: int, workers: int,
                  seed: int, mode: str, shuffle_buffer: int, flip: bool, strict: bool,
                  device: str, epoch_samples: int | None) -> None:
-        if mode == "exact":
-            num_batches = exact_batches_per_rank(manifest.num_samples, world_size, batch_size)
-        else:
-            num_batches = resampled_batches_per_rank(epoch_samples or manifest.num_samples,
-                                                     world_size, batch_size)
+        num_batches = batches_per_rank(mode, manifest.num_samples, world_size, batch_size, epoch_samples)
         super().__init__(num_classes=manifest.num_classes, num_batches=num_batches, rank=rank,
                          world_size=world_size, batch_size=batch_size, seed=seed, mode=mode,
                          settings={"workers": workers, "shuffle_buffer": shuffle_buffer,
