@@ -11,6 +11,8 @@ would allocate several [N, c] and [c, D] temporaries):
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 _NORM_EPS = 1e-12
@@ -24,9 +26,9 @@ def _matmul_dtype(device_type: str) -> torch.dtype:
 
 class _CosineLogits(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, unit: torch.Tensor, rows: torch.Tensor):
+    def forward(ctx, unit: torch.Tensor, rows: torch.Tensor, norms: torch.Tensor):
         dtype = _matmul_dtype(unit.device.type)
-        inv_norm = rows.detach().float().norm(dim=1).clamp_min(_NORM_EPS).reciprocal_()
+        inv_norm = norms.reciprocal()
         cos = (unit.to(dtype) @ rows.to(dtype).t()).float()
         cos.mul_(inv_norm)
         # Rounding (bf16 products especially) can step outside [-1, 1]; the clamp is not
@@ -49,12 +51,16 @@ class _CosineLogits(torch.autograd.Function):
             grad_rows = (g.t().to(dtype) @ unit.to(dtype)).float()
             grad_rows.addcmul_(rows.float(), coef.unsqueeze(1), value=-1.0)
             grad_rows = grad_rows.to(rows.dtype)
-        return grad_unit, grad_rows
+        return grad_unit, grad_rows, None
 
 
-def cosine_logits(unit: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """[N, c] float32 cosine of unit features [N, D] with rows [c, D] (any norm)."""
-    return _CosineLogits.apply(unit, rows)
+def cosine_logits(unit: torch.Tensor, rows: torch.Tensor, norms: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[N, c] float32 cosine of unit features [N, D] with rows [c, D] (any norm).
+
+    ``norms``: the rows' :func:`row_norms` when the caller has them already (one pass over
+    the rows fewer); computed here otherwise.
+    """
+    return _CosineLogits.apply(unit, rows, row_norms(rows) if norms is None else norms)
 
 
 def row_norms(rows: torch.Tensor) -> torch.Tensor:

@@ -178,9 +178,10 @@ class PartialFC(nn.Module):
         feature_norm = features.norm(dim=1, keepdim=True).clamp_min(_NORM_EPS)
         unit = features / feature_norm
         rows = chosen.weight.view(-1, self.embedding_size)  # [c·K, D]
-        cos = cosine_logits(unit, rows)
+        norms = row_norms(rows)
+        cos = cosine_logits(unit, rows, norms)
         # Only margins on un-normalised rows (softmax, L-Softmax) differentiate through ‖w‖.
-        weight_norm = rows.norm(dim=1).clamp_min(_NORM_EPS) if self.margin.uses_weight_norm else row_norms(rows)
+        weight_norm = rows.norm(dim=1).clamp_min(_NORM_EPS) if self.margin.uses_weight_norm else norms
         if self.num_centers > 1:
             cos = cos.view(cos.shape[0], -1, self.num_centers).max(dim=2).values
             # Sub-centre margins are normalised; the largest centre norm stands for the class.
