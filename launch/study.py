@@ -47,7 +47,7 @@ class StudySettings:
     """Study folder."""
     losses: list[StudyLoss] = field(default_factory=lambda: study_losses(None))
     """Losses to compare, in table order."""
-    steps: int = 300
+    steps: int = 1200
     """Optimiser steps of every main run."""
     batch_size: int = 32
     """Local batch per process (global batch = batch_size x nproc)."""
