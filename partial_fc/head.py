@@ -2,11 +2,18 @@
 
 Each rank holds the rows of its classes (``partial_fc.sharding.class_range``).  A step:
 
-1. all-gather the local batches' features (with gradient) and labels: the global batch;
+1. all-gather the local batches' features (with gradient) and labels: the global batch,
+   in one ``all_gather_into_tensor`` (labels ride as extra columns; one reduce-scatter in
+   the backward);
 2. choose this rank's class rows for the step: every class that is a positive in the
-   global batch, plus uniformly sampled negatives up to ``ceil(sample_rate · num_local)``;
-3. cosine of every global feature with every chosen row, the margin's logits, and the
-   softmax cross-entropy across ranks (``partial_fc.softmax``).
+   global batch, plus uniformly sampled negatives up to ``num_sample`` rows;
+3. cosine of every global feature with every chosen row (GEMMs in ``compute_dtype``), the
+   margin's logits, and the softmax cross-entropy across ranks (``partial_fc.softmax``, two
+   all-reduces, the accuracy packed into them when asked for).
+
+A forward reads nothing on the host when the global batch fits in ``num_sample`` rows (the
+sampled rows then have a static count), ``sizes`` are passed (or the batches are equal and
+``equal_batches`` is set) and ``check_inputs`` is deferred or off.  See docs/performance.md.
 
 Only the chosen rows get a gradient, and they get it as a small ``[rows, D]`` tensor,
 never as a dense gradient of the whole shard (unless ``sample_rate == 1``, where every row
@@ -18,17 +25,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from .checks import check_global_batch
+from .checks import check_global_batch, check_mode, input_report
 from .cosine import cosine_logits, row_norms
-from .comm import ProcessGroup, all_gather_no_grad, all_gather_with_grad, gather_sizes, rank_and_world
+from .comm import ProcessGroup, gather_batch, gather_sizes, rank_and_world
 from .margins.base import Margin, MarginInput
 from .sharding import class_range
-from .softmax import sharded_cross_entropy, sharded_top1_accuracy
+from .softmax import sharded_cross_entropy, sharded_cross_entropy_and_accuracy
 
 # Rows are initialised chunk by chunk from a generator seeded with the chunk number, so the
 # initial weight of class j is the same whatever the world size.
@@ -55,14 +62,24 @@ class PartialFC(nn.Module):
         sample_rate: fraction r in (0, 1] of this rank's classes used per step.
         group: process group the classes are split over (None: default group, or one process).
         seed: seeds the initial weight and the negative sampling.
-        param_dtype: storage dtype of the weight (float32 or bfloat16); compute is float32.
-        check_inputs: check label range and finiteness (one host sync per step).
+        param_dtype: storage dtype of the weight (float32 or bfloat16).
+        check_inputs: label range and finiteness checks: "strict" (or True; raise at once, one
+            host read per forward), "deferred" (device flags collected by
+            :meth:`take_input_reports`, read by the training step with its one host read) or
+            "off" (or False).
+        compute_dtype: dtype of the three cosine GEMMs, forward and backward (float32,
+            bfloat16 or float16 — float16 needs CUDA); sums are float32, and margins, softmax
+            and row updates stay float32.
+        tf32: float32 GEMMs may use TF32 tensor cores (CUDA; ``compute_dtype`` float32 only).
+        min_sample: at least this many rows per step (the training run passes its global
+            batch, so that the positives always fit in a static number of rows).
     """
 
     def __init__(self, embedding_size: int, num_classes: int, margin: Margin,
                  sample_rate: float = 1.0, group: ProcessGroup = None, seed: int = 0,
-                 param_dtype: torch.dtype = torch.float32, check_inputs: bool = True,
-                 init_std: float = 0.01):
+                 param_dtype: torch.dtype = torch.float32, check_inputs="strict",
+                 init_std: float = 0.01, compute_dtype: torch.dtype = torch.float32, tf32: bool = False,
+                 min_sample: int = 0):
         super().__init__()
         if not isinstance(margin, Margin):
             raise TypeError(f"margin must be a partial_fc.margins.Margin, got {type(margin).__name__}")
@@ -73,6 +90,11 @@ class PartialFC(nn.Module):
             raise ValueError(f"embedding_size={embedding_size} must be positive")
         if param_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"param_dtype={param_dtype} is not supported: use torch.float32 or torch.bfloat16")
+        if compute_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"compute_dtype={compute_dtype} is not supported: use torch.float32, torch.bfloat16 "
+                             "or torch.float16")
+        if tf32 and compute_dtype != torch.float32:
+            raise ValueError(f"tf32=True needs compute_dtype=torch.float32, got {compute_dtype}")
         self.rank, self.world_size = rank_and_world(group)
         self.group = group
         self.embedding_size = embedding_size
@@ -81,14 +103,16 @@ class PartialFC(nn.Module):
         self.margin = margin
         self.num_centers = int(getattr(margin, "num_centers", 1))
         self.sample_rate = float(sample_rate)
-        self.num_sample = math.ceil(self.sample_rate * self.num_local)
+        self.num_sample = min(self.num_local, max(math.ceil(self.sample_rate * self.num_local), int(min_sample)))
         self.seed = seed
-        self.check_inputs = check_inputs
+        self.check_inputs = check_mode(check_inputs)
+        self.compute_dtype, self.tf32 = compute_dtype, bool(tf32)
         self.weight = nn.Parameter(self._initial_rows(init_std, param_dtype))
         self.bias = nn.Parameter(torch.zeros(self.num_local, dtype=param_dtype)) if margin.uses_bias else None
         self._sampler: Optional[torch.Generator] = None
         self._chosen: list[_Chosen] = []
         self.accuracy = torch.zeros(())
+        self._reports: list[tuple[torch.Tensor, tuple[int, ...]]] = []
 
     # ------------------------------------------------------------------ construction
     def _initial_rows(self, std: float, dtype: torch.dtype) -> torch.Tensor:
@@ -138,14 +162,26 @@ class PartialFC(nn.Module):
         here = (local >= 0) & (local < self.num_local)
         if self.num_sample >= self.num_local:
             return None, torch.where(here, local, torch.full_like(local, -1))
-        positives = torch.unique(local[here])
-        if positives.numel() >= self.num_sample:
-            index = positives
-        else:
+        clamped = local.clamp(0, self.num_local - 1)
+        if labels.shape[0] <= self.num_sample:
+            # The positives (at most N) always fit: a static number of rows, no host read.
+            # A positive's score becomes 2, above any uniform draw in [0, 1), by an amax
+            # scatter (a sample held elsewhere scatters 0, which changes nothing).
             score = torch.rand(self.num_local, generator=self.sampler(), device=self.weight.device)
-            score[positives] = 2.0  # above any uniform draw: positives are always kept
+            mark = torch.where(here, 2.0, 0.0).to(score.dtype)
+            score.scatter_reduce_(0, clamped, mark, reduce="amax")
             index = torch.topk(score, self.num_sample, sorted=False).indices.sort().values
-        column = torch.searchsorted(index, local.clamp(0, self.num_local - 1))
+        else:
+            # More samples than rows: the positives may not fit, and their count decides the
+            # rows (unique, one host read).  The training run avoids this path (min_sample).
+            positives = torch.unique(local[here])
+            if positives.numel() >= self.num_sample:
+                index = positives
+            else:
+                score = torch.rand(self.num_local, generator=self.sampler(), device=self.weight.device)
+                score[positives] = 2.0  # above any uniform draw: positives are always kept
+                index = torch.topk(score, self.num_sample, sorted=False).indices.sort().values
+        column = torch.searchsorted(index, clamped)
         return index, torch.where(here, column, torch.full_like(local, -1))
 
     def _leaves(self, index: Optional[torch.Tensor]) -> _Chosen:
@@ -161,14 +197,28 @@ class PartialFC(nn.Module):
             b = b.float().requires_grad_(self.training)
         return _Chosen(index, w, b)
 
-    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
-        """Loss of the global batch (same value on every rank); see the class docstring."""
+    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor,
+                sizes: Optional[Sequence[int]] = None, accuracy: bool = True) -> torch.Tensor:
+        """Loss of the global batch (same value on every rank); see the class docstring.
+
+        ``sizes``: every rank's local batch size when the caller knows them (the training
+        step: equal batches, or the loader's announced last batch); None exchanges them
+        (one all-gather and one host read).  ``accuracy``: also compute ``self.accuracy``
+        (packed into the softmax's all-reduces; NaN otherwise).
+        """
         self._check(local_embeddings, local_labels)
-        sizes = gather_sizes(local_embeddings.shape[0], local_embeddings.device, self.group)
-        labels = all_gather_no_grad(local_labels.long(), self.group, sizes)
-        features = all_gather_with_grad(local_embeddings, self.group, sizes).float()
-        if self.check_inputs:
+        if self.compute_dtype == torch.float16 and local_embeddings.device.type != "cuda":
+            raise ValueError(f"compute_dtype=float16 needs a CUDA device, the features are on "
+                             f"{local_embeddings.device}: use bfloat16 or float32 there")
+        if sizes is None:
+            sizes = gather_sizes(local_embeddings.shape[0], local_embeddings.device, self.group)
+        sizes = tuple(int(n) for n in sizes)
+        features, labels = gather_batch(local_embeddings, local_labels, self.group, sizes)
+        features = features.float()
+        if self.check_inputs == "strict":
             check_global_batch(features.detach(), labels, sizes, self.num_classes)
+        elif self.check_inputs == "deferred":
+            self._reports.append((input_report(features.detach(), labels, self.num_classes), sizes))
 
         index, target = self._choose_rows(labels)
         chosen = self._leaves(index)
@@ -179,7 +229,7 @@ class PartialFC(nn.Module):
         unit = features / feature_norm
         rows = chosen.weight.view(-1, self.embedding_size)  # [c·K, D]
         norms = row_norms(rows)
-        cos = cosine_logits(unit, rows, norms)
+        cos = cosine_logits(unit, rows, norms, self.compute_dtype, self.tf32)
         # Only margins on un-normalised rows (softmax, L-Softmax) differentiate through ‖w‖.
         weight_norm = rows.norm(dim=1).clamp_min(_NORM_EPS) if self.margin.uses_weight_norm else norms
         if self.num_centers > 1:
@@ -190,14 +240,23 @@ class PartialFC(nn.Module):
         inp = MarginInput(cos=cos, target=target, feature_norm=feature_norm, weight_norm=weight_norm,
                           bias=chosen.bias, group=self.group)
         logits = self.margin(inp).float()
-        loss = sharded_cross_entropy(logits, target, self.group)
+        if accuracy:
+            loss, self.accuracy = sharded_cross_entropy_and_accuracy(logits, target, cos.detach(), self.group)
+        else:
+            loss = sharded_cross_entropy(logits, target, self.group)
+            self.accuracy = torch.full((), float("nan"), device=logits.device)
         extra = self.margin.extra_loss(inp)
         if extra is not None:
             # Every rank computed the same global value; backward uses this rank's share.
             share = extra / self.world_size
             loss = loss + share + (extra - share).detach()
-        self.accuracy = sharded_top1_accuracy(cos.detach(), target, self.group)
         return loss
+
+    def take_input_reports(self) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
+        """The deferred input checks since the last call: (device report of
+        :func:`partial_fc.checks.input_report`, every rank's local batch size)."""
+        reports, self._reports = self._reports, []
+        return reports
 
     # ------------------------------------------------------------------ gradients of rows
     def row_grads(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:

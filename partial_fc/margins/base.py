@@ -121,10 +121,13 @@ class Margin(nn.Module):
         ``inplace=True`` writes into ``logits`` (for a tensor the margin has just made, whose
         producer does not keep it for backward): it saves an [N, c] copy.
         """
-        rows = torch.nonzero(inp.has_target, as_tuple=True)[0]
-        if rows.numel() == 0:
-            return logits
-        if not inplace:
-            logits = logits.clone()
-        logits[rows, inp.target[rows]] = target_logit[rows].to(logits.dtype)
-        return logits
+        # Static shapes (no nonzero, no host read): a one-hot mask of the held targets, then
+        # a select.  In place, the select is ``logits·(1 − mask) + mask·t`` (exact for finite
+        # logits; a non-finite target column then gives NaN, which the step's vote skips).
+        idx = inp.target.clamp(min=0).unsqueeze(1)
+        has = inp.has_target.unsqueeze(1)
+        mask = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device).scatter_(1, idx, has)
+        put = torch.where(has, target_logit.to(logits.dtype).unsqueeze(1), 0.0)
+        if inplace:
+            return logits.mul_(~mask).add_(mask * put)
+        return torch.where(mask, put, logits)

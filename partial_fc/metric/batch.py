@@ -13,13 +13,13 @@ with it, so one rank's bad batch never leaves the others waiting in a collective
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-from ..comm import ProcessGroup, all_gather_no_grad, all_gather_with_grad, all_reduce, rank_and_world
-from ..checks import check_global_batch
+from ..comm import ProcessGroup, all_reduce, gather_batch, rank_and_world
+from ..checks import check_global_batch, check_mode
 
 # Codes of the local structural problems that one rank reports to all the others.
 _OK, _BAD_EMBEDDING_SHAPE, _BAD_LABEL_SHAPE, _BAD_LABEL_DTYPE, _BAD_WIDTH = range(5)
@@ -109,20 +109,29 @@ def _shapes(embeddings: torch.Tensor, labels: torch.Tensor, embedding_size: Opti
 
 def gather_global_batch(local_embeddings: torch.Tensor, local_labels: torch.Tensor, group: ProcessGroup,
                         embedding_size: Optional[int] = None, num_classes: Optional[int] = None,
-                        check_inputs: bool = True) -> GlobalBatch:
+                        check_inputs=True, sizes: Optional[Sequence[int]] = None) -> GlobalBatch:
     """Check the local batches of all ranks and gather them into the global batch.
 
     ``embedding_size``/``num_classes`` (when known) bound the width and the labels;
-    ``check_inputs`` adds the label range and finiteness checks (one host sync).
+    ``check_inputs`` (strict/True, off/False; deferred is checked as strict here) adds the
+    label range and finiteness checks (one host sync).  ``sizes``: every rank's local batch
+    size when the caller knows them (the training step); the structural checks are then
+    local and no sizes are exchanged.  Features and labels travel in one all-gather
+    (:func:`partial_fc.comm.gather_batch`).
     """
-    sizes = _shapes(local_embeddings, local_labels, embedding_size, group)
+    if sizes is None:
+        sizes = _shapes(local_embeddings, local_labels, embedding_size, group)
+    else:
+        code, message = _local_problem(local_embeddings, local_labels, embedding_size)
+        if code != _OK:
+            raise ValueError(message)
+        sizes = [int(n) for n in sizes]
     rank, _ = rank_and_world(group)
-    labels = all_gather_no_grad(local_labels.long(), group, sizes)
-    features = all_gather_with_grad(local_embeddings, group, sizes)
+    features, labels = gather_batch(local_embeddings, local_labels, group, sizes)
     features = features.to(compute_dtype(features.dtype))
     batch = GlobalBatch(features=features, labels=labels, offset=sum(sizes[:rank]),
                         num_local=sizes[rank], sizes=sizes)
-    if check_inputs:
+    if check_mode(check_inputs) != "off":
         check_global_batch(batch.features.detach(), batch.labels, batch.sizes, num_classes)
     return batch
 

@@ -1,7 +1,7 @@
 """Center loss (Wen et al., ECCV 2016) with the class centres sharded like the classifier."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -68,11 +68,12 @@ class CenterLoss(nn.Module):
         """Keep the centre rows moved since :meth:`record_updates`."""
         self._undo = None
 
-    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor,
+                sizes: Optional[Sequence[int]] = None) -> torch.Tensor:
         """Center loss of the global batch (same value on every rank); updates the centres when training."""
         with without_autocast(local_embeddings.device):
             batch = gather_global_batch(local_embeddings, local_labels, self.group, self.embedding_size,
-                                        self.num_classes, self.check_inputs)
+                                        self.num_classes, self.check_inputs, sizes)
             local_class = batch.labels - self.class_start
             here = (local_class >= 0) & (local_class < self.num_local)
             rows = torch.nonzero(here).squeeze(1)

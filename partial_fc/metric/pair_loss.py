@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import abc
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,11 +40,12 @@ class PairLoss(nn.Module, abc.ABC):
         multiplied), so they may be ±inf; their gradient must not be NaN.
         """
 
-    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor,
+                sizes: Optional[Sequence[int]] = None) -> torch.Tensor:
         """The loss of the global batch (same value on every rank)."""
         with without_autocast(local_embeddings.device):
             batch = gather_global_batch(local_embeddings, local_labels, self.group, self.embedding_size,
-                                        self.num_classes, self.check_inputs)
+                                        self.num_classes, self.check_inputs, sizes)
             unit = F.normalize(batch.features, dim=1)
             # Anchors are taken from the gathered tensor so that their gradient, too, goes
             # through the gather's backward (and gets the same ×W as every other row).
