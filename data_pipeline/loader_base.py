@@ -32,6 +32,11 @@ class Loader(abc.ABC):
     """
 
     kind = "base"
+    equal_batches = True
+    """Every batch of every rank holds ``batch_size`` samples (an exact epoch pads its last
+    batch with repeats, see ``last_batch_padding``): the training step exchanges no batch
+    sizes.  A loader whose last batch is shorter sets this False, or yields
+    ``(images, labels, sizes)`` with every rank's size for that batch."""
 
     def __init__(self, *, num_classes: int, num_batches: int, rank: int, world_size: int,
                  batch_size: int, seed: int, mode: str, settings: dict[str, Any]) -> None:

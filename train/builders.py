@@ -14,6 +14,40 @@ from .distributed import DistContext
 from .loggers import ConsoleLogger, Logger, LoggerGroup, WandbLogger
 
 HEAD_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CLASSIFIER_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def classifier_precision(cfg: TrainConfig, device: torch.device) -> str:
+    """precision.classifier resolved: auto follows precision.dtype (fp16 off CUDA: fp32); an
+    explicit fp16 needs CUDA, and tf32 means fp32 off CUDA."""
+    name = cfg.precision.classifier
+    if name == "auto":
+        name = cfg.precision.dtype
+        if name == "fp16" and device.type != "cuda":
+            name = "fp32"  # fp16 GEMMs are a CUDA feature; off CUDA auto keeps the classifier fp32
+    if name == "fp16" and device.type != "cuda":
+        raise ConfigError(f"precision.classifier=fp16 needs a CUDA device (this run is on {device}): "
+                          "use bf16 or fp32 there")
+    if name == "tf32" and device.type != "cuda":
+        name = "fp32"  # TF32 is a CUDA tensor-core mode; on other devices fp32 is what runs
+    return name
+
+
+def apply_precision_settings(cfg: TrainConfig, device: torch.device) -> None:
+    """Process-wide matmul settings where the run starts (CUDA only; nothing changes on CPU).
+
+    ``precision.tf32`` lets the backbone's float32 matmuls and convolutions use TF32.  A
+    bf16/fp16 classifier asks cuBLAS for float32 sums throughout (no reduced-precision
+    split-K reductions).
+    """
+    if device.type != "cuda":
+        return
+    if cfg.precision.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if classifier_precision(cfg, device) in ("bf16", "fp16"):
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
 
 
 def set_deterministic(enabled: bool) -> None:
@@ -119,8 +153,13 @@ def build_head(cfg: TrainConfig, ctx: DistContext, num_classes: int) -> nn.Modul
         margin = build_margin(lo.margin, **options)
     except (ValueError, TypeError, KeyError) as err:
         raise ConfigError(f"loss.margin={lo.margin!r} with loss.margin_options={lo.margin_options}: {err}") from err
+    precision = classifier_precision(cfg, ctx.device)
+    # At least the global (micro-)batch of rows per step, so that every positive fits in a
+    # static number of sampled rows (no host read); the description line shows the count.
     head = PartialFC(cfg.model.embedding_size, num_classes, margin, sample_rate=lo.sample_rate,
-                     group=ctx.group, seed=seed, param_dtype=HEAD_DTYPES[lo.head_dtype])
+                     group=ctx.group, seed=seed, param_dtype=HEAD_DTYPES[lo.head_dtype],
+                     check_inputs=lo.check_inputs, compute_dtype=CLASSIFIER_DTYPES[precision],
+                     tf32=precision == "tf32", min_sample=cfg.data.batch_size * ctx.world_size)
     return head.to(ctx.device)
 
 

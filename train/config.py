@@ -104,6 +104,8 @@ class LossConfig:
     """Overrides of the metric loss's parameters."""
     classifier: bool = True
     """Train with the margin classifier's loss; false: the metric loss alone (its shard is built but never used)."""
+    check_inputs: str = "deferred"
+    """Label-range and finiteness checks of the global batch: deferred (device flags read with the step's one host read; the error names the step, sample and rank), strict (at once, one host read per forward) or off."""
 
 
 @dataclass
@@ -168,6 +170,10 @@ class PrecisionConfig:
     """Initial loss scale for fp16."""
     growth_interval: int = 2000
     """Steps without overflow before the fp16 loss scale doubles."""
+    classifier: str = "auto"
+    """Compute dtype of the classifier's cosine GEMMs (forward and backward; sums, margins, softmax and row updates stay fp32): auto (follows dtype), fp32, tf32 (CUDA), bf16 or fp16 (CUDA)."""
+    tf32: bool = False
+    """Allow TF32 matmuls and convolutions for the backbone on CUDA (no effect on CPU)."""
 
 
 @dataclass

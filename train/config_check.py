@@ -82,6 +82,8 @@ def check_config(cfg: "TrainConfig") -> None:
                           f"parallel.strategy={p.strategy!r}: set parallel.strategy=deepspeed")
     _at_least("parallel.bucket_cap_mb", p.bucket_cap_mb, 1)
     _choice("precision.dtype", pr.dtype, ("fp32", "bf16", "fp16"))
+    _choice("precision.classifier", pr.classifier, ("auto", "fp32", "tf32", "bf16", "fp16"))
+    _choice("loss.check_inputs", lo.check_inputs, ("deferred", "strict", "off"))
     _at_least("precision.init_scale", pr.init_scale, 1.0)
     _at_least("precision.growth_interval", pr.growth_interval, 1)
     _at_least("checkpoint.every_steps", c.every_steps, 0, "0 saves only at the end")

@@ -12,7 +12,7 @@ from typing import Any, Iterator, Optional
 
 from torch import nn
 
-from .builders import (build_backbone_module, build_data, build_head, build_loggers, build_metric, load_manifest,
+from .builders import (apply_precision_settings, build_backbone_module, build_data, build_head, build_loggers, build_metric, load_manifest,
                        rank_seed, resolve_num_classes, seed_everything, set_deterministic)
 from .checkpoint import CheckpointManager, capture_rng, checkpoint_name, load_local, load_shared, resolve_resume, restore_rng
 from .config import TrainConfig
@@ -41,6 +41,7 @@ class Trainer:
         self.cfg, self.ctx = cfg, ctx
         self.run_dir = Path(cfg.output_dir)
         set_deterministic(cfg.deterministic)
+        apply_precision_settings(cfg, ctx.device)
         seed_everything(cfg.seed)
         self.manifest = load_manifest(cfg)
         self.loader = loader if loader is not None else build_data(cfg, ctx, self.manifest)
@@ -65,7 +66,8 @@ class Trainer:
         self.train_step = TrainStep(self.runner, self.head, self.head_optimizer, ctx, o.grad_accum,
                                     o.clip_grad_norm, self.metric_loss, cfg.loss.metric_weight,
                                     cfg.model.channels_last,
-                                    use_classifier=cfg.loss.classifier)
+                                    use_classifier=cfg.loss.classifier,
+                                    equal_batches=bool(getattr(self.loader, "equal_batches", False)))
         self.checkpoints = CheckpointManager(self.checkpoint_dir, ctx, cfg.checkpoint.keep_last)
         self.validator = Validator(cfg, ctx, self.manifest, self.run_dir)
         seed_everything(rank_seed(cfg.seed, ctx.rank))
@@ -250,7 +252,8 @@ class Trainer:
         try:
             while self.step < end:
                 self.schedule.set_step(self.step)
-                last = self.train_step(batches)
+                logs = (self.step + 1) % cfg.log.every_steps == 0 or self.step + 1 == self.total_steps
+                last = self.train_step(batches, log=logs, step=self.step + 1)
                 meter.add(last.samples)
                 self._record(last)
                 if self.step % cfg.log.every_steps == 0 or self.step == self.total_steps:
