@@ -53,8 +53,19 @@ def gather_sizes(n_local: int, device: torch.device, group: ProcessGroup = None)
         return [n_local]
     size = torch.tensor([n_local], dtype=torch.long, device=device)
     sizes = torch.empty(world, dtype=torch.long, device=device)
-    dist.all_gather_into_tensor(sizes, size, group=group)
+    _all_gather_single(sizes, size, group)
     return [int(s) for s in sizes.tolist()]  # host read: the sizes decide the buffer shapes
+
+
+def _all_gather_single(out: torch.Tensor, x: torch.Tensor, group: ProcessGroup) -> None:
+    # torch >= 2.10 names all_gather_into_tensor all_gather_single (the old name warns).
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, x, group=group)
+
+
+def _reduce_scatter_single(out: torch.Tensor, x: torch.Tensor, group: ProcessGroup) -> None:
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    scatter(out, x, group=group)
 
 
 def _uses_gloo(group: ProcessGroup) -> bool:
@@ -62,14 +73,14 @@ def _uses_gloo(group: ProcessGroup) -> bool:
 
 
 def _gather_rows(x: torch.Tensor, sizes: Sequence[int], group: ProcessGroup) -> torch.Tensor:
-    """All-gather rows in one ``all_gather_into_tensor``; padded to the largest only when uneven."""
+    """All-gather rows in one single-tensor all-gather; padded to the largest only when uneven."""
     rows = max(sizes)
     if x.shape[0] != rows:
         padded = x.new_zeros((rows,) + tuple(x.shape[1:]))
         padded[: x.shape[0]] = x
         x = padded
     out = x.new_empty((len(sizes) * rows,) + tuple(x.shape[1:]))
-    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    _all_gather_single(out, x.contiguous(), group)
     if all(n == rows for n in sizes):
         return out
     return torch.cat([out[r * rows: r * rows + n] for r, n in enumerate(sizes)], dim=0)
@@ -92,7 +103,7 @@ def _scatter_sum(grad: torch.Tensor, sizes: Sequence[int], rank: int, group: Pro
         dist.all_reduce(grad, group=group)
         return grad[rank * rows: rank * rows + sizes[rank]]
     out = grad.new_empty((rows,) + tuple(grad.shape[1:]))
-    dist.reduce_scatter_tensor(out, grad, group=group)
+    _reduce_scatter_single(out, grad, group)
     return out[: sizes[rank]]
 
 
