@@ -121,3 +121,26 @@ def test_tiny_run_with_a_bf16_classifier_learns_like_fp32(tmp_path):
     first32, last32 = _run_losses(tmp_path, "fp32")
     assert last32 < first32 - 1.0  # the run does learn (mean loss over 5 steps, start vs end)
     assert first - last >= 0.8 * (first32 - last32), (first, last, first32, last32)
+
+
+def test_deferred_input_check_names_the_step_and_skips_it(tmp_path):
+    from train.distributed import init_distributed
+    from train.trainer import Trainer
+    from train_fixtures import CLASSES, SplitLoader, plain_net, tiny_config
+
+    class BadLabelAt3(SplitLoader):
+        def _iter_epoch(self, epoch, start):
+            for j, (images, labels) in enumerate(super()._iter_epoch(epoch, start), start):
+                if j == 2:
+                    labels = labels.clone()
+                    labels[1] = CLASSES + 5
+                yield images, labels
+
+    cfg = tiny_config(tmp_path, "max_steps=6", "loss.check_inputs=deferred")
+    trainer = Trainer(cfg, init_distributed(device="cpu"), loader=BadLabelAt3(), backbone=plain_net())
+    trainer.fit(stop_at_step=2)
+    before = trainer.head.weight.detach().clone()
+    with pytest.raises(ValueError, match=rf"step 3: label {CLASSES + 5} \(global sample 1, rank 0\) is outside "
+                                         rf"\[0, {CLASSES}\)"):
+        trainer.fit()
+    assert torch.equal(trainer.head.weight.detach(), before)  # the bad step did not move the rows
