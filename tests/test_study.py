@@ -128,7 +128,7 @@ def test_metric_loss_alone_trains_the_backbone_and_never_the_classifier(tmp_path
     head_before = trainer.head.weight.detach().clone()
     losses = []
     step = trainer.train_step
-    trainer.train_step = lambda batches: losses.append(step(batches)) or losses[-1]
+    trainer.train_step = lambda batches, **kw: losses.append(step(batches, **kw)) or losses[-1]
     summary = trainer.fit()
     assert losses[0].loss == pytest.approx(2.0 * expected, rel=1e-5)
     assert math.isnan(losses[0].accuracy) and summary["steps"] == 2
