@@ -36,3 +36,33 @@ def test_class_range_even_split():
     ranges = [class_range(10, r, 3) for r in range(3)]
     assert ranges == [(0, 4), (4, 3), (7, 3)]
     assert sum(n for _, n in ranges) == 10
+
+
+def _gather_batch(rank, world_size):
+    return {dtype: _gather_batch_in(rank, dtype) for dtype in (torch.float32, torch.bfloat16)}
+
+
+def _gather_batch_in(rank, dtype):
+    from partial_fc.comm import gather_batch
+    sizes = [2, 3, 1]
+    x = torch.full((sizes[rank], 3), float(rank + 1), dtype=dtype, requires_grad=True)
+    # Labels beyond 2^24 (not exact as float32 values): they travel as bits, not values.
+    labels = torch.arange(sizes[rank]) + (1 << 24) + 1 + 10 * rank
+    features, global_labels = gather_batch(x, labels, sizes=sizes)
+    # Rank r's share weights every global feature entry by (r + 1).
+    (features.float() * (rank + 1)).sum().backward()
+    return features.detach().float(), global_labels, x.grad.float()
+
+
+def test_gather_batch_one_call_carries_labels_bit_exactly_with_announced_uneven_sizes():
+    world = 3
+    sizes = [2, 3, 1]
+    expected_labels = torch.cat([torch.arange(n) + (1 << 24) + 1 + 10 * r for r, n in enumerate(sizes)])
+    expected_rows = torch.cat([torch.full((n, 3), float(r + 1)) for r, n in enumerate(sizes)])
+    results = run_distributed(_gather_batch, world)
+    for dtype in (torch.float32, torch.bfloat16):
+        for rank, (features, labels, grad) in enumerate(r[dtype] for r in results):
+            assert labels.dtype == torch.int64 and torch.equal(labels, expected_labels)
+            torch.testing.assert_close(features, expected_rows)
+            # Σ over ranks of (r + 1), times W (the gather's DDP convention).
+            torch.testing.assert_close(grad, torch.full((sizes[rank], 3), float(1 + 2 + 3) * world))
