@@ -114,7 +114,15 @@ def _step_costs(rank, world_size, check_inputs):
         with counting() as (_, backward_calls):
             loss.backward()
         trainer.head.clear_row_grads()
-        return {"steps": steps, "num_sample": trainer.head.num_sample, "num_local": trainer.head.num_local,
+        # The last batch of an exact epoch, announced by the batch itself: rank r holds 4 − r samples.
+        sizes = [4 - r for r in range(world_size)]
+        images, labels = next(batches)
+        short = iter([(images[:sizes[rank]], labels[:sizes[rank]], sizes)])
+        with counting() as (uneven_reads, uneven_calls):
+            uneven = trainer.train_step(short, log=False)
+        return {"uneven": {"samples": uneven.samples, "reads": dict(uneven_reads), "calls": dict(uneven_calls),
+                           "loss": uneven.loss},
+"steps": steps, "num_sample": trainer.head.num_sample, "num_local": trainer.head.num_local,
                 "forward": dict(forward_calls), "backward": dict(backward_calls)}
 
 
@@ -131,6 +139,9 @@ def test_a_step_that_does_not_log_reads_the_device_once(world_size):
             else:
                 assert 0.0 <= step["accuracy"] <= 1.0
             assert step["samples"] == 4 * world_size and step["loss"] > 0
+        uneven = result["uneven"]
+        assert uneven["samples"] == sum(4 - r for r in range(world_size)) and uneven["loss"] > 0
+        assert sum(uneven["reads"].values()) <= 1, uneven["reads"]
 
 
 @pytest.mark.slow
@@ -153,3 +164,5 @@ def test_collectives_per_step_within_the_documented_budget():
             # The step: the head's four plus the vote's one all-reduce, logging or not (DDP's
             # gradient buckets run in its C++ reducer and are not counted here).
             assert step["calls"] == {"all_gather_into_tensor": 1, "all_reduce": 4}, step
+        # An announced uneven batch: padded inside the same single gather, no size exchange.
+        assert result["uneven"]["calls"] == {"all_gather_into_tensor": 1, "all_reduce": 4}
