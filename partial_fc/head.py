@@ -315,4 +315,4 @@ class PartialFC(nn.Module):
     def extra_repr(self) -> str:
         return (f"classes={self.num_classes}, local=[{self.class_start}, {self.class_start + self.num_local}), "
                 f"D={self.embedding_size}, sample_rate={self.sample_rate}, centers={self.num_centers}, "
-                f"dtype={self.weight.dtype}")
+                f"dtype={self.weight.dtype}, compute={self.compute_dtype}{' (tf32)' if self.tf32 else ''}")

@@ -170,8 +170,9 @@ def build_metric(cfg: TrainConfig, ctx: DistContext, num_classes: int) -> Option
         return None
     from partial_fc.metric_losses import build_metric_loss
     try:
-        loss = build_metric_loss(lo.metric_loss, num_classes, cfg.model.embedding_size, ctx.group,
-                                 **lo.metric_options)
+        # Metric losses check strictly (one host read) unless loss.check_inputs is off.
+        options = {"check_inputs": lo.check_inputs != "off", **lo.metric_options}
+        loss = build_metric_loss(lo.metric_loss, num_classes, cfg.model.embedding_size, ctx.group, **options)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"loss.metric_loss={lo.metric_loss!r} with loss.metric_options="
                           f"{lo.metric_options}: {err}") from err
