@@ -168,8 +168,9 @@ class TrainStep:
         if norm is not None:
             finite = finite & torch.isfinite(norm)
         # Ranks vote: one non-finite rank skips the step everywhere; the same SUM counts samples.
+        # (torch.full, not torch.tensor: a Python number copied to a GPU waits for the copy.)
         vote = torch.stack([(~finite).to(torch.float64),
-                            torch.tensor(float(local_samples), dtype=torch.float64, device=device)])
+                            torch.full((), float(local_samples), dtype=torch.float64, device=device)])
         all_reduce(vote, "sum", self.ctx.group)
         reports = self.head.take_input_reports() if hasattr(self.head, "take_input_reports") else []
         nan = torch.full((1,), math.nan, dtype=torch.float64, device=device)
