@@ -172,6 +172,8 @@ class TrainStep:
         vote = torch.stack([(~finite).to(torch.float64),
                             torch.full((), float(local_samples), dtype=torch.float64, device=device)])
         all_reduce(vote, "sum", self.ctx.group)
+        # Deferred input checks describe the gathered global batch, the same on every rank:
+        # they need no reduction and ride to the host with the vote.
         reports = self.head.take_input_reports() if hasattr(self.head, "take_input_reports") else []
         nan = torch.full((1,), math.nan, dtype=torch.float64, device=device)
         packed = torch.cat([vote, mean_loss.double().view(1), nan if norm is None else norm.double().view(1),
