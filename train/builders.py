@@ -17,8 +17,13 @@ HEAD_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def set_deterministic(enabled: bool) -> None:
-    """Deterministic kernels (cuBLAS workspace, cuDNN, torch's deterministic mode) when ``enabled``."""
+    """Deterministic kernels (cuBLAS workspace, cuDNN, torch's deterministic mode) when ``enabled``.
+
+    Otherwise cuDNN's autotuner is switched on: the input shape is fixed (one image size,
+    one local batch), so each convolution's fastest algorithm is measured once and reused.
+    """
     if not enabled:
+        torch.backends.cudnn.benchmark = True
         return
     import os
     # cuBLAS needs a fixed workspace to be reproducible; it must be set before the first matmul.
