@@ -49,6 +49,14 @@ class DistContext:
         if self.backend != "none" and self.world_size > 1:
             dist.barrier(group=self.group)
 
+    def any_rank(self, flag: bool) -> bool:
+        """True when ``flag`` is True on any rank (a collective: every rank calls it; set-up time only)."""
+        if self.backend == "none" or self.world_size == 1:
+            return flag
+        vote = torch.tensor([1.0 if flag else 0.0], device=self.device if self.backend == "nccl" else "cpu")
+        dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(vote.item() > 0)
+
     def shutdown(self, barrier: bool = True) -> None:
         """Destroy the process group if this context created it (after a barrier when ``barrier``)."""
         if self.owns_group and dist.is_initialized():
