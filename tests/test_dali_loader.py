@@ -259,22 +259,40 @@ def test_shards_are_indexed_in_parallel_with_the_serial_result(tmp_path, monkeyp
 def _node_of_two(rank, world, root):
     """Two ranks of one node: local rank 0 builds, rank 1 only reads after the barrier."""
     import torch.distributed as dist
+
+    from train.distributed import DistContext
+    ctx = DistContext(rank, world, rank, torch.device("cpu"), dist.group.WORLD, "gloo")
     built = []
     real_build = dali_index._build
     dali_index._build = lambda shard, *a: built.append(shard.name) or real_build(shard, *a)
-    loader = build_loader("dali", root, rank=rank, world_size=world, batch_size=2, local_rank=rank,
-                          barrier=dist.barrier, mode="exact")
+    # Only rank 1 asks for decode verification (as if only its node had seen a failure): both decode.
+    loader = build_loader("dali", root, rank=rank, world_size=world, batch_size=2, local_rank=ctx.local_rank,
+                          barrier=ctx.barrier, any_rank=lambda flag: ctx.any_rank(flag or rank == 1), mode="exact")
     labels = torch.cat([y for _, y in loader]).tolist()
-    return built, labels[:len(labels) - loader.last_batch_padding]
+    return built, labels[:len(labels) - loader.last_batch_padding], loader._indexes[0].decode_verified
 
 
 @pytest.mark.slow
 def test_two_ranks_of_a_node_share_one_index_build(tmp_path):
     from distributed_harness import run_distributed
     write_dataset(tmp_path, [3, 3, 2])
-    (b0, l0), (b1, l1) = run_distributed(_node_of_two, 2, str(tmp_path))
+    (b0, l0, v0), (b1, l1, v1) = run_distributed(_node_of_two, 2, str(tmp_path))
     assert sorted(b0) == ["train-000000.tar", "train-000001.tar", "train-000002.tar"] and b1 == []
     assert sorted(l0 + l1) == list(range(8))
+    assert v0 and v1
+
+
+def test_the_trainer_hands_the_dali_loader_its_node_barrier(tmp_path):
+    from train.builders import build_data, load_manifest
+    from train.config import TrainConfig
+    from train.distributed import DistContext
+    write_dataset(tmp_path, [2, 2])
+    cfg = TrainConfig.load("cpu_tiny", [f"data.manifest={tmp_path / 'manifest.json'}", "data.loader=dali",
+                                        "data.dali_verify=decode", "data.batch_size=2"])
+    ctx = DistContext(0, 1, 0, torch.device("cpu"), None, "none")
+    loader = build_data(cfg, ctx, load_manifest(cfg))
+    assert loader.barrier == ctx.barrier and loader.any_rank == ctx.any_rank and loader.verify == "decode"
+    assert all(ix.decode_verified for ix in loader._indexes)
 
 
 def test_dali_cuda_without_cuda_is_a_clear_error(dataset):
