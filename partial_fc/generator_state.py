@@ -25,7 +25,7 @@ def portable_state(gen: torch.Generator) -> dict:
 
 def derived_seed(state: torch.Tensor) -> int:
     """A seed (63 bits) that depends only on the bytes of a saved generator state."""
-    raw = state.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+    raw = bytes(state.detach().cpu().contiguous().view(torch.uint8).tolist())  # no NumPy needed
     return int.from_bytes(hashlib.sha256(raw).digest()[:8], "little") & ((1 << 63) - 1)
 
 
