@@ -131,8 +131,8 @@ class DaliLoader(Loader):
         if failure is not None:
             raise failure
         if indexes is None:
-            # Current files are only read; one the leader could not write (e.g. another node
-            # holds local rank 0 of no process here) is built by this rank.
+            # Current files are only read; one that no local rank 0 wrote for this file system
+            # (e.g. a launcher whose local ranks do not start at 0) is built by this rank.
             indexes = index_shards(shard_refs(self.manifest), self.num_classes,
                                    self.manifest.image_size, decode=decode, workers=self.index_workers)
         if decode and self.local_rank == 0 and self._marker().is_file():

@@ -256,6 +256,19 @@ def test_shards_are_indexed_in_parallel_with_the_serial_result(tmp_path, monkeyp
         [ix.index_path.read_text() for ix in serial]
 
 
+def test_indexes_written_ahead_are_only_read(tmp_path, monkeypatch, capsys):
+    write_dataset(tmp_path, [2, 3])
+    assert dali_index.main([str(tmp_path), "--decode", "--workers", "2"]) == 0
+    assert "2 shards indexed: 5 samples listed, 0 left out" in capsys.readouterr().out
+
+    def no_build(*a):
+        raise AssertionError("an index was rebuilt")
+
+    monkeypatch.setattr(dali_index, "_build", no_build)
+    loader = build_loader("dali", tmp_path, rank=0, world_size=1, batch_size=2, dali_verify="decode")
+    assert [ix.num_listed for ix in loader._indexes] == [2, 3]
+
+
 def _node_of_two(rank, world, root):
     """Two ranks of one node: local rank 0 builds, rank 1 only reads after the barrier."""
     import torch.distributed as dist
