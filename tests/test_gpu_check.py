@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from bench import gpu_check
@@ -21,6 +22,7 @@ def _sections(text: str) -> dict[str, str]:
     return {parts[i].strip(): parts[i + 1] for i in range(1, len(parts) - 1, 2)}
 
 
+@pytest.mark.slow
 def test_cpu_dry_run_writes_every_section(tmp_path):
     out = tmp_path / "gpu.md"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
