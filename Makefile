@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.shardface-installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench bench-gpu install clean
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ bench: $(STAMP)
 	$(PY) bench/partial_fc_bench.py
 	$(PY) bench/data_bench.py
 	$(PY) bench/train_bench.py
+
+# One GPU, under 8 minutes: writes the GPU section of bench/RESULTS.md (needs a CUDA torch).
+bench-gpu: $(STAMP)
+	$(PY) bench/gpu_check.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import tarfile
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -47,7 +48,8 @@ def cache_dir() -> Path:
     return Path.home() / ".cache" / "shardface" / "dali-index"
 
 
-def _index_path(shard: ShardRef) -> Path:
+def index_location(shard: ShardRef) -> Path:
+    """Where the shard's index file is (beside the shard, or in the cache when that is read-only)."""
     here = shard.path.with_name(shard.path.name.rsplit(".tar", 1)[0] + ".dali.idx")
     if os.access(shard.path.parent, os.W_OK):
         return here
@@ -150,24 +152,29 @@ def _scan(shard: ShardRef, num_classes: int, image_size: tuple[int, int], decode
     return lines, bad
 
 
-def index_shard(shard: ShardRef, num_classes: int, image_size: tuple[int, int],
-                decode: bool = False) -> ShardIndex:
-    """The shard's index, read from the cache when it is current, else written (atomically)."""
-    idx = _index_path(shard)
+def _cached(shard: ShardRef, idx: Path, num_classes: int, image_size: tuple[int, int],
+            decode: bool) -> ShardIndex | None:
+    """The shard's index when the files beside it are current for these settings, else None."""
     meta_path = idx.with_suffix(".json")
+    if not (shard.path.is_file() and meta_path.is_file() and idx.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        if (meta.get("format") == INDEX_FORMAT and meta.get("tar") == _stamp(shard.path)
+                and meta.get("num_classes") == num_classes
+                and meta.get("image_size") == list(image_size)
+                and (meta.get("decode_verified") or not decode)):
+            return ShardIndex(shard, idx, meta["num_listed"], [BadSample(**e) for e in meta["skipped"]],
+                              meta["decode_verified"])
+    except (ValueError, KeyError, TypeError, OSError):
+        pass  # an unreadable cache entry is rebuilt
+    return None
+
+
+def _build(shard: ShardRef, idx: Path, num_classes: int, image_size: tuple[int, int],
+           decode: bool) -> ShardIndex:
+    """Scan the shard and write its index and sidecar (atomically: a reader never sees half a file)."""
     stamp = _stamp(shard.path) if shard.path.is_file() else None
-    if stamp is not None and meta_path.is_file() and idx.is_file():
-        try:
-            meta = json.loads(meta_path.read_text())
-            if (meta.get("format") == INDEX_FORMAT and meta.get("tar") == stamp
-                    and meta.get("num_classes") == num_classes
-                    and meta.get("image_size") == list(image_size)
-                    and (meta.get("decode_verified") or not decode)):
-                return ShardIndex(shard, idx, meta["num_listed"],
-                                  [BadSample(**e) for e in meta["skipped"]],
-                                  meta["decode_verified"])
-        except (ValueError, KeyError, TypeError):
-            pass  # an unreadable cache entry is rebuilt below
     lines, bad = _scan(shard, num_classes, image_size, decode)
     if stamp is not None:
         idx.parent.mkdir(parents=True, exist_ok=True)
@@ -176,18 +183,74 @@ def index_shard(shard: ShardRef, num_classes: int, image_size: tuple[int, int],
         meta = {"format": INDEX_FORMAT, "tar": stamp, "num_classes": num_classes,
                 "image_size": list(image_size), "num_listed": len(lines),
                 "decode_verified": decode, "skipped": [asdict(e) for e in bad]}
-        atomic_write_bytes(meta_path, json.dumps(meta).encode())
+        atomic_write_bytes(idx.with_suffix(".json"), json.dumps(meta).encode())
     return ShardIndex(shard, idx, len(lines), bad, decode)
 
 
+def index_shard(shard: ShardRef, num_classes: int, image_size: tuple[int, int],
+                decode: bool = False) -> ShardIndex:
+    """The shard's index, read from the cache when it is current, else written (atomically)."""
+    idx = index_location(shard)
+    return _cached(shard, idx, num_classes, image_size, decode) or _build(shard, idx, num_classes,
+                                                                          image_size, decode)
+
+
+def default_index_workers(todo: int) -> int:
+    """Threads that index shards: one per usable core, at most 32, at most one per shard."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(todo, cores, 32))
+
+
 def index_shards(shards: list[ShardRef], num_classes: int, image_size: tuple[int, int],
-                 decode: bool = False) -> list[ShardIndex]:
-    """Indexes for all shards (cached ones are reused), with a progress line for many shards."""
-    progress = Progress("DALI index" + (" (verifying decodes)" if decode else ""), len(shards),
-                        unit="shard", enabled=len(shards) > 8)
-    out = []
-    for shard in shards:
-        out.append(index_shard(shard, num_classes, image_size, decode))
-        progress.update()
-    progress.close()
-    return out
+                 decode: bool = False, workers: int | None = None) -> list[ShardIndex]:
+    """Indexes for all shards in their order: current ones read, the others built in parallel.
+
+    A thread pool, not processes: reading the tars is I/O, PIL decodes without holding the
+    GIL, and a training process that already holds CUDA and a process group must not fork.
+    """
+    paths = [index_location(s) for s in shards]  # here, so a redirected cache dir holds for every thread
+    out: list[ShardIndex | None] = [_cached(s, p, num_classes, image_size, decode)
+                                    for s, p in zip(shards, paths)]
+    todo = [i for i, ix in enumerate(out) if ix is None]
+    if todo:
+        progress = Progress("DALI index" + (" (verifying decodes)" if decode else ""), len(todo),
+                            unit="shard", enabled=len(todo) > 8)
+        threads = workers if workers is not None else default_index_workers(len(todo))
+        if threads <= 1 or len(todo) == 1:
+            for i in todo:
+                out[i] = _build(shards[i], paths[i], num_classes, image_size, decode)
+                progress.update()
+        else:
+            with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dali-index") as pool:
+                futures = {pool.submit(_build, shards[i], paths[i], num_classes, image_size, decode): i
+                           for i in todo}
+                for future in as_completed(futures):
+                    out[futures[future]] = future.result()
+                    progress.update()
+        progress.close()
+    return out  # type: ignore[return-value]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m data_pipeline.dali_index MANIFEST``: write the indexes ahead of a run."""
+    import argparse
+
+    from .manifest import Manifest
+    from .tar_reader import shard_refs
+    p = argparse.ArgumentParser(description="Write the DALI index files of a dataset's shards.")
+    p.add_argument("manifest", help="manifest.json or its directory")
+    p.add_argument("--decode", action="store_true", help="decode every image with PIL (data.dali_verify=decode)")
+    p.add_argument("--workers", type=int, default=None, help="indexing threads (default: one per core)")
+    args = p.parse_args(argv)
+    m = Manifest.load(args.manifest)
+    indexes = index_shards(shard_refs(m), m.num_classes, m.image_size, decode=args.decode, workers=args.workers)
+    skipped = sum(e.count for ix in indexes for e in ix.skipped)
+    print(f"{len(indexes)} shards indexed: {sum(ix.num_listed for ix in indexes)} samples listed, {skipped} left out")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

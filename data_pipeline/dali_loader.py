@@ -6,21 +6,34 @@ listed samples into ``world_size`` contiguous parts and this rank reads part ``r
 ``pad_last_batch`` repeats its last sample to fill the final batch. The pipeline's stream is
 cut at ``len(loader)`` batches, equal on all ranks. Resuming mid-epoch runs the pipeline over
 the consumed batches again (decoded, then dropped), which costs time, not correctness.
+
+At scale (many ranks, many shards) the index files are written once per node: local rank 0
+builds them, in parallel over shards, while the other ranks wait at ``barrier``; then they
+read them.  Whether an image decodes is decided there, before any training collective, and
+never by one rank alone in the middle of an epoch: ``verify="decode"`` decodes every image
+with PIL while indexing; with ``verify="header"`` (the default, header checks only) a
+decode failure that DALI meets later stops this rank at once with a clear error, marking
+the indexes so that the restarted run decodes every image while indexing.  A long scan on
+one rank while the others wait in a collective would only end in the collective's timeout.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import torch
 
 from .bad_data import BadSample
-from .dali_index import LABEL_WIDTH, ShardIndex, index_shards
+from .dali_index import LABEL_WIDTH, ShardIndex, index_location, index_shards
+from .manifest import atomic_write_bytes
 from .epoch_plan import batches_per_rank, derive_seed, last_batch_padding, shard_order
 from .loader_base import Batch, Loader
 from .tar_reader import shard_refs
 
 log = logging.getLogger("shardface.data")
+VERIFY_MODES = ("header", "decode")
+DECODE_MARKER = "dali-decode-required"
 _DIGIT_WEIGHTS = torch.tensor([10 ** k for k in range(LABEL_WIDTH - 1, -1, -1)], dtype=torch.int64)
 
 
@@ -48,8 +61,14 @@ class DaliLoader(Loader):
 
     def __init__(self, manifest, *, rank: int, world_size: int, batch_size: int, workers: int,
                  seed: int, mode: str, shuffle_buffer: int, flip: bool, strict: bool,
-                 device: str, epoch_samples: int | None) -> None:
+                 device: str, epoch_samples: int | None, local_rank: int | None = None,
+                 barrier: Callable[[], None] | None = None, any_rank: Callable[[bool], bool] | None = None,
+                 verify: str = "header",
+                 index_workers: int | None = None) -> None:
         _import_dali()
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify={verify!r} is not one of {', '.join(VERIFY_MODES)}: 'header' checks "
+                             "JPEG headers while indexing, 'decode' decodes every image once")
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={device!r} but CUDA is not available here: use "
@@ -65,7 +84,13 @@ class DaliLoader(Loader):
         self.manifest = manifest
         self.threads = max(1, workers)
         self.shuffle_buffer, self.flip, self.strict = shuffle_buffer, flip, strict
-        self._indexes = self._build_indexes(decode=False)
+        # Without a barrier every rank indexes for itself (one process, or ranks that cannot
+        # meet): the writes are atomic, so ranks that race only repeat work.
+        self.local_rank = rank if local_rank is None else local_rank
+        self.barrier, self.any_rank = barrier, any_rank
+        self.index_workers = index_workers
+        self.verify = verify
+        self._indexes = self._build_indexes(decode=self._wants_decode())
 
     @property
     def last_batch_padding(self) -> int:
@@ -75,9 +100,47 @@ class DaliLoader(Loader):
         return last_batch_padding(self.manifest.num_samples, self.world_size, self.batch_size,
                                   self.rank)
 
+    def _marker(self) -> Path:
+        """The file that says a decode failure was met: the next start verifies every decode."""
+        return index_location(shard_refs(self.manifest)[0]).with_name(DECODE_MARKER)
+
+    def _wants_decode(self) -> bool:
+        """Decode every image while indexing?  Every rank gets the same answer (``any_rank``)."""
+        wanted = self.verify == "decode"
+        if not wanted and self._marker().is_file():
+            log.warning("DALI loader: an earlier run met an image DALI could not decode (%s): every image is "
+                        "decoded once while indexing", self._marker())
+            wanted = True
+        # Nodes without a shared file system may disagree (only one saw the failure); indexes
+        # that differ between ranks would split the samples differently, so one vote decides.
+        return self.any_rank(wanted) if self.any_rank is not None else wanted
+
+    def _index_all(self, decode: bool) -> list[ShardIndex]:
+        """Every shard's index; local rank 0 of each node builds, the others wait, then read."""
+        leader = self.barrier is None or self.local_rank == 0
+        indexes: list[ShardIndex] | None = None
+        failure: BaseException | None = None
+        if leader:
+            try:
+                indexes = index_shards(shard_refs(self.manifest), self.num_classes,
+                                       self.manifest.image_size, decode=decode, workers=self.index_workers)
+            except Exception as e:  # noqa: BLE001 - raised after the barrier, so no rank waits for it
+                failure = e
+        if self.barrier is not None:
+            self.barrier()
+        if failure is not None:
+            raise failure
+        if indexes is None:
+            # Current files are only read; one that no local rank 0 wrote for this file system
+            # (e.g. a launcher whose local ranks do not start at 0) is built by this rank.
+            indexes = index_shards(shard_refs(self.manifest), self.num_classes,
+                                   self.manifest.image_size, decode=decode, workers=self.index_workers)
+        if decode and self.local_rank == 0 and self._marker().is_file():
+            self._marker().unlink(missing_ok=True)
+        return indexes
+
     def _build_indexes(self, decode: bool) -> list[ShardIndex]:
-        indexes = index_shards(shard_refs(self.manifest), self.num_classes,
-                               self.manifest.image_size, decode=decode)
+        indexes = self._index_all(decode)
         events: list[BadSample] = [e for ix in indexes for e in ix.skipped]
         if events and self.strict:
             raise events[0].error()
@@ -144,16 +207,23 @@ class DaliLoader(Loader):
                 nxt += 1
                 yield batch
         except RuntimeError as e:
-            if "Critical error" not in str(e) or self._indexes[0].decode_verified:
+            if "Critical error" not in str(e):
                 raise
-            # The decoder met an image whose header looked fine. Decode every image once
-            # with PIL to find it (cached; strict mode raises here, naming it), then carry
-            # on from the same batch without it.
             first = str(e).strip().splitlines()[-1]
-            self._indexes = self._build_indexes(decode=True)
+            if self._indexes[0].decode_verified:
+                raise RuntimeError(f"DALI could not decode an image that PIL decodes (rank {self.rank}, epoch "
+                                   f"{epoch}, batch {nxt}: {first}); the data may hold images PIL decodes but "
+                                   "DALI does not: try kind='webdataset'") from e
+            # Finding the image would mean decoding every image on this rank alone while the
+            # others wait in the step's collective.  Stop now instead, and leave a note so the
+            # restarted run decides it while indexing, where every rank waits for it anyway.
             try:
-                yield from self._run(epoch, nxt)
-            except RuntimeError as again:
-                raise RuntimeError(f"DALI failed again after every image was checked with PIL "
-                                   f"(first failure: {first}); the data may hold images PIL "
-                                   "decodes but DALI does not: try kind='webdataset'") from again
+                marker = self._marker()
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(marker, f"rank {self.rank} epoch {epoch} batch {nxt}: {first}\n".encode())
+            except OSError:
+                pass
+            raise RuntimeError(f"DALI could not decode an image on rank {self.rank} (epoch {epoch}, batch {nxt}: "
+                               f"{first}); the indexes checked JPEG headers only. Restart the run (it resumes "
+                               "from its last checkpoint): indexing then decodes every image once and leaves "
+                               "undecodable ones out (data.dali_verify=decode does so from the start)") from e

@@ -6,7 +6,7 @@ Every loader yields, per epoch, ``(images float32 [B, 3, H, W] in [-1, 1], label
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 from .bad_data import REASONS, BadSampleError
 from .loader_base import MODES, Loader
@@ -21,6 +21,8 @@ def build_loader(kind: str, manifest: Manifest | str | os.PathLike | None, *, ra
                  world_size: int, batch_size: int, workers: int = 2, seed: int = 0,
                  mode: str = "resampled", shuffle_buffer: int = 1000, flip: bool = True,
                  strict: bool = False, device: str = "cpu", epoch_samples: int | None = None,
+                 local_rank: int | None = None, barrier: Callable[[], None] | None = None,
+                 any_rank: Callable[[bool], bool] | None = None, dali_verify: str = "header",
                  **synthetic: Any) -> Loader:
     """A loader of ``kind`` over ``manifest`` (a :class:`Manifest`, its file or its directory).
 
@@ -29,6 +31,11 @@ def build_loader(kind: str, manifest: Manifest | str | os.PathLike | None, *, ra
     sample once per epoch over all ranks, the last batch of a rank padded with repeats
     (``loader.last_batch_padding`` of them). ``synthetic`` accepts ``manifest=None`` with
     ``num_samples``, ``num_classes`` and ``image_size`` keywords.
+
+    DALI only: ``local_rank`` and ``barrier`` (every rank calls it) let local rank 0 of each
+    node write the index files while the others wait; ``any_rank(flag)`` (a collective OR)
+    makes the ranks agree on ``dali_verify`` (``header`` or ``decode``, see
+    :mod:`data_pipeline.dali_loader`).
     """
     if kind not in KINDS:
         raise ValueError(f"loader kind {kind!r} is unknown: choose one of {', '.join(KINDS)}")
@@ -72,7 +79,8 @@ def build_loader(kind: str, manifest: Manifest | str | os.PathLike | None, *, ra
         from .wds_loader import WebDatasetLoader
         return WebDatasetLoader(m, shuffle_buffer=shuffle_buffer, strict=strict, **common)
     from .dali_loader import DaliLoader
-    return DaliLoader(m, shuffle_buffer=shuffle_buffer, strict=strict, **common)
+    return DaliLoader(m, shuffle_buffer=shuffle_buffer, strict=strict, local_rank=local_rank, barrier=barrier,
+                      any_rank=any_rank, verify=dali_verify, **common)
 
 
 def _load(manifest: Manifest | str | os.PathLike | None) -> Manifest:

@@ -33,6 +33,7 @@ from torch import nn
 from .checks import check_global_batch, check_mode, input_report
 from .cosine import cosine_logits, row_norms
 from .comm import ProcessGroup, gather_batch, gather_sizes, rank_and_world
+from .generator_state import portable_state, restore_state
 from .margins.base import Margin, MarginInput
 from .sharding import class_range
 from .softmax import sharded_cross_entropy, sharded_cross_entropy_and_accuracy
@@ -136,13 +137,22 @@ class PartialFC(nn.Module):
         return self._sampler
 
     def get_extra_state(self) -> dict:
-        """Sampling generator state, so a resumed run samples the same negatives."""
-        return {"sampler": self.sampler().get_state().cpu()}
+        """Sampling generator state, so a resumed run samples the same negatives.
+
+        Stored with the kind of device it came from (``partial_fc.generator_state``): a CPU
+        generator's state cannot be set into a CUDA generator, nor the other way round.
+        """
+        return {"sampler": portable_state(self.sampler())}
 
     def set_extra_state(self, state: dict) -> None:
-        """Restore the sampling generator."""
+        """Restore the sampling generator: exactly on the same kind of device, else re-seeded from it.
+
+        Across kinds (a CPU checkpoint resumed on a GPU, or back) the negatives of the resumed
+        run are drawn from a generator seeded by a hash of the saved state: deterministic,
+        but not the stream the saving run would have drawn next.
+        """
         if state and "sampler" in state:
-            self.sampler().set_state(state["sampler"].to(self.sampler().get_state().device))
+            restore_state(self.sampler(), state["sampler"])
 
     # ------------------------------------------------------------------ forward
     def _check(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:

@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("nvidia.dali")
 
-from data_pipeline import dali_index  # noqa: E402
+from data_pipeline import dali_index, dali_loader  # noqa: E402
 from data_pipeline.bad_data import (BAD_LABEL, CORRUPT_JPEG, MISSING_CLS, MISSING_JPG,  # noqa: E402
                                     MISSING_SHARD, TRUNCATED_SHARD, WRONG_SIZE, BadSampleError)
 from data_pipeline.dali_loader import labels_from_digits  # noqa: E402
@@ -150,23 +150,162 @@ def test_dali_strict_names_the_first_bad_sample(tmp_path):
         build_loader("dali", tmp_path, rank=0, world_size=1, batch_size=2, strict=True)
 
 
-def test_dali_decode_failure_is_found_and_skipped(tmp_path, monkeypatch):
+def _undecodable_dataset(tmp_path, monkeypatch):
     def members(i, jpg, cls):
         return [(f"{i:09d}.jpg", jpg[:40] if i == 2 else jpg), (f"{i:09d}.cls", cls)]
     write_dataset(tmp_path, [3, 3], members=members)
     # An image whose header passes the quick check but which DALI cannot decode.
     monkeypatch.setattr(dali_index, "check_header", lambda data, size: None)
-    loader = build_loader("dali", tmp_path, rank=0, world_size=1, batch_size=2, workers=1,
-                          mode="exact", shuffle_buffer=0)
+
+
+def test_decode_failure_stops_at_once_and_the_restart_decides_it_while_indexing(tmp_path, monkeypatch):
+    _undecodable_dataset(tmp_path, monkeypatch)
+    kw = dict(rank=0, world_size=1, batch_size=2, workers=1, mode="exact", shuffle_buffer=0)
+    loader = build_loader("dali", tmp_path, **kw)
     assert loader.stats[CORRUPT_JPEG] == 0
-    labels = torch.cat([y for _, y in loader]).tolist()
-    assert loader.stats[CORRUPT_JPEG] == 1
+    scans = []
+    real_scan = dali_index._scan
+    monkeypatch.setattr(dali_index, "_scan", lambda *a: scans.append(a[0].name) or real_scan(*a))
+    # No PIL scan of the dataset on this rank mid-epoch (the others would wait for it): an error.
+    with pytest.raises(RuntimeError, match=r"could not decode an image on rank 0 \(epoch 0, batch \d.*Restart"):
+        list(loader)
+    assert scans == []
+    marker = tmp_path / dali_loader.DECODE_MARKER
+    assert marker.is_file()
+    restarted = build_loader("dali", tmp_path, **kw)  # the marker makes indexing decode every image
+    assert restarted.stats[CORRUPT_JPEG] == 1 and sorted(scans) == ["train-000000.tar", "train-000001.tar"]
+    assert not marker.exists()
+    labels = torch.cat([y for _, y in restarted]).tolist()
     assert set(labels) == {0, 1, 3, 4, 5} and len(labels) == 6
+
+
+def test_decode_verification_from_the_start(tmp_path, monkeypatch):
+    _undecodable_dataset(tmp_path, monkeypatch)
+    kw = dict(rank=0, world_size=1, batch_size=2, workers=1, mode="exact", shuffle_buffer=0)
+    loader = build_loader("dali", tmp_path, dali_verify="decode", **kw)
+    assert loader.stats[CORRUPT_JPEG] == 1 and loader._indexes[0].decode_verified
+    assert set(torch.cat([y for _, y in loader]).tolist()) == {0, 1, 3, 4, 5}
+    for p in tmp_path.glob("*.dali.*"):
+        p.unlink()
     with pytest.raises(BadSampleError, match=r"corrupt_jpeg.*000000002"):
-        for p in tmp_path.glob("*.dali.*"):
-            p.unlink()
-        list(build_loader("dali", tmp_path, rank=0, world_size=1, batch_size=2, workers=1,
-                          mode="exact", strict=True))
+        build_loader("dali", tmp_path, dali_verify="decode", strict=True, **kw)
+    with pytest.raises(ValueError, match="verify='pixels' is not one of header, decode"):
+        build_loader("dali", tmp_path, dali_verify="pixels", **kw)
+
+
+def test_one_vote_decides_the_verification_for_every_rank(tmp_path):
+    write_dataset(tmp_path, [2, 2])
+    votes = []
+    loader = build_loader("dali", tmp_path, rank=1, world_size=2, batch_size=2, local_rank=1,
+                          any_rank=lambda flag: votes.append(flag) or True)
+    assert votes == [False] and all(ix.decode_verified for ix in loader._indexes)
+
+
+def test_local_rank_zero_builds_the_indexes_before_the_barrier(tmp_path, monkeypatch):
+    write_dataset(tmp_path, [3, 2, 2])
+    events = []
+    real_build = dali_index._build
+    monkeypatch.setattr(dali_index, "_build", lambda shard, *a: events.append(("build", shard.name)) or
+                        real_build(shard, *a))
+
+    def barrier():
+        events.append(("barrier", len(list(tmp_path.glob("*.dali.idx")))))
+
+    build_loader("dali", tmp_path, rank=0, world_size=2, batch_size=2, local_rank=0, barrier=barrier)
+    assert [e[0] for e in events] == ["build"] * 3 + ["barrier"] and events[-1] == ("barrier", 3)
+    events.clear()
+    # Another rank of the node waits first, then only reads what rank 0 wrote.
+    other = build_loader("dali", tmp_path, rank=1, world_size=2, batch_size=2, local_rank=1, barrier=barrier)
+    assert events == [("barrier", 3)] and [ix.num_listed for ix in other._indexes] == [3, 2, 2]
+    # Where local rank 0 wrote nothing (no local rank 0 here), a rank builds what is missing itself.
+    (tmp_path / "train-000001.dali.idx").unlink()
+    events.clear()
+    build_loader("dali", tmp_path, rank=1, world_size=2, batch_size=2, local_rank=1, barrier=barrier)
+    assert events == [("barrier", 2), ("build", "train-000001.tar")]
+
+
+def test_a_failed_build_on_local_rank_zero_still_reaches_the_barrier(tmp_path, monkeypatch):
+    write_dataset(tmp_path, [2, 2])
+
+    def broken(*a):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(dali_index, "_build", broken)
+    waited = []
+    with pytest.raises(OSError, match="disk full"):
+        build_loader("dali", tmp_path, rank=0, world_size=2, batch_size=2, local_rank=0,
+                     barrier=lambda: waited.append(1))
+    assert waited == [1]
+
+
+def test_shards_are_indexed_in_parallel_with_the_serial_result(tmp_path, monkeypatch):
+    import threading
+    m = write_dataset(tmp_path, [3, 2, 4, 1, 2])
+    from data_pipeline.tar_reader import shard_refs
+    serial = dali_index.index_shards(shard_refs(m), m.num_classes, m.image_size, workers=1)
+    for p in tmp_path.glob("*.dali.*"):
+        p.unlink()
+    threads = set()
+    real_build = dali_index._build
+    monkeypatch.setattr(dali_index, "_build", lambda *a: threads.add(threading.current_thread().name) or
+                        real_build(*a))
+    parallel = dali_index.index_shards(shard_refs(m), m.num_classes, m.image_size, workers=3)
+    assert [(ix.shard.name, ix.num_listed) for ix in parallel] == [(ix.shard.name, ix.num_listed) for ix in serial]
+    assert all(name.startswith("dali-index") for name in threads) and threads
+    assert [p.read_text() for p in sorted(tmp_path.glob("*.dali.idx"))] == \
+        [ix.index_path.read_text() for ix in serial]
+
+
+def test_indexes_written_ahead_are_only_read(tmp_path, monkeypatch, capsys):
+    write_dataset(tmp_path, [2, 3])
+    assert dali_index.main([str(tmp_path), "--decode", "--workers", "2"]) == 0
+    assert "2 shards indexed: 5 samples listed, 0 left out" in capsys.readouterr().out
+
+    def no_build(*a):
+        raise AssertionError("an index was rebuilt")
+
+    monkeypatch.setattr(dali_index, "_build", no_build)
+    loader = build_loader("dali", tmp_path, rank=0, world_size=1, batch_size=2, dali_verify="decode")
+    assert [ix.num_listed for ix in loader._indexes] == [2, 3]
+
+
+def _node_of_two(rank, world, root):
+    """Two ranks of one node: local rank 0 builds, rank 1 only reads after the barrier."""
+    import torch.distributed as dist
+
+    from train.distributed import DistContext
+    ctx = DistContext(rank, world, rank, torch.device("cpu"), dist.group.WORLD, "gloo")
+    built = []
+    real_build = dali_index._build
+    dali_index._build = lambda shard, *a: built.append(shard.name) or real_build(shard, *a)
+    # Only rank 1 asks for decode verification (as if only its node had seen a failure): both decode.
+    loader = build_loader("dali", root, rank=rank, world_size=world, batch_size=2, local_rank=ctx.local_rank,
+                          barrier=ctx.barrier, any_rank=lambda flag: ctx.any_rank(flag or rank == 1), mode="exact")
+    labels = torch.cat([y for _, y in loader]).tolist()
+    return built, labels[:len(labels) - loader.last_batch_padding], loader._indexes[0].decode_verified
+
+
+@pytest.mark.slow
+def test_two_ranks_of_a_node_share_one_index_build(tmp_path):
+    from distributed_harness import run_distributed
+    write_dataset(tmp_path, [3, 3, 2])
+    (b0, l0, v0), (b1, l1, v1) = run_distributed(_node_of_two, 2, str(tmp_path))
+    assert sorted(b0) == ["train-000000.tar", "train-000001.tar", "train-000002.tar"] and b1 == []
+    assert sorted(l0 + l1) == list(range(8))
+    assert v0 and v1
+
+
+def test_the_trainer_hands_the_dali_loader_its_node_barrier(tmp_path):
+    from train.builders import build_data, load_manifest
+    from train.config import TrainConfig
+    from train.distributed import DistContext
+    write_dataset(tmp_path, [2, 2])
+    cfg = TrainConfig.load("cpu_tiny", [f"data.manifest={tmp_path / 'manifest.json'}", "data.loader=dali",
+                                        "data.dali_verify=decode", "data.batch_size=2"])
+    ctx = DistContext(0, 1, 0, torch.device("cpu"), None, "none")
+    loader = build_data(cfg, ctx, load_manifest(cfg))
+    assert loader.barrier == ctx.barrier and loader.any_rank == ctx.any_rank and loader.verify == "decode"
+    assert all(ix.decode_verified for ix in loader._indexes)
 
 
 def test_dali_cuda_without_cuda_is_a_clear_error(dataset):

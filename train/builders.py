@@ -51,8 +51,13 @@ def apply_precision_settings(cfg: TrainConfig, device: torch.device) -> None:
 
 
 def set_deterministic(enabled: bool) -> None:
-    """Deterministic kernels (cuBLAS workspace, cuDNN, torch's deterministic mode) when ``enabled``."""
+    """Deterministic kernels (cuBLAS workspace, cuDNN, torch's deterministic mode) when ``enabled``.
+
+    Otherwise cuDNN's autotuner is switched on: the input shape is fixed (one image size,
+    one local batch), so each convolution's fastest algorithm is measured once and reused.
+    """
     if not enabled:
+        torch.backends.cudnn.benchmark = True
         return
     import os
     # cuBLAS needs a fixed workspace to be reproducible; it must be set before the first matmul.
@@ -96,6 +101,10 @@ def build_data(cfg: TrainConfig, ctx: DistContext, manifest: Optional[Any]) -> A
                                   workers=d.workers, seed=cfg.seed, mode=d.mode, shuffle_buffer=d.shuffle_buffer,
                                   flip=d.flip, strict=d.strict, device=str(ctx.device),
                                   epoch_samples=d.epoch_samples)
+    if d.loader == "dali":
+        # Index files are written once per node (local rank 0) while the other ranks wait.
+        kwargs.update(local_rank=ctx.local_rank, barrier=ctx.barrier, any_rank=ctx.any_rank,
+                      dali_verify=d.dali_verify)
     if d.loader == "synthetic" and manifest is None:
         # In-memory data without shards: its shape comes from the config.
         kwargs.update(num_classes=d.num_classes, num_samples=d.num_samples, image_size=(d.image_size, d.image_size))

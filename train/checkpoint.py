@@ -28,6 +28,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from partial_fc.generator_state import derived_seed
+
 from .distributed import DistContext, broadcast_object
 
 SHARED = "shared.pt"
@@ -77,20 +79,40 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 # ---------------------------------------------------------------------- RNG states
 def capture_rng(device: torch.device) -> dict:
-    """Python, NumPy, torch CPU and (on GPU) CUDA generator states of this process."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, NumPy, torch CPU and (on GPU) CUDA generator states of this process.
+
+    ``device_type`` records where the run was: a checkpoint written on the CPU has no
+    ``cuda`` entry, and :func:`restore_rng` seeds the GPU generator from the saved CPU
+    state instead.
+    """
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "device_type": device.type}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def restore_rng(state: dict, device: torch.device) -> None:
-    """Restore what :func:`capture_rng` returned."""
+def restore_rng(state: dict, device: torch.device) -> Optional[str]:
+    """Restore what :func:`capture_rng` returned, on this kind of device or another.
+
+    Python, NumPy and torch's CPU generator are device-independent and come back exactly.
+    A CUDA state is restored on any GPU index; a CPU checkpoint resumed on a GPU (no
+    ``cuda`` entry) seeds the CUDA generator from a hash of the saved CPU state
+    (deterministic; not the stream of a run that had been on a GPU all along); a GPU
+    checkpoint resumed on the CPU leaves its CUDA state unused.  Returns a note when the
+    restore was not exact, else None.
+    """
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
+    if device.type != "cuda":
+        return "the checkpoint's CUDA generator state is unused on the CPU" if "cuda" in state else None
+    if "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+        return None
+    torch.cuda.manual_seed(derived_seed(state["torch"]))
+    return ("the checkpoint was written without a GPU: the CUDA generator is seeded from its CPU "
+            "generator state (deterministic, a new stream)")
 
 
 # ---------------------------------------------------------------------- finding

@@ -54,6 +54,8 @@ class DataConfig:
     """Random horizontal flip of training images."""
     strict: bool = False
     """Stop on an undecodable sample instead of skipping and counting it."""
+    dali_verify: str = "header"
+    """loader=dali: what indexing checks per image, header (fast) or decode (every image decoded once with PIL)."""
     epoch_samples: Optional[int] = None
     """Samples per epoch (all ranks together); None: the manifest's num_samples."""
     num_classes: Optional[int] = None

@@ -30,6 +30,7 @@ def check_config(cfg: "TrainConfig") -> None:
         raise ConfigError("max_steps=0 and epochs=0: set one of them (e.g. --set max_steps=1000)")
     _choice("data.loader", d.loader, ("webdataset", "dali", "synthetic"))
     _choice("data.mode", d.mode, ("resampled", "exact"))
+    _choice("data.dali_verify", d.dali_verify, ("header", "decode"))
     _at_least("data.batch_size", d.batch_size, 1)
     _at_least("data.workers", d.workers, 0)
     _at_least("data.image_size", d.image_size, 8)

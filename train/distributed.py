@@ -1,6 +1,7 @@
 """Starting torch.distributed from the launcher's environment (torchrun, SLURM via torchrun, or none).
 
-This is the only module that reads ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``; everything else
+This is the only module that reads ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` (and the local-rank
+variables of SLURM and MPI when no ``LOCAL_RANK`` is set); everything else
 receives a :class:`DistContext` (and its process group) explicitly.
 """
 from __future__ import annotations
@@ -9,7 +10,7 @@ import datetime
 import os
 import socket
 from dataclasses import dataclass
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -48,6 +49,14 @@ class DistContext:
         if self.backend != "none" and self.world_size > 1:
             dist.barrier(group=self.group)
 
+    def any_rank(self, flag: bool) -> bool:
+        """True when ``flag`` is True on any rank (a collective: every rank calls it; set-up time only)."""
+        if self.backend == "none" or self.world_size == 1:
+            return flag
+        vote = torch.tensor([1.0 if flag else 0.0], device=self.device if self.backend == "nccl" else "cpu")
+        dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(vote.item() > 0)
+
     def shutdown(self, barrier: bool = True) -> None:
         """Destroy the process group if this context created it (after a barrier when ``barrier``)."""
         if self.owns_group and dist.is_initialized():
@@ -73,7 +82,55 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def resolve_device(device: str, local_rank: int) -> torch.device:
+# Where a launcher other than torchrun says which process of the node this is, with the variable
+# that says how many processes it started in all: (local rank variable, task count variable).
+# Open MPI, MPICH/Intel MPI (Hydra) and MVAPICH2 name theirs differently.
+LOCAL_RANK_SOURCES: tuple[tuple[str, str], ...] = (
+    ("SLURM_LOCALID", "SLURM_NTASKS"),
+    ("OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_SIZE"),
+    ("MPI_LOCALRANKID", "PMI_SIZE"),
+    ("MV2_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_SIZE"),
+)
+
+
+def resolve_local_rank(rank: int, world_size: int, gpu_count: int,
+                       env: Optional[Mapping[str, str]] = None) -> tuple[int, str]:
+    """This process's rank on its node and where that came from, for any launcher.
+
+    In order: ``LOCAL_RANK`` (torchrun, the DeepSpeed launcher); a scheduler's own local rank
+    (``SLURM_LOCALID``, ``OMPI_COMM_WORLD_LOCAL_RANK``, ``MPI_LOCALRANKID``,
+    ``MV2_COMM_WORLD_LOCAL_RANK``), trusted only when that scheduler started exactly
+    ``world_size`` tasks (one task per rank: under ``srun torchrun`` every worker sees the
+    node's single task, local id 0, and must not use it); ``rank % LOCAL_WORLD_SIZE``; and
+    last ``rank % gpu_count`` (ranks fill the nodes in order, one per GPU; 0 without GPUs).
+    """
+    env = os.environ if env is None else env
+
+    def read(name: str) -> Optional[int]:
+        value = env.get(name)
+        if value is None or value == "":
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            raise DistributedSetupError(f"environment variable {name}={value!r} is not an integer") from None
+
+    found = read("LOCAL_RANK")
+    if found is not None:
+        return found, "LOCAL_RANK"
+    for local_name, size_name in LOCAL_RANK_SOURCES:
+        local, size = read(local_name), read(size_name)
+        if local is not None and size == world_size:
+            return local, local_name
+    per_node = read("LOCAL_WORLD_SIZE")
+    if per_node:
+        return rank % per_node, "RANK % LOCAL_WORLD_SIZE"
+    if gpu_count > 0:
+        return rank % gpu_count, f"RANK % {gpu_count} visible GPUs"
+    return 0, "default (no GPU, no launcher local rank)"
+
+
+def resolve_device(device: str, local_rank: int, source: str = "LOCAL_RANK") -> torch.device:
     """torch.device for "auto"/"cpu"/"cuda" on this rank; a clear error when cuda is missing."""
     if device not in ("auto", "cpu", "cuda"):
         raise DistributedSetupError(f"device={device!r} is not one of auto, cpu, cuda")
@@ -87,8 +144,9 @@ def resolve_device(device: str, local_rank: int) -> torch.device:
         return torch.device("cpu")
     count = torch.cuda.device_count()
     if local_rank >= count:
-        raise DistributedSetupError(f"LOCAL_RANK={local_rank} but only {count} GPU(s) are visible: "
-                                    "start at most one process per GPU (--nproc_per_node)")
+        raise DistributedSetupError(f"local rank {local_rank} (from {source}) but only {count} GPU(s) are "
+                                    "visible: start at most one process per GPU (--nproc_per_node), or set "
+                                    "LOCAL_RANK when the scheduler binds one GPU per task")
     return torch.device("cuda", local_rank)
 
 
@@ -102,18 +160,19 @@ def init_distributed(backend: str = "auto", device: str = "auto", force_group: b
     """
     rank = _env_int("RANK", 0)
     world = _env_int("WORLD_SIZE", 1)
-    local_rank = _env_int("LOCAL_RANK", rank if world <= 1 else 0)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
-        local_rank = _env_int("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1))
-        dev = resolve_device(device, local_rank)
+        local_rank, source = resolve_local_rank(rank, world, gpus)
+        dev = resolve_device(device, local_rank, source)
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         return DistContext(rank, world, local_rank, dev, dist.group.WORLD, dist.get_backend(), False)
     if world < 1 or not 0 <= rank < world:
         raise DistributedSetupError(f"RANK={rank} and WORLD_SIZE={world} are inconsistent: "
                                     "launch with torchrun, which sets both")
-    dev = resolve_device(device, local_rank)
+    local_rank, source = resolve_local_rank(rank, world, gpus)
+    dev = resolve_device(device, local_rank, source)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if backend == "auto":
@@ -153,5 +212,5 @@ def broadcast_object(obj: object, ctx: DistContext, src: int = 0) -> object:
     return holder[0]
 
 
-__all__ = ["DistContext", "DistributedSetupError", "init_distributed", "resolve_device",
+__all__ = ["DistContext", "DistributedSetupError", "init_distributed", "resolve_device", "resolve_local_rank",
            "check_world_size", "broadcast_object"]

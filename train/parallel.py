@@ -87,14 +87,24 @@ class DDPRunner(BackboneRunner):
         self.device_type = ctx.device.type
         self.autocast_dtype = AUTOCAST[cfg.precision.dtype]
         self.optimizer = build_backbone_optimizer(param_groups(module, cfg.optim.weight_decay), cfg.optim, lr)
-        forward_module: nn.Module = torch.compile(module) if cfg.model.compile else module
+        forward_module: nn.Module = module
+        self.ddp: Optional[DistributedDataParallel] = None
         if ctx.world_size > 1:
-            forward_module = DistributedDataParallel(
-                forward_module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+            self.ddp = DistributedDataParallel(
+                module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
                 process_group=ctx.group, bucket_cap_mb=cfg.parallel.bucket_cap_mb,
                 # Gradients live in the all-reduce buckets: no second copy, and no stride mismatch
                 # warnings for 1x1 convolutions whose weights have ambiguous strides.
                 gradient_as_bucket_view=True)
+            forward_module = self.ddp
+        if cfg.model.compile:
+            # Compile the DDP wrapper, not the module inside it.  DDP hooks each parameter's
+            # gradient to launch a bucket's all-reduce as soon as the bucket is full; inside a
+            # compiled module the whole backward is one graph, so every hook would fire at its
+            # end and no all-reduce would overlap the backward.  Given the DDP module, dynamo's
+            # DDPOptimizer splits the graph at the bucket boundaries (bucket_cap_mb), so each
+            # bucket's all-reduce starts while the earlier layers' backward still runs.
+            forward_module = torch.compile(forward_module)
         self.model = forward_module
         fp16 = cfg.precision.dtype == "fp16"
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=fp16, init_scale=cfg.precision.init_scale,
@@ -109,8 +119,8 @@ class DDPRunner(BackboneRunner):
 
     def accumulate(self, last: bool) -> contextlib.AbstractContextManager:
         """DDP's no_sync on every micro-step but the last."""
-        if not last and isinstance(self.model, DistributedDataParallel):
-            return self.model.no_sync()
+        if not last and self.ddp is not None:
+            return self.ddp.no_sync()  # the DDP object itself, also when self.model is its compiled wrapper
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor, accum: int, last: bool) -> None:

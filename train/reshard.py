@@ -14,6 +14,8 @@ from typing import Callable, Optional
 
 import torch
 
+from partial_fc.generator_state import portable_state, restore_state
+
 from .checkpoint import rank_file
 
 # Every row-aligned tensor of a shard file lives under this key, by name.
@@ -118,7 +120,7 @@ def classifier_state(head: torch.nn.Module, optimizer: torch.optim.Optimizer,
              "margin": {k: v.cpu() if torch.is_tensor(v) else v for k, v in head.margin.state_dict().items()}}
     round_gen = getattr(optimizer, "rounding_generator", None)  # bf16 stochastic rounding stream
     if round_gen is not None:
-        extra["round_gen"] = round_gen.get_state().cpu()
+        extra["round_gen"] = portable_state(round_gen)  # with its device kind: see partial_fc.generator_state
     return {"class_start": head.class_start, "num_local": head.num_local, "num_classes": head.num_classes,
             ROWS: {k: v.detach().cpu().clone() for k, v in rows.items()}, "extra": extra,
             "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]}
@@ -154,7 +156,7 @@ def restore_classifier(head: torch.nn.Module, optimizer: torch.optim.Optimizer, 
         head.set_extra_state(extra["head"])
         round_gen = getattr(optimizer, "rounding_generator", None)
         if round_gen is not None and "round_gen" in extra:
-            round_gen.set_state(extra["round_gen"])
+            restore_state(round_gen, extra["round_gen"])  # exact on the same device kind, else re-seeded
 
 
 def load_classifier(head: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path, shared: dict,
