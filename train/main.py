@@ -70,12 +70,13 @@ def run_cli(argv: list[str]) -> int:
     """``python -m train.main``: a mistake in the config or the setup is one line, not a traceback."""
     from .config import ConfigError
     from .distributed import DistributedSetupError
+    from .preemption import PREEMPTED_EXIT_CODE
     try:
-        main(argv)
+        summary = main(argv)
     except (ConfigError, DistributedSetupError, FileNotFoundError) as err:
         print(f"train.main: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return PREEMPTED_EXIT_CODE if summary.get("preempted") else 0
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from .distributed import DistContext, check_world_size
 from .loggers import Logger, Throughput, format_duration
 from .optim import build_classifier_optimizer, scaled_lrs
 from .parallel import build_runner
+from .preemption import PREEMPTED_EXIT_CODE, PreemptionHandler
 from .reshard import classifier_state, load_classifier
 from .schedule import LRSchedule
 from .step import Batch, StepResult, TrainStep
@@ -247,8 +248,11 @@ class Trainer:
         last_saved = self.step if folder is not None else -1
         self.runner.module.train()
         self.head.train()
+        # Installed before the first batch, so forked loader workers inherit handlers that ignore the signal.
+        preemption = PreemptionHandler(self.ctx, cfg.preempt.signals, lambda: self.step).install()
+        preempted = False
         try:
-            while self.step < end:
+            while self.step < end and not preempted:
                 self.schedule.set_step(self.step)
                 last = self.train_step(batches)
                 meter.add(last.samples)
@@ -262,12 +266,20 @@ class Trainer:
                 if self._due(cfg.checkpoint.every_steps):
                     self.save_checkpoint()
                     last_saved = self.step
+                # Every rank stops after the same step when any of them was signalled.
+                preempted = preemption.should_stop() and self.step < self.total_steps
         except BaseException as err:
+            preemption.uninstall()
             self.logger.finish({"error": f"{type(err).__name__}: {err}", "steps": self.step})
             raise
+        if preempted:
+            self.logger.log_text(f"preempted: checkpoint of step {self.step}, then stopping (exit code "
+                                 f"{PREEMPTED_EXIT_CODE}; resume with "
+                                 f"--set checkpoint.resume=latest)")
         elapsed = time.perf_counter() - t_start
         final_ckpt = self.save_checkpoint() if last_saved != self.step else \
             self.checkpoint_dir / checkpoint_name(self.step)
+        preemption.uninstall()  # after the save: a signal during it still aborts only on a second one
         finished = self.step >= self.total_steps
         if finished and cfg.eval.at_end:
             self.evaluate()
@@ -280,7 +292,7 @@ class Trainer:
             "samples_per_s": steps_run * self.samples_per_step / elapsed if elapsed > 0 and steps_run else None,
             "wall_s": elapsed, "eval": self.eval_results, "run_dir": str(self.run_dir),
             "checkpoint": str(final_ckpt), "export": str(export) if export else None,
-            "wandb_run_id": self.wandb_run_id,
+            "wandb_run_id": self.wandb_run_id, "preempted": preempted,
         }
         self.logger.log_text(f"{'done' if finished else 'stopped'}: step {self.step}/{self.total_steps}, "
                              f"{steps_run} steps in {format_duration(elapsed)}, final loss {summary['final_loss']}, "
