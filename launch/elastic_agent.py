@@ -31,7 +31,7 @@ def _install_single_signal_handler() -> None:
             return
         seen.append(signum)
         # Its "sending closing signal" warnings would repeat what the ranks and the launcher say.
-        logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+        logging.disable(logging.WARNING)
         original(signum, frame)
 
     # torchrun registers the handler by this module-level name each time it starts workers.
