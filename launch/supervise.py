@@ -3,8 +3,8 @@
 torchrun runs in its own session, so a terminal's Ctrl-C reaches only this launcher,
 which then decides what the ranks get:
 
-* a preemption signal (``preempt.signals``: SIGTERM, SIGUSR1 by default) goes to torchrun,
-  which sends it to every worker and waits ``preempt.grace_s`` for them (torchrun is told to
+* a preemption signal (``preempt.signals``: SIGTERM, SIGUSR1 by default) goes to torchrun
+  (as SIGUSR1 when that is one of them, see :meth:`Supervisor._relayed`), which sends it to every worker and waits ``preempt.grace_s`` for them (torchrun is told to
   handle these signals and to wait that long); the ranks finish their step, save it and exit.
   The launcher then exits with :data:`train.preemption.PREEMPTED_EXIT_CODE` when a new
   checkpoint appeared.
@@ -115,7 +115,7 @@ class Supervisor:
             if self.preempted_by is None:
                 self.preempted_by = signal.Signals(signum)
                 self.deadline = time.monotonic() + self.grace_s + PREEMPT_EXTRA_S
-                os.kill(proc.pid, signum)
+                os.kill(proc.pid, self._relayed(signum))
             return
         self.interrupted += 1
         if self.interrupted == 1:
@@ -123,6 +123,16 @@ class Supervisor:
             os.kill(proc.pid, signal.SIGINT)
         else:
             self.deadline = 0.0  # a second interrupt: kill now
+
+    def _relayed(self, signum: int) -> int:
+        """The signal torchrun gets: SIGUSR1 when it is a preemption signal, else the one received.
+
+        torchrun sends it to each worker's whole process group, DataLoader workers included,
+        and torch's own SIGTERM handler in a DataLoader worker ends the worker (unless its rank
+        sent it): the rank's step would then fail.  SIGUSR1 is left to the handler the workers
+        inherit from their rank, which ignores it there.
+        """
+        return int(signal.SIGUSR1) if int(signal.SIGUSR1) in self._preempt_numbers else signum
 
     def _kill_all(self) -> None:
         assert self.proc is not None

@@ -77,18 +77,29 @@ def alive(pid: int) -> bool:
     return state[state.rfind(")") + 2] != "Z"
 
 
+def shards_with_loader_workers(root: Path) -> list[str]:
+    """Settings for a small webdataset read by 2 DataLoader workers per rank (they see the signals too)."""
+    from data_pipeline.synthetic import SynthConfig
+    from data_pipeline.synthetic_dataset import make_synthetic_dataset
+    make_synthetic_dataset(SynthConfig(num_identities=12, images_per_identity=8, heldout_identities=2,
+                                       heldout_pairs=10, image_size=32), root, samples_per_shard=24, workers=1)
+    return ["data.loader=webdataset", f"data.manifest={root / 'manifest.json'}", "data.num_classes=12",
+            "data.num_samples=96", "data.workers=2", "data.shuffle_buffer=10"]
+
+
 @pytest.mark.slow
 def test_signal_at_a_random_step_saves_that_step_and_resumes_bit_identically(tmp_path):
     total = 30
+    data = shards_with_loader_workers(tmp_path / "data")
     chooser = random.Random()
     sig = chooser.choice([signal.SIGTERM, signal.SIGUSR1])
     at = chooser.randint(2, total - 8)
     why = f"({sig.name} after step {at})"
-    ref = start_training(tmp_path / "ref", total)
+    ref = start_training(tmp_path / "ref", total, *data)
     ref_log = ref.communicate(timeout=300)[0]
     assert ref.returncode == 0, ref_log[-3000:]
 
-    proc = start_training(tmp_path / "run", total)
+    proc = start_training(tmp_path / "run", total, *data)
     lines = read_until_step(proc, at, total)
     time.sleep(chooser.random() * 0.05)  # a random moment inside the next steps
     proc.send_signal(sig)
@@ -106,7 +117,7 @@ def test_signal_at_a_random_step_saves_that_step_and_resumes_bit_identically(tmp
     assert "Traceback" not in log, log[-3000:]
     assert f"last checkpoint {saved}" in log.splitlines()[-1], log[-500:]
 
-    resumed = start_training(tmp_path / "run", total, "checkpoint.resume=latest")
+    resumed = start_training(tmp_path / "run", total, *data, "checkpoint.resume=latest")
     resumed_log = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, resumed_log[-3000:]
     assert f"resumed from {saved} at step {stopped}" in resumed_log
