@@ -101,7 +101,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
                                  cfg.preempt.grace_s)
         print("launching: " + " ".join(cmd), flush=True)
         folder = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.output_dir) / "checkpoints"
-        return Supervisor(cmd, cfg.preempt.signals, cfg.preempt.grace_s, folder).run()
+        return Supervisor(cmd, cfg.preempt.signals, cfg.preempt.grace_s, folder,
+                          Path(cfg.output_dir) / "summary.json").run()
     from train.main import main as train_main
     from train.preemption import PREEMPTED_EXIT_CODE
     return PREEMPTED_EXIT_CODE if train_main(train_args).get("preempted") else 0

@@ -6,8 +6,8 @@ which then decides what the ranks get:
 * a preemption signal (``preempt.signals``: SIGTERM, SIGUSR1 by default) goes to torchrun
   (as SIGUSR1 when that is one of them, see :meth:`Supervisor._relayed`), which sends it to every worker and waits ``preempt.grace_s`` for them (torchrun is told to
   handle these signals and to wait that long); the ranks finish their step, save it and exit.
-  The launcher then exits with :data:`train.preemption.PREEMPTED_EXIT_CODE` when a new
-  checkpoint appeared.
+  The launcher then exits with :data:`train.preemption.PREEMPTED_EXIT_CODE` when the
+  ranks say so (``preempted`` in the summary.json rank 0 writes).
 * SIGINT or SIGHUP goes to torchrun as SIGINT: the ranks stop at once.  After
   :data:`STOP_WAIT_S` everything left is killed; a second Ctrl-C kills at once.
 
@@ -62,6 +62,28 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def children(pid: int) -> list[int]:
+    """The live direct children of ``pid``."""
+    kids = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            kids += [int(x) for x in task.read_text().split()]
+        except OSError:
+            pass
+    return kids
+
+
+def catches(pid: int, signum: int) -> bool:
+    """True when process ``pid`` has a handler for ``signum`` (the SigCgt mask in /proc)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
 def _reap() -> None:
     """Collect exited orphans (this process is their subreaper), never the torchrun child itself."""
     for pid in descendants(os.getpid()):
@@ -100,11 +122,14 @@ class Supervisor:
     """torchrun's wait for the workers after a preemption signal."""
     checkpoint_dir: Path
     """Where the run's checkpoints go (named in the closing line)."""
+    summary_path: Optional[Path] = None
+    """The run's summary.json, whose ``preempted`` says that the ranks stopped on the signal."""
     proc: Optional[subprocess.Popen] = None
     preempted_by: Optional[signal.Signals] = None
     interrupted: int = 0
     deadline: float = float("inf")
-    before: Optional[Path] = None
+    _started: float = 0.0
+    pending: Optional[int] = None
     _preempt_numbers: list[int] = field(default_factory=list)
 
     def _on_signal(self, signum: int, frame) -> None:
@@ -115,7 +140,8 @@ class Supervisor:
             if self.preempted_by is None:
                 self.preempted_by = signal.Signals(signum)
                 self.deadline = time.monotonic() + self.grace_s + PREEMPT_EXTRA_S
-                os.kill(proc.pid, self._relayed(signum))
+                self.pending = self._relayed(signum)
+                self._forward_when_ready()
             return
         self.interrupted += 1
         if self.interrupted == 1:
@@ -123,6 +149,20 @@ class Supervisor:
             os.kill(proc.pid, signal.SIGINT)
         else:
             self.deadline = 0.0  # a second interrupt: kill now
+
+    def _forward_when_ready(self) -> None:
+        """Send the pending preemption signal once torchrun and every rank catch it.
+
+        Until then (torchrun or a rank still starting) the signal would kill the process
+        instead of asking it to stop, so it waits here; start-up takes seconds.
+        """
+        proc = self.proc
+        if self.pending is None or proc is None or proc.poll() is not None:
+            return
+        ranks = children(proc.pid)
+        if ranks and all(catches(pid, self.pending) for pid in [proc.pid] + ranks):
+            os.kill(proc.pid, self.pending)
+            self.pending = None
 
     def _relayed(self, signum: int) -> int:
         """The signal torchrun gets: SIGUSR1 when it is a preemption signal, else the one received.
@@ -133,6 +173,17 @@ class Supervisor:
         inherit from their rank, which ignores it there.
         """
         return int(signal.SIGUSR1) if int(signal.SIGUSR1) in self._preempt_numbers else signum
+
+    def _ranks_preempted(self) -> bool:
+        """Rank 0 wrote this launch's summary.json saying the ranks stopped on the signal."""
+        path = self.summary_path
+        try:
+            if path is None or path.stat().st_mtime < self._started:
+                return False
+            import json
+            return bool(json.loads(path.read_text()).get("preempted"))
+        except (OSError, ValueError):
+            return False
 
     def _kill_all(self) -> None:
         assert self.proc is not None
@@ -149,7 +200,7 @@ class Supervisor:
         self._preempt_numbers = [int(s) for s in signal_numbers(self.preempt_signals)]
         handled = self._preempt_numbers + [int(signal.SIGINT), int(signal.SIGHUP)]
         previous = {s: signal.getsignal(s) for s in handled}
-        self.before = latest_checkpoint(self.checkpoint_dir)
+        self._started = time.time()
         for s in handled:
             signal.signal(s, self._on_signal)
         try:
@@ -167,6 +218,7 @@ class Supervisor:
                 rc = self.proc.wait(timeout=0.2)
                 break
             except subprocess.TimeoutExpired:
+                self._forward_when_ready()
                 if time.monotonic() > self.deadline:
                     self._kill_all()
         # Ranks whose torchrun died (or their loader workers) are ours now: give them a moment, then kill.
@@ -192,12 +244,11 @@ class Supervisor:
         if self.interrupted:
             print(f"shardface: interrupted, every rank stopped; {where}{resume}", file=sys.stderr, flush=True)
             return 130
-        saved = latest is not None and latest != self.before
-        if saved:
+        if self._ranks_preempted():
             print(f"shardface: preempted by {self.preempted_by.name}: {where}{resume} (exit {preempted_code})",
                   file=sys.stderr, flush=True)
             return preempted_code
-        print(f"shardface: {self.preempted_by.name} but no new checkpoint was written; {where}{resume}",
+        print(f"shardface: {self.preempted_by.name} but the ranks did not stop with a checkpoint; {where}{resume}",
               file=sys.stderr, flush=True)
         return rc if rc else 1
 

@@ -59,10 +59,12 @@ def _say(text: str) -> None:
 class PreemptionHandler:
     """Per-rank signal handling: a flag set by the first signal, agreed on by all ranks each step."""
 
-    def __init__(self, ctx: "DistContext", signals: list[str], step: Callable[[], int] = lambda: -1):
+    def __init__(self, ctx: "DistContext", signals: list[str],
+                 step: Callable[[], Optional[int]] = lambda: None):
         self.ctx = ctx
         self.signals = signal_numbers(signals)
-        self._step = step
+        self.step = step
+        """This rank's current step, named in its messages."""
         self.received: Optional[signal.Signals] = None
         self._first_at = 0.0
         self._pid = os.getpid()
@@ -93,7 +95,8 @@ class PreemptionHandler:
         now = time.monotonic()
         if self.received is None:
             self.received, self._first_at = sig, now
-            _say(f"rank {self.ctx.rank}: {sig.name} at step {self._step()}: finishing the step, then saving "
+            where = "during start-up" if self.step() is None else f"at step {self.step()}"
+            _say(f"rank {self.ctx.rank}: {sig.name} {where}: finishing the step, then saving "
                  f"a checkpoint and exiting with code {PREEMPTED_EXIT_CODE} (send it again to abort)")
             return
         if now - self._first_at < REPEAT_WINDOW_S:
@@ -104,7 +107,8 @@ class PreemptionHandler:
     def _on_interrupt(self, signum: int, frame: Optional[FrameType]) -> None:
         if os.getpid() != self._pid:
             return
-        _say(f"rank {self.ctx.rank}: interrupted at step {self._step()}")
+        where = "during start-up" if self.step() is None else f"at step {self.step()}"
+        _say(f"rank {self.ctx.rank}: interrupted {where}")
         # Checkpoints are written atomically, so stopping mid-save leaves the previous one.
         os._exit(INTERRUPTED_EXIT_CODE)
 

@@ -230,11 +230,14 @@ class Trainer:
                                             "num_classes": self.num_classes, "world_size": ctx.world_size}})
         return folder
 
-    def fit(self, stop_at_step: Optional[int] = None) -> dict[str, Any]:
+    def fit(self, stop_at_step: Optional[int] = None,
+            preemption: Optional[PreemptionHandler] = None) -> dict[str, Any]:
         """Train to ``total_steps`` (resuming if configured); returns the run's summary.
 
         ``stop_at_step`` ends this process's work early, with a checkpoint and without the
         final evaluation and export (a time-limited job that a later job resumes).
+        ``preemption``: handlers installed before the trainer was built (``train.main``), so
+        that a signal during start-up also ends in a checkpoint; by default fit installs them.
         """
         cfg = self.cfg
         folder = self._start()
@@ -249,8 +252,10 @@ class Trainer:
         self.runner.module.train()
         self.head.train()
         # Installed before the first batch, so forked loader workers inherit handlers that ignore the signal.
-        preemption = PreemptionHandler(self.ctx, cfg.preempt.signals, lambda: self.step).install()
-        preempted = False
+        if preemption is None:
+            preemption = PreemptionHandler(self.ctx, cfg.preempt.signals).install()
+        preemption.step = lambda: self.step
+        preempted = preemption.should_stop() and self.step < self.total_steps  # a signal during start-up
         try:
             while self.step < end and not preempted:
                 self.schedule.set_step(self.step)
