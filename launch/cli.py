@@ -92,15 +92,20 @@ def _cmd_train(a: argparse.Namespace) -> int:
     overrides = _overrides(a)
     # Validate the configuration here, so that a mistake is one line before any process starts.
     from train.config import TrainConfig
-    _check_launch(TrainConfig.load(a.config, overrides), spec)
+    cfg = TrainConfig.load(a.config, overrides)
+    _check_launch(cfg, spec)
     train_args = ["--config", a.config] + [x for item in overrides for x in ("--set", item)]
     if spec.needs_torchrun and not under_torchrun():
-        cmd = torchrun_command(spec, "train.main", train_args)
+        from .supervise import Supervisor, supervised_command
+        cmd = supervised_command(torchrun_command(spec, "train.main", train_args), cfg.preempt.signals,
+                                 cfg.preempt.grace_s)
         print("launching: " + " ".join(cmd), flush=True)
-        return subprocess.call(cmd)
+        folder = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.output_dir) / "checkpoints"
+        return Supervisor(cmd, cfg.preempt.signals, cfg.preempt.grace_s, folder,
+                          Path(cfg.output_dir) / "summary.json").run()
     from train.main import main as train_main
-    train_main(train_args)
-    return 0
+    from train.preemption import PREEMPTED_EXIT_CODE
+    return PREEMPTED_EXIT_CODE if train_main(train_args).get("preempted") else 0
 
 
 # --------------------------------------------------------------------------- model use

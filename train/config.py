@@ -209,6 +209,16 @@ class EvalConfig:
 
 
 @dataclass
+class PreemptConfig:
+    """Stopping cleanly on a scheduler's signal (SLURM preemption, the time limit, a node drain)."""
+
+    signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    """Signals after which every rank finishes its step, saves a checkpoint of it and exits with code 75 (resume with checkpoint.resume=latest); a second one aborts; []: the signals act as usual."""
+    grace_s: int = 300
+    """Seconds torchrun and shardface train give the ranks to finish the step and save after such a signal before they are killed."""
+
+
+@dataclass
 class LogConfig:
     """Console and Weights & Biases logging (rank 0 only)."""
 
@@ -230,6 +240,7 @@ SECTIONS: dict[str, type] = {
     "data": DataConfig, "model": ModelConfig, "loss": LossConfig, "optim": OptimConfig,
     "parallel": ParallelConfig, "precision": PrecisionConfig, "checkpoint": CheckpointConfig,
     "eval": EvalConfig, "log": LogConfig,
+    "preempt": PreemptConfig,
 }
 
 
@@ -267,6 +278,8 @@ class TrainConfig:
     """Evaluation section."""
     log: LogConfig = field(default_factory=LogConfig)
     """Logging section."""
+    preempt: PreemptConfig = field(default_factory=PreemptConfig)
+    """Preemption section."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -390,5 +403,5 @@ def resolve_preset(preset_or_path: str) -> Path:
 
 
 __all__ = ["ConfigError", "TrainConfig", "DataConfig", "ModelConfig", "LossConfig", "OptimConfig",
-           "ParallelConfig", "PrecisionConfig", "CheckpointConfig", "EvalConfig", "LogConfig",
+           "ParallelConfig", "PrecisionConfig", "CheckpointConfig", "EvalConfig", "LogConfig", "PreemptConfig",
            "SECTIONS", "all_keys", "list_presets", "resolve_preset"]

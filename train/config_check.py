@@ -92,3 +92,13 @@ def check_config(cfg: "TrainConfig") -> None:
     _at_least("eval.every_steps", e.every_steps, 0, "0 evaluates only at the end")
     _at_least("eval.batch_size", e.batch_size, 1)
     _at_least("log.every_steps", lg.every_steps, 1)
+    _check_preempt(cfg)
+
+
+def _check_preempt(cfg: "TrainConfig") -> None:
+    from .preemption import signal_numbers
+    try:
+        signal_numbers(cfg.preempt.signals)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    _at_least("preempt.grace_s", cfg.preempt.grace_s, 1)

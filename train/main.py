@@ -52,9 +52,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     from .trainer import Trainer
     ctx = init_distributed(backend=cfg.parallel.backend, device=cfg.device,
                            force_group=cfg.parallel.strategy == "deepspeed")
+    # Installed before the trainer is built: a preemption during start-up still ends with exit 75.
+    from .preemption import PreemptionHandler
+    preemption = PreemptionHandler(ctx, cfg.preempt.signals).install()
     ok = False
     try:
-        summary = Trainer(cfg, ctx).fit()
+        summary = Trainer(cfg, ctx).fit(preemption=preemption)
         if ctx.is_main:
             path = Path(cfg.output_dir) / "summary.json"
             path.write_text(json.dumps(_json_safe(summary), indent=2))
@@ -70,12 +73,13 @@ def run_cli(argv: list[str]) -> int:
     """``python -m train.main``: a mistake in the config or the setup is one line, not a traceback."""
     from .config import ConfigError
     from .distributed import DistributedSetupError
+    from .preemption import PREEMPTED_EXIT_CODE
     try:
-        main(argv)
+        summary = main(argv)
     except (ConfigError, DistributedSetupError, FileNotFoundError) as err:
         print(f"train.main: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return PREEMPTED_EXIT_CODE if summary.get("preempted") else 0
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from .distributed import DistContext, check_world_size
 from .loggers import Logger, Throughput, format_duration
 from .optim import build_classifier_optimizer, scaled_lrs
 from .parallel import build_runner
+from .preemption import PREEMPTED_EXIT_CODE, PreemptionHandler
 from .reshard import classifier_state, load_classifier
 from .schedule import LRSchedule
 from .step import Batch, StepResult, TrainStep
@@ -231,11 +232,14 @@ class Trainer:
                                             "num_classes": self.num_classes, "world_size": ctx.world_size}})
         return folder
 
-    def fit(self, stop_at_step: Optional[int] = None) -> dict[str, Any]:
+    def fit(self, stop_at_step: Optional[int] = None,
+            preemption: Optional[PreemptionHandler] = None) -> dict[str, Any]:
         """Train to ``total_steps`` (resuming if configured); returns the run's summary.
 
         ``stop_at_step`` ends this process's work early, with a checkpoint and without the
         final evaluation and export (a time-limited job that a later job resumes).
+        ``preemption``: handlers installed before the trainer was built (``train.main``), so
+        that a signal during start-up also ends in a checkpoint; by default fit installs them.
         """
         cfg = self.cfg
         folder = self._start()
@@ -249,8 +253,13 @@ class Trainer:
         last_saved = self.step if folder is not None else -1
         self.runner.module.train()
         self.head.train()
+        # Installed before the first batch, so forked loader workers inherit handlers that ignore the signal.
+        if preemption is None:
+            preemption = PreemptionHandler(self.ctx, cfg.preempt.signals).install()
+        preemption.step = lambda: self.step
+        preempted = preemption.should_stop() and self.step < self.total_steps  # a signal during start-up
         try:
-            while self.step < end:
+            while self.step < end and not preempted:
                 self.schedule.set_step(self.step)
                 logs = (self.step + 1) % cfg.log.every_steps == 0 or self.step + 1 == self.total_steps
                 last = self.train_step(batches, log=logs, step=self.step + 1)
@@ -265,12 +274,20 @@ class Trainer:
                 if self._due(cfg.checkpoint.every_steps):
                     self.save_checkpoint()
                     last_saved = self.step
+                # Every rank stops after the same step when any of them was signalled.
+                preempted = preemption.should_stop() and self.step < self.total_steps
         except BaseException as err:
+            preemption.uninstall()
             self.logger.finish({"error": f"{type(err).__name__}: {err}", "steps": self.step})
             raise
+        if preempted:
+            self.logger.log_text(f"preempted: checkpoint of step {self.step}, then stopping (exit code "
+                                 f"{PREEMPTED_EXIT_CODE}; resume with "
+                                 f"--set checkpoint.resume=latest)")
         elapsed = time.perf_counter() - t_start
         final_ckpt = self.save_checkpoint() if last_saved != self.step else \
             self.checkpoint_dir / checkpoint_name(self.step)
+        preemption.uninstall()  # after the save: a signal during it still aborts only on a second one
         finished = self.step >= self.total_steps
         if finished and cfg.eval.at_end:
             self.evaluate()
@@ -283,7 +300,7 @@ class Trainer:
             "samples_per_s": steps_run * self.samples_per_step / elapsed if elapsed > 0 and steps_run else None,
             "wall_s": elapsed, "eval": self.eval_results, "run_dir": str(self.run_dir),
             "checkpoint": str(final_ckpt), "export": str(export) if export else None,
-            "wandb_run_id": self.wandb_run_id,
+            "wandb_run_id": self.wandb_run_id, "preempted": preempted,
         }
         self.logger.log_text(f"{'done' if finished else 'stopped'}: step {self.step}/{self.total_steps}, "
                              f"{steps_run} steps in {format_duration(elapsed)}, final loss {summary['final_loss']}, "
