@@ -36,16 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.results import machine_description, markdown_table, write_section  # noqa: E402
 from partial_fc import PartialFC, build_head_optimizer  # noqa: E402
-from partial_fc.margins.base import Margin  # noqa: E402
-
-
-class _ArcLike(Margin):
-    """s·cos(θ + m) on the target (the margin's cost is not what is measured here)."""
-
-    def forward(self, inp):
-        target_cos = inp.cos.gather(1, inp.target.clamp(min=0)[:, None])[:, 0]
-        theta = torch.acos(target_cos.clamp(-1 + 1e-7, 1 - 1e-7))
-        return self.apply_target(inp.cos * 64.0, inp, torch.cos(theta + 0.5) * 64.0)
+from partial_fc.margins import ArcFace  # noqa: E402
 
 
 def _peak_rss_mib() -> float:
@@ -63,7 +54,7 @@ def _time(fn, steps: int) -> float:
 
 
 def _partial_fc_step(args, rank):
-    head = PartialFC(args.dim, args.classes, _ArcLike(), sample_rate=args.rate,
+    head = PartialFC(args.dim, args.classes, ArcFace(s=64.0, m=0.5), sample_rate=args.rate,
                      param_dtype=torch.bfloat16 if args.bf16 else torch.float32)
     opt = build_head_optimizer(head, "sgd", lr=0.1)
     x = torch.randn(args.batch, args.dim, requires_grad=True)
@@ -193,7 +184,7 @@ def _mem_available_gib() -> float:
 
 
 def _floor_table(args) -> tuple[str, list]:
-    """One rank's step against its floor, float32 and bfloat16 storage (best of ``--floor-runs``)."""
+    """One rank's step against its floor, float32 and bfloat16 storage."""
     rows = []
     for bf16 in (False, True):
         cfg = argparse.Namespace(**{**vars(args), "classes": args.floor_classes, "rate": args.floor_rate,
