@@ -26,10 +26,10 @@ from typing import Iterator, Optional
 
 import torch
 
-# Elements per block: 256k float32 = 1 MiB per tensor, so a block of weight, state,
+# Elements per block: 512k float32 = 2 MiB per tensor, so a block of weight, state,
 # gradient and noise fits in this machine class's L2 + L3; larger blocks gain nothing and
 # smaller ones pay Python dispatch per op.
-BLOCK_ELEMENTS = 1 << 18
+BLOCK_ELEMENTS = 1 << 19
 
 
 def blocks(num_rows: int, width: int, block_elements: Optional[int] = None) -> Iterator[slice]:
