@@ -213,7 +213,8 @@ def main(argv=None) -> None:
     p.add_argument("--floor-rate", type=float, default=0.1)
     p.add_argument("--floor-batch", type=int, default=128, help="global batch of the floor table")
     p.add_argument("--floor-steps", type=int, default=9, help="alternated step/floor pairs timed")
-    p.add_argument("--skip-scale", action="store_true", help="only the floor table")
+    p.add_argument("--skip-scale", action="store_true",
+                   help="only the floor table (its own section of RESULTS.md)")
     p.add_argument("--no-write", action="store_true", help="print only, do not touch RESULTS.md")
     args = p.parse_args(argv)
 
@@ -246,28 +247,32 @@ def main(argv=None) -> None:
                          "" if ratio != ratio else f"{ratio:.2f}×", f"{r['peak']:.0f}",
                          f"{r['bytes_per_class']:.0f}"])
     end_load = os.getloadavg()[0]
-    body = (f"`python bench/partial_fc_bench.py` on {machine_description()}; 1-minute load average "
-            f"{load:.1f} at the start and {end_load:.1f} at the end (the machine is shared: other work ran "
-            "on the same 2 cores).\n\n"
-            f"**Step against its floor**: one rank, {args.floor_classes:,} classes, r = {args.floor_rate}, "
-            f"global batch {args.floor_batch}, D = {args.dim}, SGD with momentum; median of "
-            f"{args.floor_steps} steps, each followed by one floor measurement.\n\n{floor_table}\n\n"
-            "The floor is the step's three matrix products (logits, grad of features, grad of the rows) into "
-            "preallocated outputs plus one gather and one scatter of the sampled rows of weight and momentum "
-            "in their storage dtype: the traffic any sparse update needs. The bf16 floor moves half the bytes.")
-    if rows:
-        table = markdown_table(["classes", "layout", "r", "step ms", "floor ms", "step/floor", "peak MiB/rank",
-                                "B/class"], rows)
-        body += (f"\n\n**At scale**: gloo, W = {args.world_size}, D = {args.dim}, {args.batch} samples per rank, "
-                 f"median of {args.steps} steps (floor as above, per rank).\n\n{table}\n\n"
-                 "B/class is the peak resident memory a rank gains for the step (weight, optimiser state, "
-                 "logits, the sampled rows' buffer and gradient, allocator slack) divided by the classes it "
-                 "holds. The persistent part is the weight and its momentum: 4096 B/class in fp32, 2048 B/class "
-                 "with bf16 storage; the rest is proportional to r. For scale: PLSC's published 92M classes on "
-                 "8 × 32 GB is about 2.8 KB/class. The replicated layout holds all C rows, their normalised "
-                 "copy, gradient and momentum on every rank; at 1M classes it does not fit this 24 GiB machine. "
-                 "At r = 1 in fp32 the rows are updated where they live, with no gather or scatter, so the step "
-                 "can come out below the floor as defined.")
+    where = (f"`python bench/partial_fc_bench.py` on {machine_description()}; 1-minute load average "
+             f"{load:.1f} at the start and {end_load:.1f} at the end (the machine is shared: other work ran "
+             "on the same 2 cores).")
+    floor_body = (f"{where} One rank, {args.floor_classes:,} classes, r = {args.floor_rate}, global batch "
+                  f"{args.floor_batch}, D = {args.dim}, ArcFace, SGD with momentum; median of {args.floor_steps} "
+                  f"steps, each followed by one floor measurement.\n\n{floor_table}\n\n"
+                  "The floor is the step's three matrix products (logits, grad of features, grad of the rows) "
+                  "into preallocated outputs plus one gather and one scatter of the sampled rows of weight and "
+                  "momentum in their storage dtype: the traffic any sparse update needs (the bf16 floor moves "
+                  "half the bytes). Step and floor alternate, so load from other work falls on both alike.")
+    print(floor_body)
+    if not args.no_write:
+        write_section("Partial FC step against its floor", floor_body)
+    if not rows:
+        return
+    table = markdown_table(["classes", "layout", "r", "step ms", "floor ms", "step/floor", "peak MiB/rank",
+                            "B/class"], rows)
+    body = (f"{where} gloo, W = {args.world_size}, D = {args.dim}, {args.batch} samples per rank, ArcFace, "
+            f"median of {args.steps} steps; floor as in the section above, per rank.\n\n{table}\n\n"
+            "B/class is the peak resident memory a rank gains for the step (weight, optimiser state, "
+            "logits, the sampled rows' buffer and gradient, allocator slack) divided by the classes it "
+            "holds. The persistent part is the weight and its momentum: 4096 B/class in fp32, 2048 B/class "
+            "with bf16 storage; the rest is proportional to r. For scale: PLSC's published 92M classes on "
+            "8 × 32 GB is about 2.8 KB/class. The replicated layout holds all C rows, their normalised "
+            "copy, gradient and momentum on every rank; at 1M classes it does not fit this 24 GiB machine. "
+            "At r = 1 in fp32 the rows are updated where they live, with no gather or scatter.")
     print(body)
     if not args.no_write:
         write_section("Partial FC classifier step", body)
