@@ -1,11 +1,18 @@
-"""One classifier step (forward, backward, SGD step) of Partial FC vs. a replicated FC and the matmul floor.
+"""One classifier step (forward, backward, SGD step) of Partial FC vs. its floor and a replicated FC.
 
-Each configuration runs in fresh processes (gloo, W ranks on this machine) so that the
-peak resident memory of a rank belongs to that configuration alone.  Columns:
+Two tables.  The first compares one rank's step with its floor, for float32 and bfloat16
+row storage; the second is the step at scale (W ranks, up to 1M classes) next to the
+replicated layout.  Each configuration runs in fresh processes (gloo, W ranks on this
+machine) so that the peak resident memory of a rank belongs to that configuration alone.
+
+The floor is the traffic and arithmetic any sparse step needs: the step's three matrix
+products (logits, grad of features, grad of the weight rows) into preallocated outputs,
+plus one gather and one scatter of the sampled rows of the weight and of the momentum in
+their storage dtype.  Step and floor are timed in alternation, so load from other work on
+the machine falls on both alike.  Columns:
 
 - ``step ms``: median wall time of one step per rank;
-- ``floor ms``: the same step's three matrix products alone (logits, grad of features,
-  grad of the weight rows) on the same shapes: no implementation can beat it;
+- ``floor ms``: the floor above, on the same shapes (median, same run);
 - ``peak MiB/rank``: peak RSS above the process's baseline after warm-up allocation-free
   imports, i.e. what the classifier costs;
 - ``B/class``: that peak divided by the classes this rank holds.
@@ -29,16 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.results import machine_description, markdown_table, write_section  # noqa: E402
 from partial_fc import PartialFC, build_head_optimizer  # noqa: E402
-from partial_fc.margins.base import Margin  # noqa: E402
-
-
-class _ArcLike(Margin):
-    """s·cos(θ + m) on the target (the margin's cost is not what is measured here)."""
-
-    def forward(self, inp):
-        target_cos = inp.cos.gather(1, inp.target.clamp(min=0)[:, None])[:, 0]
-        theta = torch.acos(target_cos.clamp(-1 + 1e-7, 1 - 1e-7))
-        return self.apply_target(inp.cos * 64.0, inp, torch.cos(theta + 0.5) * 64.0)
+from partial_fc.margins import ArcFace  # noqa: E402
 
 
 def _peak_rss_mib() -> float:
@@ -56,7 +54,7 @@ def _time(fn, steps: int) -> float:
 
 
 def _partial_fc_step(args, rank):
-    head = PartialFC(args.dim, args.classes, _ArcLike(), sample_rate=args.rate,
+    head = PartialFC(args.dim, args.classes, ArcFace(s=64.0, m=0.5), sample_rate=args.rate,
                      param_dtype=torch.bfloat16 if args.bf16 else torch.float32)
     opt = build_head_optimizer(head, "sgd", lr=0.1)
     x = torch.randn(args.batch, args.dim, requires_grad=True)
@@ -66,7 +64,7 @@ def _partial_fc_step(args, rank):
         opt.zero_grad()
         head(x, y).backward()
         opt.step()
-    return step, head.num_local, head.num_sample
+    return step, head, opt
 
 
 def _replicated_step(args, rank):
@@ -87,17 +85,43 @@ def _replicated_step(args, rank):
     return step, args.classes, args.classes
 
 
-def _floor(args, columns: int):
+def _floor(args, columns: int, weight: torch.Tensor, momentum: torch.Tensor):
+    """The step's three matrix products and one gather + scatter of weight and momentum rows."""
     n = args.batch * args.world_size
     x = torch.randn(n, args.dim)
-    w = torch.randn(columns, args.dim)
+    rows = torch.randn(columns, args.dim)
     g = torch.randn(n, columns)
+    logits, grad_x, grad_rows = torch.empty(n, columns), torch.empty(n, args.dim), torch.empty(columns, args.dim)
+    gen = torch.Generator().manual_seed(1)
+    w_rows = torch.empty(columns, weight.shape[1], dtype=weight.dtype)
+    m_rows = torch.empty(columns, momentum.shape[1], dtype=momentum.dtype)
 
     def step():
-        x @ w.t()
-        g @ w
-        g.t() @ x
+        # Index drawing is not part of the floor; the rows are written back unchanged.
+        index = torch.randperm(weight.shape[0], generator=gen)[:columns].sort().values
+        t0 = time.perf_counter()
+        torch.mm(x, rows.t(), out=logits)
+        torch.mm(g, rows, out=grad_x)
+        torch.mm(g.t(), x, out=grad_rows)
+        torch.index_select(weight, 0, index, out=w_rows)
+        torch.index_select(momentum, 0, index, out=m_rows)
+        weight.index_copy_(0, index, w_rows)
+        momentum.index_copy_(0, index, m_rows)
+        return time.perf_counter() - t0
     return step
+
+
+def _time_pair(step, floor, repeats: int) -> tuple[float, float]:
+    """Median ms of ``step`` and of ``floor`` (which times itself), run in alternation."""
+    steps, floors = [], []
+    for _ in range(repeats):
+        dist.barrier()
+        t0 = time.perf_counter()
+        step()
+        steps.append(time.perf_counter() - t0)
+        dist.barrier()
+        floors.append(floor())
+    return statistics.median(steps) * 1e3, statistics.median(floors) * 1e3
 
 
 def _worker(rank, args, out):
@@ -106,12 +130,19 @@ def _worker(rank, args, out):
     dist.init_process_group("gloo", rank=rank, world_size=args.world_size)
     torch.manual_seed(rank)
     base = _peak_rss_mib()
-    build = _replicated_step if args.layout == "replicated" else _partial_fc_step
-    step, rows, columns = build(args, rank)
-    step()  # warm-up: allocates optimiser state
-    ms = _time(step, args.steps)
-    peak = _peak_rss_mib() - base
-    floor_ms = _time(_floor(args, columns), args.steps) if args.layout != "replicated" else float("nan")
+    if args.layout == "replicated":
+        step, rows, columns = _replicated_step(args, rank)
+        step()  # warm-up: allocates optimiser state
+        ms, floor_ms = _time(step, args.steps), float("nan")
+        peak = _peak_rss_mib() - base
+    else:
+        step, head, opt = _partial_fc_step(args, rank)
+        rows, columns = head.num_local, head.num_sample
+        step()  # warm-up: allocates optimiser state and the reusable row buffers
+        step()
+        peak = _peak_rss_mib() - base
+        momentum = opt.state_rows()["weight.momentum_buffer"]
+        ms, floor_ms = _time_pair(step, _floor(args, columns, head.weight.detach(), momentum), args.steps)
     out.put((rank, ms, floor_ms, peak, rows))
     dist.barrier()
     dist.destroy_process_group()
@@ -152,8 +183,25 @@ def _mem_available_gib() -> float:
     return float("inf")
 
 
+def _floor_table(args) -> tuple[str, list]:
+    """One rank's step against its floor, float32 and bfloat16 storage."""
+    rows = []
+    for bf16 in (False, True):
+        cfg = argparse.Namespace(**{**vars(args), "classes": args.floor_classes, "rate": args.floor_rate,
+                                    "layout": "partial_fc", "bf16": bf16, "world_size": 1,
+                                    "batch": args.floor_batch, "steps": args.floor_steps})
+        label = "bf16" if bf16 else "fp32"
+        print(f"running floor comparison C={args.floor_classes:,} r={args.floor_rate} {label} ...", flush=True)
+        r = run_config(cfg)
+        if "failed" in r:
+            rows.append([label, r["failed"], "", ""])
+            continue
+        rows.append([label, f"{r['ms']:.1f}", f"{r['floor']:.1f}", f"{r['ms'] / r['floor']:.2f}×"])
+    return markdown_table(["row storage", "step ms", "floor ms", "step/floor"], rows), rows
+
+
 def main(argv=None) -> None:
-    """Run the table and write it into bench/RESULTS.md."""
+    """Run the tables and write them into bench/RESULTS.md."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--classes", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--rates", type=float, nargs="+", default=[1.0, 0.1])
@@ -161,12 +209,19 @@ def main(argv=None) -> None:
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--batch", type=int, default=64, help="samples per rank")
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--floor-classes", type=int, default=500_000, help="classes of the one-rank floor table")
+    p.add_argument("--floor-rate", type=float, default=0.1)
+    p.add_argument("--floor-batch", type=int, default=128, help="global batch of the floor table")
+    p.add_argument("--floor-steps", type=int, default=9, help="alternated step/floor pairs timed")
+    p.add_argument("--skip-scale", action="store_true",
+                   help="only the floor table (its own section of RESULTS.md)")
     p.add_argument("--no-write", action="store_true", help="print only, do not touch RESULTS.md")
     args = p.parse_args(argv)
 
-    rows = []
     load = os.getloadavg()[0]
-    for classes in args.classes:
+    floor_table, _ = _floor_table(args)
+    rows = []
+    for classes in ([] if args.skip_scale else args.classes):
         for layout, rate, bf16 in ([("replicated", 1.0, False)] + [("partial_fc", r, False) for r in args.rates]
                                    + [("partial_fc", min(args.rates), True)]):
             cfg = argparse.Namespace(**{**vars(args), "classes": classes, "rate": rate,
@@ -191,19 +246,33 @@ def main(argv=None) -> None:
                          "" if r["floor"] != r["floor"] else f"{r['floor']:.1f}",
                          "" if ratio != ratio else f"{ratio:.2f}×", f"{r['peak']:.0f}",
                          f"{r['bytes_per_class']:.0f}"])
+    end_load = os.getloadavg()[0]
+    where = (f"`python bench/partial_fc_bench.py` on {machine_description()}; 1-minute load average "
+             f"{load:.1f} at the start and {end_load:.1f} at the end (the machine is shared: other work ran "
+             "on the same 2 cores).")
+    floor_body = (f"{where} One rank, {args.floor_classes:,} classes, r = {args.floor_rate}, global batch "
+                  f"{args.floor_batch}, D = {args.dim}, ArcFace, SGD with momentum; median of {args.floor_steps} "
+                  f"steps, each followed by one floor measurement.\n\n{floor_table}\n\n"
+                  "The floor is the step's three matrix products (logits, grad of features, grad of the rows) "
+                  "into preallocated outputs plus one gather and one scatter of the sampled rows of weight and "
+                  "momentum in their storage dtype: the traffic any sparse update needs (the bf16 floor moves "
+                  "half the bytes). Step and floor alternate, so load from other work falls on both alike.")
+    print(floor_body)
+    if not args.no_write:
+        write_section("Partial FC step against its floor", floor_body)
+    if not rows:
+        return
     table = markdown_table(["classes", "layout", "r", "step ms", "floor ms", "step/floor", "peak MiB/rank",
                             "B/class"], rows)
-    body = (f"`python bench/partial_fc_bench.py` on {machine_description()}; gloo, W = {args.world_size}, "
-            f"D = {args.dim}, {args.batch} samples per rank, median of {args.steps} steps; 1-minute load "
-            f"average {load:.1f} at the start (other work shared the 2 cores).\n\n{table}\n\n"
-            "B/class is the peak resident memory a rank gains for the step (weight, optimiser state, logits, "
-            "transient copies, allocator slack) divided by the classes it holds. The persistent part is the "
-            "weight and its momentum: 4096 B/class in fp32, 2048 B/class with bf16 storage; the rest is "
-            "the sampled rows' working copies, proportional to r. For scale: PLSC's published 92M classes "
-            "on 8 × 32 GB is about 2.8 KB/class. The replicated layout holds all C rows, their normalised "
+    body = (f"{where} gloo, W = {args.world_size}, D = {args.dim}, {args.batch} samples per rank, ArcFace, "
+            f"median of {args.steps} steps; floor as in the section above, per rank.\n\n{table}\n\n"
+            "B/class is the peak resident memory a rank gains for the step (weight, optimiser state, "
+            "logits, the sampled rows' buffer and gradient, allocator slack) divided by the classes it "
+            "holds. The persistent part is the weight and its momentum: 4096 B/class in fp32, 2048 B/class "
+            "with bf16 storage; the rest is proportional to r. For scale: PLSC's published 92M classes on "
+            "8 × 32 GB is about 2.8 KB/class. The replicated layout holds all C rows, their normalised "
             "copy, gradient and momentum on every rank; at 1M classes it does not fit this 24 GiB machine. "
-            "The floor is the step's three matrix products alone; on a CPU the row-wise work of the "
-            "optimiser (memory-bound) weighs about as much as those products at a global batch of 128.")
+            "At r = 1 in fp32 the rows are updated where they live, with no gather or scatter.")
     print(body)
     if not args.no_write:
         write_section("Partial FC classifier step", body)

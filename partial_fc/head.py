@@ -35,6 +35,7 @@ from .cosine import cosine_logits, row_norms
 from .comm import ProcessGroup, gather_batch, gather_sizes, rank_and_world
 from .generator_state import portable_state, restore_state
 from .margins.base import Margin, MarginInput
+from .rows import Workspace, gather_rows
 from .sharding import class_range
 from .softmax import sharded_cross_entropy, sharded_cross_entropy_and_accuracy
 
@@ -198,9 +199,20 @@ class PartialFC(nn.Module):
         dense_param = index is None and self.weight.dtype == torch.float32
         if dense_param:
             return _Chosen(None, self.weight, self.bias)
-        # A detached copy of the chosen rows is the leaf that collects their gradient.
-        w = self.weight.detach() if index is None else self.weight.detach()[index]
-        w = w.float().requires_grad_(self.training)
+        # A detached float32 copy of the chosen rows is the leaf that collects their gradient.
+        # The first training forward of a step copies into a buffer kept between steps (a
+        # fresh [rows, D] tensor costs more in page faults than the copy), and the row
+        # optimiser reuses that copy instead of gathering the weight a second time.
+        # Later forwards of the step (gradient accumulation) or others (evaluation while a
+        # step is pending) must not overwrite it: they get fresh tensors.
+        first = self.training and torch.is_grad_enabled() and not self._chosen
+        weight = self.weight.detach()
+        shape = (weight.shape[0] if index is None else index.numel(),) + tuple(weight.shape[1:])
+        workspace = self._row_workspace()
+        out = (workspace.get("rows", shape, torch.float32, weight.device) if first
+               else torch.empty(shape, dtype=torch.float32, device=weight.device))
+        w = gather_rows(weight, index, out, workspace).detach().requires_grad_(self.training)
+        self._gathered = (w, self.weight._version) if first else None
         b = None
         if self.bias is not None:
             b = self.bias.detach() if index is None else self.bias.detach()[index]
@@ -296,9 +308,32 @@ class PartialFC(nn.Module):
             b = b.new_zeros(index.numel()).index_add_(0, inverse, b)
         return index, w, b
 
+    def gathered_weight_rows(self) -> Optional[torch.Tensor]:
+        """The float32 copy of the weight rows that :meth:`row_grads` refers to, if still current.
+
+        Available when one forward fed the pending gradient, it used the reusable buffer,
+        and the weight has not been changed since (its version counter is unchanged);
+        None otherwise (the optimiser then gathers the rows itself).  The optimiser may
+        update the returned rows in place: they are not read again before the next forward.
+        """
+        gathered = getattr(self, "_gathered", None)
+        done = [c for c in self._chosen if c.weight.grad is not None]
+        if gathered is None or len(done) != 1 or done[0].weight is not gathered[0]:
+            return None
+        rows, version = gathered
+        return rows.detach() if self.weight._version == version else None
+
+    def _row_workspace(self) -> Workspace:
+        """Buffers for the sampled rows, kept between steps (created on first use)."""
+        workspace = getattr(self, "_workspace", None)
+        if workspace is None:
+            workspace = self._workspace = Workspace()
+        return workspace
+
     def clear_row_grads(self) -> None:
         """Forget the rows chosen since the last step (called by the optimiser's zero_grad)."""
         self._chosen.clear()
+        self._gathered = None
         self.weight.grad = None
         if self.bias is not None:
             self.bias.grad = None

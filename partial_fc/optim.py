@@ -10,7 +10,13 @@ Bytes per class per rank (D = 512): weight + momentum (SGD) = 2·4·D = 4 KiB in
 2 KiB in bfloat16 (``param_dtype=torch.bfloat16``: state is stored in bfloat16 too,
 written back with stochastic rounding so small updates are not lost on average);
 AdamW keeps two moments and a per-row step counter: 3·4·D + 4 bytes in float32.
-Transient per step: the sampled rows and their gradient, ≈ 2·4·D·r bytes per class.
+Per step: the sampled rows and their gradient, ≈ 2·4·D·r bytes per class; the float32 copy
+of the rows is a buffer kept between steps (``partial_fc.rows``), the gradient is transient.
+
+The sparse update runs block by block (``partial_fc.rows.blocks``): each block of rows is
+gathered, updated and written back while it is in cache, the weight rows come from the
+copy the forward made, and the elementwise update is the same as torch.optim's, so the
+float32 result does not depend on the blocking.
 """
 from __future__ import annotations
 
@@ -19,25 +25,19 @@ from typing import Optional
 import torch
 
 from .head import PartialFC
+from .rows import Workspace, blocks, gather_rows, round_to_bf16_, rounding_noise
 
 
-def _rounding_noise(shape, gen: torch.Generator, device) -> torch.Tensor:
-    """Uniform integers in [0, 2^16): the bits dropped when float32 becomes bfloat16."""
-    return torch.randint(0, 1 << 16, shape, generator=gen, device=device, dtype=torch.int32)
+def _stochastic_round_bf16(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Round finite float32 ``x`` to bfloat16 up or down with probability given by the remainder.
 
-
-def _stochastic_round_bf16(x: torch.Tensor, gen: torch.Generator,
-                           noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Round finite float32 to bfloat16 up or down with probability given by the remainder.
-
-    ``x`` is overwritten (it is a scratch copy of the rows).  Adding uniform noise below the
-    kept bits and truncating rounds up exactly with the probability of the dropped fraction.
+    ``x`` is overwritten (it is a scratch copy of the rows); the noise is that of
+    :func:`partial_fc.rows.rounding_noise`, rows being the first dimension.
     """
-    if noise is None:
-        noise = _rounding_noise(x.shape, gen, x.device)
-    bits = x.contiguous().view(torch.int32)
-    bits.add_(noise).bitwise_and_(-65536)  # keep the upper 16 bits: the bf16 value, exactly
-    return bits.view(torch.float32).to(torch.bfloat16)
+    rows = x.contiguous().view(x.shape[0] if x.dim() else 1, -1)
+    row, col = rounding_noise(rows.shape[0], rows.shape[1], gen, x.device)
+    out = torch.empty(rows.shape, dtype=torch.bfloat16, device=x.device)
+    return round_to_bf16_(rows, row, col, out).view(x.shape)
 
 
 class _RowOptimizer(torch.optim.Optimizer):
@@ -71,17 +71,6 @@ class _RowOptimizer(torch.optim.Optimizer):
         ok = w is None or bool(torch.isfinite(w).all())
         return ok and (b is None or bool(torch.isfinite(b).all()))
 
-    def _write(self, target: torch.Tensor, index: Optional[torch.Tensor], value: torch.Tensor,
-               noise: Optional[torch.Tensor] = None) -> None:
-        if target.dtype == torch.bfloat16:
-            value = _stochastic_round_bf16(value, self.rounding_generator, noise)
-        else:
-            value = value.to(target.dtype)
-        if index is None:
-            target.copy_(value)
-        else:
-            target.index_copy_(0, index, value)
-
     @torch.no_grad()
     def step(self, closure=None, grad_scale: float = 1.0):  # noqa: D401 - torch signature
         """Update the sampled rows; ``grad_scale`` multiplies the gradients first (1/loss scale)."""
@@ -90,36 +79,76 @@ class _RowOptimizer(torch.optim.Optimizer):
         if w_grad is None:
             return loss
         group = self.param_groups[0]
-        for p, grad in zip(group["params"], (w_grad, b_grad)):
+        gathered = self.head.gathered_weight_rows()
+        for p, grad, rows in zip(group["params"], (w_grad, b_grad), (gathered, None)):
             if grad is None:
                 continue
             # The gradient buffers are discarded after the step, so they are updated in place.
             grad = grad.float()
-            if grad_scale != 1.0:
-                grad.mul_(grad_scale)
             state = self._param_state(p)
-            # Dense float32 rows are updated where they live; otherwise on a float32 copy of the
-            # chosen rows, written back afterwards (one gather and one scatter per tensor).
-            in_place = index is None and p.dtype == torch.float32
-            rows = {"param": p.data if in_place else self._read(p.data, index)}
-            for name in self.state_names:
-                rows[name] = state[name] if in_place else self._read(state[name], index)
-            self._update(rows, grad, group)
-            if not in_place:
-                # One noise draw serves the weight and its state: each element still rounds
-                # without bias, and random numbers are the costliest part of the write.
-                noise = (_rounding_noise(rows["param"].shape, self.rounding_generator, p.device)
-                         if p.dtype == torch.bfloat16 else None)
-                self._write(p.data, index, rows["param"], noise)
-                for name in self.state_names:
-                    same_shape = noise is not None and rows[name].shape == noise.shape
-                    self._write(state[name], index, rows[name], noise if same_shape else None)
+            if index is None and p.dtype == torch.float32:
+                # Dense float32 rows are updated where they live (torch.optim's update).
+                if grad_scale != 1.0:
+                    grad.mul_(grad_scale)
+                self._update({"param": p.detach(), **{n: state[n] for n in self.state_names}}, grad, group)
+            else:
+                self._sparse_update(p.detach(), state, index, grad, rows, group, grad_scale)
         return loss
 
-    @staticmethod
-    def _read(tensor: torch.Tensor, index: Optional[torch.Tensor]) -> torch.Tensor:
-        rows = tensor if index is None else tensor.index_select(0, index)
-        return rows.float()
+    def _sparse_update(self, param: torch.Tensor, state: dict, index: Optional[torch.Tensor],
+                       grad: torch.Tensor, rows: Optional[torch.Tensor], group: dict,
+                       grad_scale: float) -> None:
+        """Gather, update and write back the chosen rows of ``param`` and its state, block by block.
+
+        ``rows``: the float32 copy of the chosen weight rows made by the forward (None:
+        gathered here).  Each block of rows is gathered, updated and written back while it
+        is in cache, so weight and state cross memory once each way.
+        """
+        n = grad.shape[0]
+        width = grad[0].numel() if grad.dim() > 1 else 1
+        ws = self._workspace
+        dev = param.device
+        bf16 = [name for name in ("param",) + self.state_names
+                if (param if name == "param" else state[name]).dtype == torch.bfloat16
+                and (param if name == "param" else state[name]).shape == param.shape]
+        # One row draw and one column draw per rounded tensor and step (see partial_fc.rows).
+        noise = {name: rounding_noise(n, width, self.rounding_generator, dev) for name in bf16}
+        for sl in blocks(n, width):
+            part = None if index is None else index[sl]
+            count = sl.stop - sl.start
+            block = {}
+            for name in ("param",) + self.state_names:
+                source = param if name == "param" else state[name]
+                if name == "param" and rows is not None:
+                    block[name] = rows[sl]
+                    continue
+                shape = (count,) + tuple(source.shape[1:])
+                src = source[sl] if index is None else source
+                block[name] = gather_rows(src, part, ws.get(name, shape, torch.float32, dev), ws)
+            g = grad[sl]
+            if grad_scale != 1.0:
+                g.mul_(grad_scale)
+            self._update(block, g, group)
+            for name, value in block.items():
+                target = param if name == "param" else state[name]
+                if name in noise:
+                    row, col = noise[name]
+                    flat = value.view(count, -1)
+                    out = ws.get("bf16", flat.shape, torch.bfloat16, dev)
+                    value = round_to_bf16_(flat, row[sl], col, out,
+                                           ws.get("noise", flat.shape, torch.int32, dev)).view(value.shape)
+                if index is None:
+                    target[sl].copy_(value)
+                else:
+                    target.index_copy_(0, part, value.to(target.dtype))
+
+    @property
+    def _workspace(self) -> Workspace:
+        """Cache-sized scratch blocks of this optimiser (created on first use)."""
+        ws = getattr(self, "_scratch", None)
+        if ws is None:
+            ws = self._scratch = Workspace()
+        return ws
 
     def _update(self, rows: dict, grad: torch.Tensor, group: dict) -> None:  # pragma: no cover
         """Update ``rows`` (param and state, float32) in place from ``grad``."""

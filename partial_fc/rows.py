@@ -1,0 +1,112 @@
+"""Gathers, scatters and bfloat16 rounding of a shard's sampled rows, block by block.
+
+A sparse row update is memory-bound: on a CPU the arithmetic of SGD or AdamW is nothing
+next to moving the rows.  Two costs dominate once the rows are moved only once:
+
+- fresh pages: a ``[rows, D]`` float32 tensor above glibc's mmap threshold (32 MiB) is
+  mapped anew on each allocation and faulted in page by page, which costs several times
+  the copy itself.  :class:`Workspace` keeps such buffers between steps;
+- passes over memory: every elementwise op on a ``[rows, D]`` tensor reads and writes it
+  from DRAM.  The optimiser works on blocks of rows small enough to stay in cache
+  (:func:`blocks`), so gather → update → round → scatter reads each row from DRAM once.
+
+bfloat16 stochastic rounding adds uniform 16-bit noise below the kept bits and truncates.
+Drawing one random number per element from the generator costs more than the rest of
+the update; :func:`rounding_noise` instead draws one number per row and one per column and
+combines them as ``row_i XOR col_j``.  Each element's noise is uniform on [0, 2^16), so
+each element rounds up with exactly the probability of its dropped fraction (unbiased),
+and any three elements' noises are independent (the XOR map has rank 3 over GF(2)); only
+the four corners of a rectangle of rows × columns are tied (their XOR is zero).  Pairwise
+independence is what the variance of a sum of rounding errors depends on, so a dot
+product of rounded rows has the same rounding variance as with independent noise.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+
+# Elements per block: 512k float32 = 2 MiB per tensor, so a block of weight, state,
+# gradient and noise fits in this machine class's L2 + L3; larger blocks gain nothing and
+# smaller ones pay Python dispatch per op.
+BLOCK_ELEMENTS = 1 << 19
+
+
+def blocks(num_rows: int, width: int, block_elements: Optional[int] = None) -> Iterator[slice]:
+    """Slices of ``range(num_rows)`` of about ``block_elements`` elements each (whole rows)."""
+    per = max(1, (block_elements or BLOCK_ELEMENTS) // max(1, width))
+    for lo in range(0, num_rows, per):
+        yield slice(lo, min(num_rows, lo + per))
+
+
+class Workspace:
+    """Named scratch tensors reused across steps (reallocated when a larger one is needed)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A tensor of ``shape`` (contents undefined) backed by the buffer ``name``."""
+        count = 1
+        for s in shape:
+            count *= s
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < count or buf.dtype != dtype or buf.device != device:
+            buf = torch.empty(count, dtype=dtype, device=device)
+            self._buffers[name] = buf
+        return buf[:count].view(shape)
+
+    def clear(self) -> None:
+        """Free every buffer."""
+        self._buffers.clear()
+
+
+def gather_rows(source: torch.Tensor, index: Optional[torch.Tensor], out: torch.Tensor,
+                scratch: Optional[Workspace] = None, block_elements: Optional[int] = None) -> torch.Tensor:
+    """``out[:] = source[index]`` (all rows when ``index`` is None), converted to ``out``'s dtype.
+
+    Rows of another dtype (bfloat16 storage) go through a cache-sized block, so the
+    conversion costs no extra pass over memory.
+    """
+    if source.dtype == out.dtype:
+        if index is None:
+            out.copy_(source)
+        else:
+            torch.index_select(source, 0, index, out=out)
+        return out
+    width = out[0].numel() if out.dim() > 1 else 1
+    for sl in blocks(out.shape[0], width, block_elements):
+        if index is None:
+            out[sl].copy_(source[sl])
+            continue
+        part = index[sl]
+        tmp = (scratch.get("gather", (part.numel(),) + tuple(source.shape[1:]), source.dtype, source.device)
+               if scratch is not None else None)
+        out[sl].copy_(torch.index_select(source, 0, part, out=tmp) if tmp is not None
+                      else source.index_select(0, part))
+    return out
+
+
+def rounding_noise(num_rows: int, width: int, gen: torch.Generator,
+                   device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column draws (int32, uniform on [0, 2^16)) whose XOR is one noise per element."""
+    row = torch.randint(0, 1 << 16, (num_rows, 1), generator=gen, device=device, dtype=torch.int32)
+    col = torch.randint(0, 1 << 16, (1, width), generator=gen, device=device, dtype=torch.int32)
+    return row, col
+
+
+def round_to_bf16_(x: torch.Tensor, row: torch.Tensor, col: torch.Tensor, out: torch.Tensor,
+                   noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Stochastically round float32 ``x`` [n, w] into bfloat16 ``out``; ``x`` is overwritten.
+
+    ``row`` [n, 1] and ``col`` [1, w] come from :func:`rounding_noise`; ``noise`` is an
+    optional int32 [n, w] scratch.  Adding uniform noise below the kept 16 bits and
+    truncating rounds up with exactly the probability of the dropped fraction.
+    """
+    noise = torch.bitwise_xor(row, col, out=noise)
+    bits = x.view(torch.int32)
+    bits.add_(noise).bitwise_and_(-65536)  # the upper 16 bits are now the bf16 value, exactly
+    return out.copy_(x)
+
+
+__all__ = ["BLOCK_ELEMENTS", "Workspace", "blocks", "gather_rows", "rounding_noise", "round_to_bf16_"]
