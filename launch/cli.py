@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
-from .torchrun import LaunchSpec, torchrun_command, under_torchrun
+from .torchrun import LaunchSpec, failure_file, torchrun_command, under_torchrun
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -97,7 +97,14 @@ def _cmd_train(a: argparse.Namespace) -> int:
     if spec.needs_torchrun and not under_torchrun():
         cmd = torchrun_command(spec, "train.main", train_args)
         print("launching: " + " ".join(cmd), flush=True)
-        return subprocess.call(cmd)
+        with failure_file() as (env, read_failure):
+            if a.debug:
+                env["SHARDFACE_DEBUG"] = "1"
+            code = subprocess.call(cmd, env=env)
+            if code != 0 and read_failure():
+                # The failing rank's error, last: not a timeout or a kill of some other rank.
+                print(f"shardface: error: {read_failure()}", file=sys.stderr)
+        return code
     from train.main import main as train_main
     train_main(train_args)
     return 0
