@@ -101,9 +101,10 @@ def _cmd_train(a: argparse.Namespace) -> int:
             if a.debug:
                 env["SHARDFACE_DEBUG"] = "1"
             code = subprocess.call(cmd, env=env)
-            if code != 0 and read_failure():
+            if code != 0:
                 # The failing rank's error, last: not a timeout or a kill of some other rank.
-                print(f"shardface: error: {read_failure()}", file=sys.stderr)
+                print(f"shardface: error: {read_failure() or 'a training process ended without a report (killed by a signal or exited by itself); torchrun names it above'}",
+                      file=sys.stderr)
         return code
     from train.main import main as train_main
     train_main(train_args)

@@ -125,6 +125,7 @@ class FailureWatch:
         self._thread: Optional[threading.Thread] = None
         self._main = threading.main_thread().ident
         self._reported = False
+        self._reporting = False
         self.store = store
         if self.store is None and ctx.world_size > 1 and dist.is_initialized():
             self.store = _own_store()
@@ -166,13 +167,34 @@ class FailureWatch:
         if self.store is None:
             return line
         if _is_comm_error(err):
-            deadline = time.monotonic() + self.settings.heartbeat_timeout_s + 2 * self.settings.poll_s
-            while time.monotonic() < deadline:
-                if self._peer_record() is not None:
-                    time.sleep(10 * self.settings.poll_s)  # the watch thread prints it and exits
-                time.sleep(self.settings.poll_s)
+            self._reporting = True  # waiting here is not a hang
+            self._blame_peer(3.0)
+        self._publish(line, EXIT_FAILED, traceback.format_exc())
         self._publish(line, EXIT_FAILED, traceback.format_exc())
         return line
+
+    def _blame_peer(self, quiet_s: float) -> None:
+        """After a communication error: end with a peer's record, or name a silent peer, if any."""
+        start = time.monotonic()
+        first = self._heartbeats()
+        while time.monotonic() - start < quiet_s:
+            record = self._peer_record()
+            if record is not None:
+                self._peer_failed(record)
+            time.sleep(self.settings.poll_s)
+        now = self._heartbeats()
+        for peer, value in first.items():
+            if now.get(peer) == value:
+                self._peer_lost(f"rank {peer} stopped without a report (no heartbeat for {quiet_s:.0f} s after "
+                                f"a communication error on rank {self.ctx.rank}): it was killed or its machine is gone")
+
+    def _heartbeats(self) -> dict[int, str]:
+        beats = {}
+        for peer in range(self.ctx.world_size):
+            key = f"hb/{peer}"
+            if peer != self.ctx.rank and self.store.check([key]) and not self.store.check([f"done/{peer}"]):
+                beats[peer] = self.store.get(key).decode()
+        return beats
 
     # -- store ---------------------------------------------------------------------------
     def _publish(self, line: str, code: int, trace: str = "") -> None:
@@ -229,7 +251,7 @@ class FailureWatch:
             if where != stuck_at[0]:
                 stuck_at = (where, time.monotonic())
             idle = time.monotonic() - max(self._progress_at, stuck_at[1])
-            if where is not None and not where[2] and idle > s.hang_timeout_s and not self._reported:
+            if where is not None and not where[2] and idle > s.hang_timeout_s and not (self._reported or self._reporting):
                 line = (f"rank {ctx.rank} hung at step {self.step + 1}: no progress for {idle:.0f} s "
                         f"(failure.hang_timeout_s={s.hang_timeout_s:g}), stuck in {where[0]}:{where[1]}")
                 _say(f"shardface: error: {line}")
