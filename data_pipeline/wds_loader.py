@@ -7,11 +7,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .bad_data import BadSample, SkipLog, decode_jpeg
+from train.faults import worker_switch
+
+from .bad_data import BadSample, SkipLog, decode_jpeg, log
 from .epoch_plan import batches_per_rank, derive_seed, last_batch_padding, worker_batches
 from .loader_base import Batch, Loader, to_model_input
 from .sample_streams import exact_stream, resampled_stream
 from .tar_reader import RawSample, ShardRef, shard_refs
+
+MAX_WORKER_RESTARTS = 3
+"""Loader-worker deaths per epoch recovered inside the rank before the error is raised."""
 
 FLIP_TAG = 0x464C
 
@@ -44,12 +49,15 @@ class _RankEpoch(IterableDataset):
         else:
             batches = worker_batches(self.num_batches, self.workers, worker)
             stream = resampled_stream(self.shards, **common)
+        faults = worker_switch(self.rank) if info is not None else None
         for j in batches:
             chunk = [next(stream) for _ in range(self.batch_size)]
             if j < self.start:
                 # Already consumed before a resume: skipped undecoded; its skips were counted then.
                 log.take()
                 continue
+            if faults:
+                faults.in_worker(self.epoch * self.num_batches + j)  # testing: SHARDFACE_FAULT
             images, labels = self._decode(chunk, stream, j, log)
             yield images, labels, j, log.take()
 
@@ -111,6 +119,25 @@ class WebDatasetLoader(Loader):
                                   self.rank)
 
     def _iter_epoch(self, epoch: int, start: int) -> Iterator[Batch]:
+        # A worker that dies (killed, out of memory) loses only its prefetched batches: every
+        # batch is a function of (epoch, index), so fresh workers continue at the next one.
+        deaths = 0
+        nxt = start
+        while nxt < len(self):
+            try:
+                for batch in self._iter_workers(epoch, nxt):
+                    nxt += 1
+                    yield batch
+                return
+            except WorkerDied as err:
+                deaths += 1
+                if deaths > MAX_WORKER_RESTARTS:
+                    raise RuntimeError(f"{err}; {deaths} loader-worker deaths in epoch {epoch} on rank "
+                                       f"{self.rank}: giving up") from err.__cause__
+                log.warning("%s; restarting the loader workers at batch %d of epoch %d (rank %d)",
+                            err, nxt, epoch, self.rank)
+
+    def _iter_workers(self, epoch: int, start: int) -> Iterator[Batch]:
         if start >= len(self):
             return
         dataset = _RankEpoch(
@@ -123,18 +150,21 @@ class WebDatasetLoader(Loader):
         if self.workers == 0:
             source = iter(dataset)
         else:
+            _no_sigchld_raise()
             source = iter(DataLoader(dataset, batch_size=None, num_workers=self.workers,
                                      pin_memory=cuda))
+            source = _catch_worker_death(source)
         try:
             # Workers hand batches over in turn; after a resume their next batches need not come
             # in rank order, so hold early ones until their turn.
             waiting: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
             nxt = start
             for images, labels, j, events in source:
-                self._record(events)
-                waiting[j] = (images, labels)
+                waiting[j] = (images, labels, events)
                 while nxt in waiting:
-                    images, labels = waiting.pop(nxt)
+                    images, labels, events = waiting.pop(nxt)
+                    # Counted when handed out: batches lost with a dead worker are made again.
+                    self._record(events)
                     nxt += 1
                     # Workers hand over uint8: a float batch is 4x the bytes, and moving it
                     # between processes costs about three times the conversion done here
@@ -144,10 +174,43 @@ class WebDatasetLoader(Loader):
         finally:
             # Stop the workers now rather than when the iterator is collected: after an
             # error that can be much later, and the workers then take seconds to join.
-            shutdown = getattr(source, "_shutdown_workers", None)
+            shutdown = getattr(getattr(source, "loader_iter", source), "_shutdown_workers", None)
             if shutdown is not None:
                 shutdown()
         if nxt != len(self) or waiting:
             raise RuntimeError(f"the loader workers produced batches up to {nxt} of {len(self)} "
                                f"and {sorted(waiting)} out of turn (rank {self.rank}, epoch "
                                f"{epoch}); this is a bug in shardface")
+
+
+class WorkerDied(RuntimeError):
+    """A DataLoader worker process ended unexpectedly (the batches it held are lost)."""
+
+
+class _catch_worker_death:
+    """Iterator over a DataLoader iterator that turns a dead worker into :class:`WorkerDied`."""
+
+    def __init__(self, loader_iter):
+        self.loader_iter = loader_iter
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self.loader_iter)
+        except RuntimeError as err:
+            if "DataLoader worker" in str(err) and ("exited unexpectedly" in str(err) or "killed by signal" in str(err)):
+                raise WorkerDied(str(err).splitlines()[0]) from err
+            raise
+
+
+def _no_sigchld_raise() -> None:
+    """Keep torch's SIGCHLD handler out, so that a dead worker is seen inside ``next()``.
+
+    That handler raises in the main thread at whatever line it is on (mid-step, in a
+    collective), where the loader cannot recover; without it the DataLoader notices the
+    death itself within its status-check interval (~5 s) and raises from ``next()``.
+    """
+    from torch.utils.data._utils import signal_handling
+    signal_handling._SIGCHLD_handler_set = True

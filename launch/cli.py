@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
-from .torchrun import LaunchSpec, torchrun_command, under_torchrun
+from .torchrun import LaunchSpec, failure_file, torchrun_command, under_torchrun
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -92,6 +92,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
     overrides = _overrides(a)
     # Validate the configuration here, so that a mistake is one line before any process starts.
     from train.config import TrainConfig
+    from train.preemption import PREEMPTED_EXIT_CODE
     cfg = TrainConfig.load(a.config, overrides)
     _check_launch(cfg, spec)
     train_args = ["--config", a.config] + [x for item in overrides for x in ("--set", item)]
@@ -101,10 +102,17 @@ def _cmd_train(a: argparse.Namespace) -> int:
                                  cfg.preempt.grace_s)
         print("launching: " + " ".join(cmd), flush=True)
         folder = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.output_dir) / "checkpoints"
-        return Supervisor(cmd, cfg.preempt.signals, cfg.preempt.grace_s, folder,
-                          Path(cfg.output_dir) / "summary.json").run()
+        with failure_file() as (env, read_failure):
+            if a.debug:
+                env["SHARDFACE_DEBUG"] = "1"
+            code = Supervisor(cmd, cfg.preempt.signals, cfg.preempt.grace_s, folder,
+                              Path(cfg.output_dir) / "summary.json", env=env).run()
+            if code not in (0, 130, PREEMPTED_EXIT_CODE):
+                # The failing rank's error, last: not a timeout or a kill of some other rank.
+                print(f"shardface: error: {read_failure() or 'a training process ended without a report (killed by a signal or exited by itself); torchrun names it above'}",
+                      file=sys.stderr)
+        return code
     from train.main import main as train_main
-    from train.preemption import PREEMPTED_EXIT_CODE
     return PREEMPTED_EXIT_CODE if train_main(train_args).get("preempted") else 0
 
 

@@ -124,6 +124,8 @@ class Supervisor:
     """Where the run's checkpoints go (named in the closing line)."""
     summary_path: Optional[Path] = None
     """The run's summary.json, whose ``preempted`` says that the ranks stopped on the signal."""
+    env: Optional[dict] = None
+    """Environment of torchrun (None: this process's)."""
     proc: Optional[subprocess.Popen] = None
     preempted_by: Optional[signal.Signals] = None
     interrupted: int = 0
@@ -204,7 +206,7 @@ class Supervisor:
         for s in handled:
             signal.signal(s, self._on_signal)
         try:
-            self.proc = subprocess.Popen(self.cmd, start_new_session=True)
+            self.proc = subprocess.Popen(self.cmd, start_new_session=True, env=self.env)
             rc = self._wait()
         finally:
             for s, h in previous.items():

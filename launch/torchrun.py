@@ -1,10 +1,14 @@
 """Build the torchrun command line that starts ``python -m train.main`` on one or many nodes."""
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
-from typing import Optional
+from pathlib import Path
+from typing import Callable, Iterator, Optional
 
 
 @dataclass
@@ -60,3 +64,25 @@ def torchrun_command(spec: LaunchSpec, module: str, args: list[str]) -> list[str
     if spec.max_restarts:
         cmd.append(f"--max_restarts={spec.max_restarts}")
     return cmd + ["-m", module] + list(args)
+
+
+@contextlib.contextmanager
+def failure_file() -> Iterator[tuple[dict[str, str], Callable[[], Optional[str]]]]:
+    """The environment for torchrun and a reader of the failing rank's one-line record.
+
+    The ranks write the record of the first failure into ``SHARDFACE_FAILURE_FILE``
+    (train/failure.py).  ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` gives every restart a
+    fresh c10d store: with torchrun's shared store a restarted rank can read the gloo
+    addresses of the killed attempt and fail with "connectFullMesh failed ... Connection
+    refused".
+    """
+    with tempfile.TemporaryDirectory(prefix="shardface-failure-") as folder:
+        path = Path(folder) / "failure.json"
+        env = dict(os.environ, SHARDFACE_FAILURE_FILE=str(path), TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+
+        def read() -> Optional[str]:
+            try:
+                return json.loads(path.read_text())["line"]
+            except (OSError, ValueError, KeyError):
+                return None
+        yield env, read

@@ -31,6 +31,8 @@ import torch
 from partial_fc.generator_state import derived_seed
 
 from .distributed import DistContext, broadcast_object
+from .failure import RankFailure, collective_verdict
+from .faults import FaultSwitch
 
 SHARED = "shared.pt"
 LATEST = "latest"
@@ -165,8 +167,9 @@ def resolve_resume(resume: str, root: Path, ctx: DistContext) -> Optional[Path]:
 class CheckpointManager:
     """Saves checkpoints atomically under ``root`` and keeps the last ``keep_last``."""
 
-    def __init__(self, root: Path, ctx: DistContext, keep_last: int = 3):
+    def __init__(self, root: Path, ctx: DistContext, keep_last: int = 3, faults: Optional[FaultSwitch] = None):
         self.root, self.ctx, self.keep_last = Path(root), ctx, keep_last
+        self.faults = faults  # testing: an injected ENOSPC inside this rank's write
 
     def save(self, step: int, shared: dict, local: dict,
              engine_save: Optional[Callable[[Path], None]] = None) -> Path:
@@ -184,7 +187,20 @@ class CheckpointManager:
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir()
         ctx.barrier()
-        save_file(local, tmp / rank_file(ctx.rank))
+
+        def write_local() -> None:
+            if self.faults is not None:
+                self.faults.on_save(step)
+            save_file(local, tmp / rank_file(ctx.rank))
+
+        # A write that fails on one rank (a full disk) fails the save on every rank, with that
+        # rank's error, instead of leaving the others in the next collective.
+        try:
+            collective_verdict(ctx, f"write its part of checkpoint {name} in {self.root}", write_local)
+        except RankFailure:
+            if ctx.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if engine_save is not None:
             engine_save(tmp)
         ctx.barrier()

@@ -236,11 +236,21 @@ class LogConfig:
     """Show a progress bar when the console is a terminal."""
 
 
+@dataclass
+class FailureConfig:
+    """How fast a failing, hung or vanished rank stops the whole job (see docs/training.md, Failures)."""
+
+    hang_timeout_s: float = 45.0
+    """A rank stuck on one line of code outside a collective this long, with no step done, is reported hung and the job stops."""
+    heartbeat_timeout_s: float = 15.0
+    """A rank whose heartbeat is silent this long (killed, machine lost) stops the job."""
+
+
 SECTIONS: dict[str, type] = {
     "data": DataConfig, "model": ModelConfig, "loss": LossConfig, "optim": OptimConfig,
     "parallel": ParallelConfig, "precision": PrecisionConfig, "checkpoint": CheckpointConfig,
     "eval": EvalConfig, "log": LogConfig,
-    "preempt": PreemptConfig,
+    "preempt": PreemptConfig, "failure": FailureConfig,
 }
 
 
@@ -280,6 +290,8 @@ class TrainConfig:
     """Logging section."""
     preempt: PreemptConfig = field(default_factory=PreemptConfig)
     """Preemption section."""
+    failure: FailureConfig = field(default_factory=FailureConfig)
+    """Failure-handling section."""
 
     def __post_init__(self) -> None:
         self.validate()

@@ -49,22 +49,32 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         print(cfg.to_yaml(), end="")
         return {"config": cfg.to_dict()}
     from .distributed import init_distributed
+    from .failure import FailureWatch, WatchSettings
+    from .faults import FaultSwitch
     from .trainer import Trainer
     ctx = init_distributed(backend=cfg.parallel.backend, device=cfg.device,
                            force_group=cfg.parallel.strategy == "deepspeed")
     # Installed before the trainer is built: a preemption during start-up still ends with exit 75.
     from .preemption import PreemptionHandler
     preemption = PreemptionHandler(ctx, cfg.preempt.signals).install()
+    watch = FailureWatch(ctx, WatchSettings(cfg.failure.hang_timeout_s, cfg.failure.heartbeat_timeout_s)).start()
+    faults = FaultSwitch.from_env(ctx.rank)
     ok = False
     try:
-        summary = Trainer(cfg, ctx).fit(preemption=preemption)
+        faults.phase("start")
+        summary = Trainer(cfg, ctx, watch=watch, faults=faults).fit(preemption=preemption)
         if ctx.is_main:
             path = Path(cfg.output_dir) / "summary.json"
             path.write_text(json.dumps(_json_safe(summary), indent=2))
             summary["summary_path"] = str(path)
         ok = True
         return summary
+    except Exception as err:
+        # Every rank learns of the failure through the watch, and stops within seconds.
+        err.failure_line = watch.report(err)  # type: ignore[attr-defined]  # what run_cli prints
+        raise
     finally:
+        watch.stop()
         # After a failure other ranks may be gone: no barrier then, only release the group.
         ctx.shutdown(barrier=ok)
 
@@ -79,6 +89,10 @@ def run_cli(argv: list[str]) -> int:
     except (ConfigError, DistributedSetupError, FileNotFoundError) as err:
         print(f"train.main: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # noqa: BLE001 - one line naming the rank (the traceback with SHARDFACE_DEBUG=1)
+        from .failure import EXIT_FAILED, error_line, print_failure
+        print_failure(err, getattr(err, "failure_line", error_line(err)))
+        return EXIT_FAILED
     return PREEMPTED_EXIT_CODE if summary.get("preempted") else 0
 
 

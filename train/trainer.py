@@ -17,6 +17,8 @@ from .builders import (apply_precision_settings, build_backbone_module, build_da
 from .checkpoint import CheckpointManager, capture_rng, checkpoint_name, load_local, load_shared, resolve_resume, restore_rng
 from .config import TrainConfig
 from .distributed import DistContext, check_world_size
+from .failure import FailureWatch
+from .faults import FaultSwitch
 from .loggers import Logger, Throughput, format_duration
 from .optim import build_classifier_optimizer, scaled_lrs
 from .parallel import build_runner
@@ -38,8 +40,11 @@ class Trainer:
     (benchmarks, tests); they must follow the same contracts.
     """
 
-    def __init__(self, cfg: TrainConfig, ctx: DistContext, loader: Any = None, backbone: Optional[nn.Module] = None):
+    def __init__(self, cfg: TrainConfig, ctx: DistContext, loader: Any = None, backbone: Optional[nn.Module] = None,
+                 watch: Optional[FailureWatch] = None, faults: Optional[FaultSwitch] = None):
         self.cfg, self.ctx = cfg, ctx
+        self.watch = watch  # told of every finished step (hang detection)
+        self.faults = faults if faults is not None else FaultSwitch([], ctx.rank)  # testing only
         self.run_dir = Path(cfg.output_dir)
         set_deterministic(cfg.deterministic)
         apply_precision_settings(cfg, ctx.device)
@@ -69,7 +74,7 @@ class Trainer:
                                     cfg.model.channels_last,
                                     use_classifier=cfg.loss.classifier,
                                     equal_batches=bool(getattr(self.loader, "equal_batches", False)))
-        self.checkpoints = CheckpointManager(self.checkpoint_dir, ctx, cfg.checkpoint.keep_last)
+        self.checkpoints = CheckpointManager(self.checkpoint_dir, ctx, cfg.checkpoint.keep_last, self.faults)
         self.validator = Validator(cfg, ctx, self.manifest, self.run_dir)
         seed_everything(rank_seed(cfg.seed, ctx.rank))
         self.step = 0
@@ -220,6 +225,8 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         folder = resolve_resume(cfg.checkpoint.resume, self.checkpoint_dir, ctx)
         notes = self.resume(folder) if folder is not None else []
+        if folder is not None:
+            self.faults.phase("resume")
         if ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
@@ -261,10 +268,13 @@ class Trainer:
         try:
             while self.step < end and not preempted:
                 self.schedule.set_step(self.step)
+                self.faults.before_step(self.step + 1)
                 logs = (self.step + 1) % cfg.log.every_steps == 0 or self.step + 1 == self.total_steps
                 last = self.train_step(batches, log=logs, step=self.step + 1)
                 meter.add(last.samples)
                 self._record(last)
+                if self.watch is not None:
+                    self.watch.progress(self.step)
                 if self.step % cfg.log.every_steps == 0 or self.step == self.total_steps:
                     self.logger.log_metrics(self.step, self._metrics(last, meter))
                 else:
