@@ -116,9 +116,9 @@ class PreemptionHandler:
     def should_stop(self) -> bool:
         """True on every rank when any rank received a preemption signal (a collective when world > 1).
 
-        Costs one all-reduce of a single int32 per step: ~0.5 ms with gloo between two processes
-        on a busy 2-core machine, against ~1 s for a cpu_tiny step; it also has to wait for the
-        slowest rank, which the step's own collectives already do.
+        Used once, before the first step (a signal during start-up); during training the flag
+        rides in the step's vote instead (``TrainStep(..., stop_requested=...)``), which costs
+        no collective of its own.
         """
         local = self.received is not None
         if self.ctx.backend == "none" or self.ctx.world_size == 1 or not self.signals:

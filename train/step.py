@@ -48,6 +48,8 @@ class StepResult:
     """Loss scale used by the step's backward (1 without fp16)."""
     samples: int
     """Samples of the global batch over all micro-steps."""
+    stop: bool = False
+    """Some rank asked to stop after this step (a preemption signal), agreed by the step's vote."""
 
 
 class TrainStep:
@@ -126,11 +128,14 @@ class TrainStep:
                 ok = ok & torch.isfinite(g).all()
         return ok
 
-    def __call__(self, batches: Iterator[Batch], log: bool = True, step: Optional[int] = None) -> StepResult:
+    def __call__(self, batches: Iterator[Batch], log: bool = True, step: Optional[int] = None,
+                 stop_requested: bool = False) -> StepResult:
         """One optimiser step over ``grad_accum`` local batches drawn from ``batches``.
 
         ``log``: this step's metrics are logged; otherwise the accuracy is not computed.
         ``step``: the step's number, for the deferred input-check error.
+        ``stop_requested``: this rank was asked to stop (a preemption signal); the vote tells
+        every rank, so all stop after the same step without a collective of their own.
         """
         device = self.ctx.device
         # What a skipped step must put back: the backbone's BatchNorm statistics, the margin's
@@ -170,7 +175,8 @@ class TrainStep:
         # Ranks vote: one non-finite rank skips the step everywhere; the same SUM counts samples.
         # (torch.full, not torch.tensor: a Python number copied to a GPU waits for the copy.)
         vote = torch.stack([(~finite).to(torch.float64),
-                            torch.full((), float(local_samples), dtype=torch.float64, device=device)])
+                            torch.full((), float(local_samples), dtype=torch.float64, device=device),
+                            torch.full((), float(stop_requested), dtype=torch.float64, device=device)])
         all_reduce(vote, "sum", self.ctx.group)
         # Deferred input checks describe the gathered global batch, the same on every rank:
         # they need no reduction and ride to the host with the vote.
@@ -180,12 +186,12 @@ class TrainStep:
                             accuracy.double().view(1).to(device)] + [r.double() for r, _ in reports])
         # The step's one host read: the vote decides on the host whether the optimisers step.
         values = packed.tolist()
-        bad, samples, loss_value, norm_value, accuracy_value = values[:5]
+        bad, samples, stop, loss_value, norm_value, accuracy_value = values[:6]
         input_error = None
         for i, (_, sizes) in enumerate(reports):
-            first_bad = values[5 + 3 * i]
+            first_bad = values[6 + 3 * i]
             if first_bad < sum(sizes):
-                input_error = (values[5 + 3 * i: 8 + 3 * i], sizes)
+                input_error = (values[6 + 3 * i: 9 + 3 * i], sizes)
                 break
         ok = bad == 0.0 and input_error is None
         applied = self.runner.step(apply=ok)
@@ -207,4 +213,5 @@ class TrainStep:
         if grad_norm is None:
             grad_norm = self.runner.grad_norm_after_step()
         return StepResult(loss=loss_value, accuracy=accuracy_value, grad_norm=grad_norm,
-                          applied=ok and applied, loss_scale=scale, samples=int(round(samples)))
+                          applied=ok and applied, loss_scale=scale, samples=int(round(samples)),
+                          stop=stop > 0.0)

@@ -270,7 +270,8 @@ class Trainer:
                 self.schedule.set_step(self.step)
                 self.faults.before_step(self.step + 1)
                 logs = (self.step + 1) % cfg.log.every_steps == 0 or self.step + 1 == self.total_steps
-                last = self.train_step(batches, log=logs, step=self.step + 1)
+                last = self.train_step(batches, log=logs, step=self.step + 1,
+                                       stop_requested=preemption.received is not None)
                 meter.add(last.samples)
                 self._record(last)
                 if self.watch is not None:
@@ -284,8 +285,8 @@ class Trainer:
                 if self._due(cfg.checkpoint.every_steps):
                     self.save_checkpoint()
                     last_saved = self.step
-                # Every rank stops after the same step when any of them was signalled.
-                preempted = preemption.should_stop() and self.step < self.total_steps
+                # Every rank stops after the same step when any of them was signalled (the step's vote).
+                preempted = last.stop and self.step < self.total_steps
         except BaseException as err:
             preemption.uninstall()
             self.logger.finish({"error": f"{type(err).__name__}: {err}", "steps": self.step})
