@@ -23,6 +23,20 @@ def to_model_input(images_nhwc: torch.Tensor) -> torch.Tensor:
     return out.mul_(1 / 127.5).sub_(1.0)
 
 
+class LoaderSettingsMismatch(ValueError):
+    """A saved loader position was taken under other data settings (batch size, shards, ...).
+
+    ``differences`` maps each setting to ``(saved, now)``; ``detail`` says it in words.
+    """
+
+    def __init__(self, differences: dict[str, tuple[Any, Any]]):
+        self.differences = differences
+        self.detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in differences.items())
+        super().__init__(f"cannot resume the data position: loader settings differ ({self.detail}); "
+                         "resume with the same data settings, pass strict=False to continue the "
+                         "epoch in a new order, or call set_epoch() to start the epoch over")
+
+
 class Loader(abc.ABC):
     """One rank's view of a dataset: iterate for one epoch of ``(images, labels)`` batches.
 
@@ -101,12 +115,10 @@ class Loader(abc.ABC):
         differ = {k: (saved.get(k), v) for k, v in self._settings.items() if saved.get(k) != v}
         consumed = int(state["batches_consumed"])
         if differ:
-            detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in differ.items())
+            mismatch = LoaderSettingsMismatch(differ)
             if strict:
-                raise ValueError(f"cannot resume the data position: loader settings differ "
-                                 f"({detail}); resume with the same data settings, pass "
-                                 "strict=False to continue the epoch in a new order, or call "
-                                 "set_epoch() to start the epoch over")
+                raise mismatch
+            detail = mismatch.detail
             samples = consumed * int(saved.get("batch_size") or self.batch_size) * \
                 int(saved.get("world_size") or self.world_size)
             consumed = min(samples // (self.batch_size * self.world_size), self._num_batches)

@@ -92,7 +92,7 @@ def test_resume_two_ranks_on_one(tmp_path):
     result = _resume_only(0, 1, str(tmp_path), extra)
     _check_resliced([result["head"]], saved)
     assert any("re-sliced from world size 2 to 1" in n for n in result["notes"])
-    backbone = torch.load(tmp_path / "checkpoints" / "step_00000003" / "shared.pt", weights_only=False)["backbone"]
+    backbone = torch.load(tmp_path / "checkpoints" / "step_00000003" / "shared.pt", weights_only=False)["runner"]["backbone"]
     for key, value in backbone.items():
         assert torch.equal(result["backbone"][f"model.{key}"], value), key
 

@@ -259,7 +259,7 @@ def test_torchrun_main_trains_evaluates_checkpoints_and_exports(tmp_path):
     assert (ckpt / "latest").read_text().strip() == "step_00000006"
     assert sorted(p.name for p in (ckpt / "step_00000006").iterdir()) == ["rank_00000.pt", "rank_00001.pt", "shared.pt"]
     shared = torch.load(ckpt / "step_00000006" / "shared.pt", weights_only=False)
-    assert shared["wandb_run_id"] and shared["wandb_run_id"] == summary["wandb_run_id"]
+    assert shared["progress"]["wandb_run_id"] and shared["progress"]["wandb_run_id"] == summary["wandb_run_id"]
     assert list((tmp_path / "wandb").rglob(f"offline-run-*{summary['wandb_run_id']}"))
     from train.export import load_embedding_model
     model = load_embedding_model(out / "model.pt")

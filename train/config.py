@@ -192,6 +192,10 @@ class CheckpointConfig:
     """none, latest (the newest checkpoint in dir, if any) or the path of a checkpoint folder."""
     export: bool = True
     """Write an embedding-only export (backbone weights + config) at the end."""
+    storage: str = "shared"
+    """shared (one folder every node sees; checked at start) or node_local (each node keeps its own ranks' files in dir on its own disk)."""
+    async_save: bool = False
+    """Periodic saves copy the state to host memory and a background thread writes it while training goes on."""
 
 
 @dataclass

@@ -89,6 +89,10 @@ def check_config(cfg: "TrainConfig") -> None:
     _at_least("precision.growth_interval", pr.growth_interval, 1)
     _at_least("checkpoint.every_steps", c.every_steps, 0, "0 saves only at the end")
     _at_least("checkpoint.keep_last", c.keep_last, 0, "0 keeps all")
+    _choice("checkpoint.storage", c.storage, ("shared", "node_local"))
+    if p.strategy == "deepspeed" and (c.async_save or c.storage == "node_local"):
+        raise ConfigError("parallel.strategy=deepspeed writes its engine files collectively into one shared folder: "
+                          "it takes neither checkpoint.async_save=true nor checkpoint.storage=node_local")
     _at_least("eval.every_steps", e.every_steps, 0, "0 evaluates only at the end")
     _at_least("eval.batch_size", e.batch_size, 1)
     _at_least("log.every_steps", lg.every_steps, 1)

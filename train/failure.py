@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from types import FrameType
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch.distributed as dist
 
@@ -294,11 +294,13 @@ def _own_store() -> Optional["dist.Store"]:
                          wait_for_workers=False)
 
 
-def collective_verdict(ctx: DistContext, what: str, work: Callable[[], object]) -> object:
+def collective_verdict(ctx: DistContext, what: str, work: Callable[[], object], group: Any = None,
+                       kind: type = None) -> object:
     """Run ``work`` on every rank; if it raised on any rank, every rank raises the same error.
 
     ``what`` says what was attempted (``"write its checkpoint part of step 40"``); the
-    error names the first rank that failed and its error.
+    error names the first rank that failed and its error.  ``group``: the process group to
+    agree over (default the run's); ``kind``: the error raised (a :class:`RankFailure`).
     """
     error: Optional[str] = None
     result = None
@@ -310,12 +312,12 @@ def collective_verdict(ctx: DistContext, what: str, work: Callable[[], object]) 
         errors = [error]
     else:
         errors = [None] * ctx.world_size
-        dist.all_gather_object(errors, error, group=ctx.group)
+        dist.all_gather_object(errors, error, group=group if group is not None else ctx.group)
     failed = [(r, e) for r, e in enumerate(errors) if e is not None]
     if failed:
         rank, message = failed[0]
         others = f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
-        raise RankFailure(f"rank {rank} could not {what}: {message}{others}")
+        raise (kind or RankFailure)(f"rank {rank} could not {what}: {message}{others}")
     return result
 
 

@@ -14,7 +14,8 @@ from torch import nn
 
 from .builders import (apply_precision_settings, build_backbone_module, build_data, build_head, build_loggers, build_metric, load_manifest,
                        rank_seed, resolve_num_classes, seed_everything, set_deterministic)
-from .checkpoint import CheckpointManager, capture_rng, checkpoint_name, load_local, load_shared, resolve_resume, restore_rng
+from .checkpoint import CheckpointManager, checkpoint_name
+from .components import ClassifierState, LoaderState, RngState, RunnerState, ScheduleState
 from .config import TrainConfig
 from .distributed import DistContext, check_world_size
 from .failure import FailureWatch
@@ -23,8 +24,8 @@ from .loggers import Logger, Throughput, format_duration
 from .optim import build_classifier_optimizer, scaled_lrs
 from .parallel import build_runner
 from .preemption import PREEMPTED_EXIT_CODE, PreemptionHandler
-from .reshard import classifier_state, load_classifier
 from .schedule import LRSchedule
+from .stateful import TrainingProgress
 from .step import Batch, StepResult, TrainStep
 from .validation import Validator
 
@@ -74,83 +75,82 @@ class Trainer:
                                     cfg.model.channels_last,
                                     use_classifier=cfg.loss.classifier,
                                     equal_batches=bool(getattr(self.loader, "equal_batches", False)))
-        self.checkpoints = CheckpointManager(self.checkpoint_dir, ctx, cfg.checkpoint.keep_last, self.faults)
+        c = cfg.checkpoint
+        self.checkpoints = CheckpointManager(self.checkpoint_dir, ctx, c.keep_last, c.storage, c.async_save,
+                                             faults=self.faults)
         self.validator = Validator(cfg, ctx, self.manifest, self.run_dir)
         seed_everything(rank_seed(cfg.seed, ctx.rank))
-        self.step = 0
-        self.epoch = 0
-        self.skipped_steps = 0
-        self.skipped_in_row = 0
-        self.wandb_run_id: Optional[str] = None
+        self.progress = TrainingProgress()
         self.resumed_from: Optional[Path] = None
         self.logger: Logger = Logger()
         self.eval_results: dict[str, dict[str, float]] = {}
-        self._fresh_epoch = True
         self._batch_iter: Optional[Iterator[Batch]] = None
 
     @property
     def checkpoint_dir(self) -> Path:
-        """Where checkpoints go (``checkpoint.dir`` or ``<output_dir>/checkpoints``)."""
-        return Path(self.cfg.checkpoint.dir) if self.cfg.checkpoint.dir else self.run_dir / "checkpoints"
+        """Where checkpoints go (``checkpoint.dir`` or ``<output_dir>/checkpoints``; ``{node}``: the node index)."""
+        c = self.cfg.checkpoint
+        if not c.dir:
+            return self.run_dir / "checkpoints"
+        from .checkpoint import node_of
+        return Path(c.dir.replace("{node}", str(node_of(self.ctx)[0])))
+
+    # The run's position lives in ``progress``; these names are the loop's vocabulary.
+    step = property(lambda self: self.progress.step, lambda self, v: setattr(self.progress, "step", v))
+    epoch = property(lambda self: self.progress.epoch, lambda self, v: setattr(self.progress, "epoch", v))
+    skipped_steps = property(lambda self: self.progress.skipped_steps,
+                             lambda self, v: setattr(self.progress, "skipped_steps", v))
+    skipped_in_row = property(lambda self: self.progress.skipped_in_row,
+                              lambda self, v: setattr(self.progress, "skipped_in_row", v))
+    wandb_run_id = property(lambda self: self.progress.wandb_run_id,
+                            lambda self, v: setattr(self.progress, "wandb_run_id", v))
+    _fresh_epoch = property(lambda self: self.progress.fresh_epoch,
+                            lambda self, v: setattr(self.progress, "fresh_epoch", v))
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self) -> Path:
-        """Write a checkpoint of the current state (a collective: every rank calls it)."""
-        shared = {
-            "format": 1, "step": self.step, "epoch": self.epoch, "world_size": self.ctx.world_size,
-            "num_classes": self.num_classes, "config": self.cfg.to_yaml(),
-            "class_ranges": self._class_ranges(), "schedule": self.schedule.state_dict(),
-            "wandb_run_id": self.wandb_run_id, "skipped_steps": self.skipped_steps,
-            "skipped_in_row": self.skipped_in_row, **self.runner.state_dict(),
-        }
-        local = {"rank": self.ctx.rank, "classifier": classifier_state(self.head, self.head_optimizer, self.metric_loss),
-                 "rng": capture_rng(self.ctx.device), "loader": self.loader.state_dict(),
-                 "fresh_epoch": self._fresh_epoch}
+    def shared_state(self) -> dict[str, Any]:
+        """The components (and header values) a checkpoint stores once: the same on every rank."""
+        return {"num_classes": self.num_classes, "config": self.cfg.to_yaml(), "class_ranges": self._class_ranges(),
+                "progress": self.progress, "schedule": ScheduleState(self.schedule), "runner": RunnerState(self.runner)}
+
+    def rank_state(self) -> dict[str, Any]:
+        """The components every rank stores of its own."""
+        return {"classifier": ClassifierState(self.head, self.head_optimizer, self.metric_loss),
+                "rng": RngState(self.ctx.device), "loader": LoaderState(self.loader)}
+
+    def save_checkpoint(self, background: bool = False) -> Path:
+        """Write a checkpoint of the current state (a collective: every rank calls it).
+
+        Returns once the checkpoint is published, unless ``background`` (with
+        ``checkpoint.async_save``): then once its state is copied to host memory.
+        """
         engine_save = self.runner.engine_save if self.cfg.parallel.strategy == "deepspeed" else None
-        return self.checkpoints.save(self.step, shared if self.ctx.is_main else {}, local, engine_save)
+        background = background and self.cfg.checkpoint.async_save
+        folder = self.checkpoints.save(self.step, self.shared_state(), self.rank_state(), engine_save, background)
+        if not background:
+            self.checkpoints.wait()
+        return folder
 
     def _class_ranges(self) -> list[tuple[int, int]]:
         from partial_fc.sharding import class_range
         return [class_range(self.num_classes, r, self.ctx.world_size) for r in range(self.ctx.world_size)]
 
+    def _check_checkpoint(self, folder: Path, header: dict) -> None:
+        if header["num_classes"] != self.num_classes:
+            raise ValueError(f"checkpoint {folder} has {header['num_classes']} classes, this run has "
+                             f"{self.num_classes}: it belongs to another dataset")
+
     def resume(self, folder: Path) -> list[str]:
         """Restore the state saved in ``folder``; returns notes on anything not restored exactly."""
-        shared = load_shared(folder)
-        same_world = shared["world_size"] == self.ctx.world_size
-        if shared["num_classes"] != self.num_classes:
-            raise ValueError(f"checkpoint {folder} has {shared['num_classes']} classes, this run has "
-                             f"{self.num_classes}: it belongs to another dataset")
-        notes = self.runner.load_state_dict(shared, folder, same_world)
-        local = load_local(folder, self.ctx.rank) if same_world else None
-        if load_classifier(self.head, self.head_optimizer, folder, shared, local, self.metric_loss):
-            notes.append(f"classifier shards re-sliced from world size {shared['world_size']} to "
-                         f"{self.ctx.world_size}; negative sampling restarts from fresh generators")
-        self.step, self.epoch = int(shared["step"]), int(shared["epoch"])
-        self.skipped_steps = int(shared.get("skipped_steps", 0))
-        self.skipped_in_row = int(shared.get("skipped_in_row", 0))
-        self.wandb_run_id = shared.get("wandb_run_id")
-        changed = self.schedule.changed_settings(shared["schedule"])
-        self.schedule.load_state_dict(shared["schedule"])
-        if changed:
-            notes.append("learning-rate schedule differs from the checkpoint's: " + "; ".join(changed))
-        if local is not None:
-            restore_rng(local["rng"], self.ctx.device)
-            try:
-                self.loader.load_state_dict(local["loader"])
-            except ValueError as err:
-                if "loader settings differ" not in str(err):
-                    raise
-                # Data settings changed on purpose (batch size, shards): keep the position in
-                # samples and go on in the new order rather than refuse to resume.
-                self.loader.load_state_dict(local["loader"], strict=False)
-                notes.append(str(err).split(";")[0].replace("cannot resume the data position: ", "data order: ")
-                             + f"; epoch {self.epoch} continues at the same sample count in a new order")
-            self._fresh_epoch = bool(local.get("fresh_epoch", False))
-        else:
+        report = self.checkpoints.load(folder, self.shared_state(), self.rank_state(),
+                                       check=lambda header: self._check_checkpoint(folder, header))
+        notes = report.notes
+        if report.skipped:
+            # Another world size: the per-rank loader positions and RNG streams do not map.
             seed_everything(rank_seed(self.cfg.seed + self.step, self.ctx.rank))
             self._fresh_epoch = True
             notes.append(f"data order restarts at epoch {self.epoch} (the per-rank loader positions of world "
-                         f"size {shared['world_size']} do not map to {self.ctx.world_size} ranks)")
+                         f"size {report.header['world_size']} do not map to {self.ctx.world_size} ranks)")
         self.resumed_from = Path(folder)
         return notes
 
@@ -223,7 +223,9 @@ class Trainer:
     def _start(self) -> Optional[Path]:
         """Resume if configured, write config.yaml, start the loggers, print the derived quantities."""
         cfg, ctx = self.cfg, self.ctx
-        folder = resolve_resume(cfg.checkpoint.resume, self.checkpoint_dir, ctx)
+        self.checkpoints.check_storage()
+        self.checkpoints.clean_stale()
+        folder = self.checkpoints.resolve(cfg.checkpoint.resume)
         notes = self.resume(folder) if folder is not None else []
         if folder is not None:
             self.faults.phase("resume")
@@ -283,12 +285,13 @@ class Trainer:
                 if self._due(cfg.eval.every_steps):
                     self.evaluate()
                 if self._due(cfg.checkpoint.every_steps):
-                    self.save_checkpoint()
+                    self.save_checkpoint(background=True)
                     last_saved = self.step
                 # Every rank stops after the same step when any of them was signalled (the step's vote).
                 preempted = last.stop and self.step < self.total_steps
         except BaseException as err:
             preemption.uninstall()
+            self._settle_writer()
             self.logger.finish({"error": f"{type(err).__name__}: {err}", "steps": self.step})
             raise
         if preempted:
@@ -298,6 +301,7 @@ class Trainer:
         elapsed = time.perf_counter() - t_start
         final_ckpt = self.save_checkpoint() if last_saved != self.step else \
             self.checkpoint_dir / checkpoint_name(self.step)
+        self.checkpoints.wait()  # a background save of the last step lands before the run ends
         preemption.uninstall()  # after the save: a signal during it still aborts only on a second one
         finished = self.step >= self.total_steps
         if finished and cfg.eval.at_end:
@@ -318,6 +322,13 @@ class Trainer:
                              f"skipped {self.skipped_steps}; run folder {self.run_dir}")
         self.logger.finish(summary)
         return summary
+
+    def _settle_writer(self) -> None:
+        """On the way out after an error: let a background save finish (its own failure is logged)."""
+        try:
+            self.checkpoints.wait()
+        except Exception as err:  # noqa: BLE001 - the error being raised matters more
+            self.logger.log_text(f"background checkpoint failed too: {err}")
 
     def _metrics(self, result: StepResult, meter: Throughput) -> dict[str, Any]:
         m: dict[str, Any] = {"loss": result.loss, "accuracy": result.accuracy,
