@@ -19,6 +19,7 @@ MAX_WORKER_RESTARTS = 3
 """Loader-worker deaths per epoch recovered inside the rank before the error is raised."""
 
 FLIP_TAG = 0x464C
+WORKERS_TAG = 0x574B
 
 
 class _RankEpoch(IterableDataset):
@@ -151,8 +152,12 @@ class WebDatasetLoader(Loader):
             source = iter(dataset)
         else:
             _no_sigchld_raise()
+            # A generator of its own: making the iterator would otherwise draw from the
+            # process's torch RNG, which a resumed epoch (one iterator more) would leave in
+            # another state than a run without a break.  The data order does not use it.
+            workers_rng = torch.Generator().manual_seed(derive_seed(self.seed, epoch, self.rank, start, WORKERS_TAG))
             source = iter(DataLoader(dataset, batch_size=None, num_workers=self.workers,
-                                     pin_memory=cuda))
+                                     pin_memory=cuda, generator=workers_rng))
             source = _catch_worker_death(source)
         try:
             # Workers hand batches over in turn; after a resume their next batches need not come

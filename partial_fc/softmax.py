@@ -28,7 +28,6 @@ class _ShardedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor, group: ProcessGroup,
                 scores: Optional[torch.Tensor]):
-        n = logits.shape[0]
         has_target = target >= 0
         with_accuracy = scores is not None
 

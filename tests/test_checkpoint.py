@@ -11,15 +11,11 @@ from train.checkpoint import (LATEST, CheckpointManager, find_latest, list_check
 from train.distributed import init_distributed
 from train.reshard import check_ranges, gather_rows
 from train.trainer import Trainer
-from train_fixtures import CLASSES, SplitLoader, backbone_snapshot, bn_net, classifier_snapshot, tiny_config
+from train_fixtures import (CLASSES, SplitLoader, assert_same_run_state, backbone_snapshot, bn_net, classifier_snapshot,
+                            run_state, tiny_config)
 
 # Negative sampling, momentum, BatchNorm statistics and dropout: all must survive a resume.
 RESUME = ("loss.sample_rate=0.5", "max_steps=6", "optim.warmup_steps=2")
-
-
-def _state(trainer):
-    return {"backbone": backbone_snapshot(trainer), "head": classifier_snapshot(trainer),
-            "sampler": trainer.head.sampler().get_state(), "torch_rng": torch.get_rng_state()}
 
 
 def _straight_and_resumed(rank, world, out):
@@ -32,7 +28,7 @@ def _straight_and_resumed(rank, world, out):
     resumed = Trainer(tiny_config(f"{out}/split", *RESUME, "checkpoint.resume=latest"), ctx,
                       loader=SplitLoader(rank, world), backbone=bn_net())
     summary = resumed.fit()
-    return {"straight": _state(straight), "resumed": _state(resumed), "resumed_from": str(resumed.resumed_from),
+    return {"straight": run_state(straight), "resumed": run_state(resumed), "resumed_from": str(resumed.resumed_from),
             "steps_this_run": summary["steps_this_run"]}
 
 
@@ -42,14 +38,7 @@ def test_kill_and_resume_gives_identical_weights(tmp_path):
     results = run_distributed(_straight_and_resumed, 2, str(tmp_path))
     for r in results:
         assert r["resumed_from"].endswith("step_00000003") and r["steps_this_run"] == 3
-        a, b = r["straight"], r["resumed"]
-        assert a["backbone"].keys() == b["backbone"].keys()
-        for key in a["backbone"]:
-            assert torch.equal(a["backbone"][key], b["backbone"][key]), key
-        assert torch.equal(a["head"]["weight"], b["head"]["weight"])
-        for name in a["head"]["rows"]:
-            assert torch.equal(a["head"]["rows"][name], b["head"]["rows"][name]), name
-        assert torch.equal(a["sampler"], b["sampler"]) and torch.equal(a["torch_rng"], b["torch_rng"])
+        assert_same_run_state(r["straight"], r["resumed"])
     assert not torch.equal(results[0]["straight"]["head"]["weight"], results[1]["straight"]["head"]["weight"])
 
 

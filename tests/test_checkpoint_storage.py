@@ -14,24 +14,9 @@ from train.checkpoint import (SHARED, CheckpointFormatError, CheckpointManager, 
 from train.distributed import init_distributed
 from train.reshard import classifier_state
 from train.trainer import Trainer
-from train_fixtures import SplitLoader, backbone_snapshot, bn_net, classifier_snapshot, tiny_config
+from train_fixtures import SplitLoader, assert_same_run_state, bn_net, run_state, tiny_config
 
 RESUME = ("loss.sample_rate=0.5", "max_steps=6", "optim.warmup_steps=2")
-
-
-def _state(trainer):
-    return {"backbone": backbone_snapshot(trainer), "head": classifier_snapshot(trainer),
-            "sampler": trainer.head.sampler().get_state(), "torch_rng": torch.get_rng_state()}
-
-
-def _assert_same(a, b):
-    assert a["backbone"].keys() == b["backbone"].keys()
-    for key in a["backbone"]:
-        assert torch.equal(a["backbone"][key], b["backbone"][key]), key
-    assert torch.equal(a["head"]["weight"], b["head"]["weight"])
-    for name in a["head"]["rows"]:
-        assert torch.equal(a["head"]["rows"][name], b["head"]["rows"][name]), name
-    assert torch.equal(a["sampler"], b["sampler"]) and torch.equal(a["torch_rng"], b["torch_rng"])
 
 
 # ---------------------------------------------------------------------- format versions
@@ -59,7 +44,7 @@ def test_format1_checkpoint_resumes_exactly_and_an_unknown_format_is_refused(tmp
     resumed = Trainer(tiny_config(tmp_path / "c", *RESUME, f"checkpoint.resume={old}"), ctx,
                       loader=SplitLoader(), backbone=bn_net())
     assert resumed.fit()["steps_this_run"] == 3
-    _assert_same(_state(straight), _state(resumed))
+    assert_same_run_state(run_state(straight), run_state(resumed))
     assert read_checkpoint(old)["header"]["format"] == 1
     assert load_shared(find_latest(tmp_path / "c" / "checkpoints"))["format"] == 2
 
@@ -165,7 +150,7 @@ def _async_straight_and_resumed(rank, world, out):
     resumed = Trainer(tiny_config(f"{out}/split", *RESUME, *a, "checkpoint.resume=latest"), ctx,
                       loader=SplitLoader(rank, world), backbone=bn_net())
     summary = resumed.fit()
-    return {"straight": _state(straight), "resumed": _state(resumed), "resumed_from": str(resumed.resumed_from),
+    return {"straight": run_state(straight), "resumed": run_state(resumed), "resumed_from": str(resumed.resumed_from),
             "steps": summary["steps_this_run"], "stall": stalls,
             "saved": [p.name for p in list_checkpoints(resumed.checkpoint_dir)]}
 
@@ -175,7 +160,7 @@ def test_async_checkpoints_resume_bit_identically_on_two_ranks(tmp_path):
     for r in run_distributed(_async_straight_and_resumed, 2, str(tmp_path)):
         assert r["resumed_from"].endswith("step_00000003") and r["steps"] == 3
         assert r["saved"] == ["step_00000005", "step_00000006"]
-        _assert_same(r["straight"], r["resumed"])
+        assert_same_run_state(r["straight"], r["resumed"])
 
 
 # ---------------------------------------------------------------------- storage probe, node-local storage
@@ -193,7 +178,7 @@ def _two_nodes(rank, world, out, storage, stop):
     resumed = Trainer(tiny_config(f"{out}/split", *cfg, "checkpoint.resume=latest"), ctx,
                       loader=SplitLoader(rank, world), backbone=bn_net())
     resumed.fit()
-    return {"straight": _state(straight), "resumed": _state(resumed), "resumed_from": str(resumed.resumed_from)}
+    return {"straight": run_state(straight), "resumed": run_state(resumed), "resumed_from": str(resumed.resumed_from)}
 
 
 @pytest.mark.slow
@@ -213,4 +198,4 @@ def test_node_local_storage_keeps_each_nodes_ranks_and_resumes_exactly(tmp_path)
         assert (tmp_path / f"node{node}" / "step_00000003" / SHARED).is_file()
     for r in results:
         assert r["resumed_from"].endswith("step_00000003")
-        _assert_same(r["straight"], r["resumed"])
+        assert_same_run_state(r["straight"], r["resumed"])

@@ -2,7 +2,6 @@
 generator states that move between kinds of device."""
 from __future__ import annotations
 
-import os
 import random
 
 import numpy as np

@@ -90,3 +90,20 @@ def backbone_snapshot(trainer, optimizer: bool = True) -> dict:
                 if torch.is_tensor(v):
                     state[f"opt.{i}.{k}"] = v.detach().clone()
     return state
+
+
+def run_state(trainer) -> dict:
+    """What an exact resume must reproduce: backbone (+ optimiser), classifier rows and state, generators."""
+    return {"backbone": backbone_snapshot(trainer), "head": classifier_snapshot(trainer),
+            "sampler": trainer.head.sampler().get_state(), "torch_rng": torch.get_rng_state()}
+
+
+def assert_same_run_state(a: dict, b: dict) -> None:
+    """Bitwise equality of two :func:`run_state` snapshots, naming the first tensor that differs."""
+    assert a["backbone"].keys() == b["backbone"].keys()
+    for key in a["backbone"]:
+        assert torch.equal(a["backbone"][key], b["backbone"][key]), key
+    assert torch.equal(a["head"]["weight"], b["head"]["weight"])
+    for name in a["head"]["rows"]:
+        assert torch.equal(a["head"]["rows"][name], b["head"]["rows"][name]), name
+    assert torch.equal(a["sampler"], b["sampler"]) and torch.equal(a["torch_rng"], b["torch_rng"])
