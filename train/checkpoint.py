@@ -37,7 +37,7 @@ import torch.distributed as dist
 from partial_fc.generator_state import derived_seed
 
 from .distributed import DistContext, broadcast_object
-from .failure import RankFailure, collective_verdict
+from .failure import RankFailure, collective_verdict, gather_objects
 from .faults import FaultSwitch
 from .stateful import SavedCheckpoint, SourceAware, Stateful, collect, to_host
 
@@ -189,19 +189,10 @@ def node_of(ctx: DistContext) -> tuple[int, bool]:
     return node, ctx.local_rank == 0 or ctx.world_size == 1
 
 
-def _gather(obj: Any, ctx: DistContext, group: Any = None) -> list[Any]:
-    """Every rank's ``obj``, in rank order (over ``group``, default the run's)."""
-    if ctx.backend == "none" or ctx.world_size == 1:
-        return [obj]
-    out: list[Any] = [None] * ctx.world_size
-    dist.all_gather_object(out, obj, group=group if group is not None else ctx.group)
-    return out
-
-
 def _verdict(error: Optional[str], ctx: DistContext, what: str, group: Any = None,
              kind: type = CheckpointWriteError) -> None:
     """Raise on every rank when any rank had an ``error`` (its message names the rank)."""
-    errors = [(r, e) for r, e in enumerate(_gather(error, ctx, group)) if e]
+    errors = [(r, e) for r, e in enumerate(gather_objects(error, ctx, group)) if e]
     if errors:
         r, e = errors[0]
         more = f" (and {len(errors) - 1} other rank(s))" if len(errors) > 1 else ""
@@ -273,7 +264,7 @@ class CheckpointManager:
                 error = f"cannot write {probe}: {e}"
         _verdict(error, ctx, f"creating the checkpoint folder {self.root}", kind=CheckpointStorageError)
         # Every rank learns the token of its own publisher (rank 0, or its node's first rank).
-        tokens = _gather((self.node, token if self.publisher else None), ctx)
+        tokens = gather_objects((self.node, token if self.publisher else None), ctx)
         if self.storage == "shared":
             expected = tokens[0][1]
         else:
@@ -283,7 +274,7 @@ class CheckpointManager:
             ok = seen.read_text() == expected
         except OSError:
             ok = False
-        blind = [r for r, (host, good) in enumerate(_gather((socket.gethostname(), ok), ctx)) if not good]
+        blind = [r for r, (host, good) in enumerate(gather_objects((socket.gethostname(), ok), ctx)) if not good]
         ctx.barrier()
         if self.publisher:
             probe.unlink(missing_ok=True)
@@ -433,7 +424,7 @@ class CheckpointManager:
         if resume == "latest":
             mine = {int(_NAME.match(p.name).group(1)) for p in list_checkpoints(self.root)
                     if (p / rank_file(ctx.rank)).is_file()}
-            every = _gather(sorted(mine), ctx)
+            every = gather_objects(sorted(mine), ctx)
             common = set(every[0]).intersection(*map(set, every[1:]))
             if not common:
                 if any(every):

@@ -294,6 +294,15 @@ def _own_store() -> Optional["dist.Store"]:
                          wait_for_workers=False)
 
 
+def gather_objects(obj: Any, ctx: DistContext, group: Any = None) -> list[Any]:
+    """Every rank's ``obj``, in rank order (over ``group``, default the run's)."""
+    if ctx.backend == "none" or ctx.world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, obj, group=group if group is not None else ctx.group)
+    return out
+
+
 def collective_verdict(ctx: DistContext, what: str, work: Callable[[], object], group: Any = None,
                        kind: type = None) -> object:
     """Run ``work`` on every rank; if it raised on any rank, every rank raises the same error.
@@ -308,12 +317,7 @@ def collective_verdict(ctx: DistContext, what: str, work: Callable[[], object], 
         result = work()
     except Exception as err:  # noqa: BLE001 - every rank must learn of it, whatever it is
         error = error_line(err)
-    if ctx.backend == "none" or ctx.world_size == 1:
-        errors = [error]
-    else:
-        errors = [None] * ctx.world_size
-        dist.all_gather_object(errors, error, group=group if group is not None else ctx.group)
-    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    failed = [(r, e) for r, e in enumerate(gather_objects(error, ctx, group)) if e is not None]
     if failed:
         rank, message = failed[0]
         others = f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
