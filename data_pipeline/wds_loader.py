@@ -208,6 +208,9 @@ class _catch_worker_death:
             if "DataLoader worker" in str(err) and ("exited unexpectedly" in str(err) or "killed by signal" in str(err)):
                 raise WorkerDied(str(err).splitlines()[0]) from err
             raise
+        except (ConnectionError, EOFError) as err:
+            # The worker died while handing a batch over: the batch's shared-memory handle died with it.
+            raise WorkerDied(f"a DataLoader worker died while handing over a batch ({type(err).__name__})") from err
 
 
 def _no_sigchld_raise() -> None:
