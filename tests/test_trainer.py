@@ -227,15 +227,8 @@ def test_no_weight_decay_on_norms_biases_and_prelu():
 def test_torchrun_main_trains_evaluates_checkpoints_and_exports(tmp_path):
     """The real entry point under torchrun: 2 processes, iresnet_tiny, synthetic data, a .bin, W&B offline."""
     from data_pipeline.verification import write_bin
-    from PIL import Image
-    import io
-    import numpy as np
-    rng = np.random.default_rng(0)
-    jpegs = []
-    for _ in range(40):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, format="JPEG")
-        jpegs.append(buf.getvalue())
+    from shard_helpers import make_jpeg
+    jpegs = [make_jpeg(i, 32) for i in range(40)]
     write_bin(tmp_path / "pairs.bin", jpegs, [i % 2 == 0 for i in range(20)])
     out = tmp_path / "run"
     sets = ["data.loader=random_tensors", "data.manifest=", "data.num_classes=20", "data.num_samples=256", "data.batch_size=8",
