@@ -22,8 +22,18 @@ from pathlib import Path
 from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
-from .bad_data import (BAD_LABEL, CORRUPT_JPEG, MISSING_CLS, MISSING_JPG, MISSING_SHARD,
-                       TRUNCATED_SHARD, WRONG_SIZE, BadSample, decode_jpeg, parse_label)
+from .bad_data import (
+    BAD_LABEL,
+    CORRUPT_JPEG,
+    MISSING_CLS,
+    MISSING_JPG,
+    MISSING_SHARD,
+    TRUNCATED_SHARD,
+    WRONG_SIZE,
+    BadSample,
+    decode_jpeg,
+    parse_label,
+)
 from .manifest import atomic_write_bytes
 from .progress import Progress
 from .tar_reader import ShardRef
@@ -92,20 +102,21 @@ def _scan(shard: ShardRef, num_classes: int, image_size: tuple[int, int], decode
     group: dict[str, tarfile.TarInfo] = {}
 
     def finish(tar: tarfile.TarFile) -> None:
+        assert key is not None, "finish() follows the members of a sample"
         if "jpg" not in group:
             bad.append(BadSample(MISSING_JPG, shard.name, key, "the sample has no .jpg member"))
             return
         if "cls" not in group:
             bad.append(BadSample(MISSING_CLS, shard.name, key, "the sample has no .cls member"))
             return
-        raw = tar.extractfile(group["cls"]).read()
+        raw = _read(tar, group["cls"])
         label = parse_label(raw, num_classes)
         if isinstance(label, str) or len(raw) != LABEL_WIDTH:
             why = label if isinstance(label, str) else (
                 f"label text {raw!r} is not {LABEL_WIDTH} zero-padded digits, which DALI needs")
             bad.append(BadSample(BAD_LABEL, shard.name, key, why))
             return
-        jpg = tar.extractfile(group["jpg"]).read()
+        jpg = _read(tar, group["jpg"])
         problem = check_header(jpg, image_size)
         if problem is None and decode:
             decoded = decode_jpeg(jpg, image_size)
@@ -254,3 +265,11 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _read(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    """The bytes of a regular ``member`` of ``tar``."""
+    f = tar.extractfile(member)
+    if f is None:
+        raise tarfile.ReadError(f"member {member.name} is not a regular file")
+    return f.read()

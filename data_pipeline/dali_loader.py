@@ -26,9 +26,9 @@ import torch
 
 from .bad_data import BadSample
 from .dali_index import LABEL_WIDTH, ShardIndex, index_location, index_shards
-from .manifest import atomic_write_bytes
 from .epoch_plan import batches_per_rank, derive_seed, last_batch_padding, shard_order
 from .loader_base import Batch, Loader
+from .manifest import atomic_write_bytes
 from .tar_reader import shard_refs
 
 log = logging.getLogger("shardface.data")

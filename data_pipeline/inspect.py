@@ -244,13 +244,14 @@ class _Checker:
             try:
                 # Streaming mode: one sequential pass, no seeking back.
                 with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
-                    key, members = None, {}
+                    key: str | None = None
+                    members: dict[str, bytes] = {}
                     for info in tar:
                         if not info.isfile():
                             continue
                         base = os.path.basename(info.name)
                         k, _, ext = base.partition(".")
-                        data = tar.extractfile(info).read()  # type: ignore[union-attr]
+                        data = tar.extractfile(info).read()
                         if k != key:
                             if key is not None:
                                 self.sample(check.path, key, members)

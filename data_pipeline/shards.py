@@ -7,7 +7,7 @@ import multiprocessing
 import os
 import re
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol, TextIO, runtime_checkable
 
@@ -33,8 +33,10 @@ class SampleSource(Protocol):
     Sources are pickled into worker processes when ``workers > 1``.
     """
 
-    num_classes: int
     name: str
+
+    @property
+    def num_classes(self) -> int: ...
 
     def __len__(self) -> int: ...
 
@@ -111,7 +113,7 @@ def _prepare_chunk(indices: list[int]) -> list[tuple[bytes, int, tuple[int, int]
 
 
 def _stream_samples(source: SampleSource, indices: np.ndarray, workers: int,
-                    chunk: int = 32) -> Iterator[tuple[bytes, int, tuple[int, int]]]:
+                    chunk: int = 32) -> Generator[tuple[bytes, int, tuple[int, int]], None, None]:
     """Yield prepared samples in ``indices`` order, reading them with ``workers`` processes."""
     if workers <= 1:
         for i in indices:
@@ -272,11 +274,12 @@ def write_shards(source: SampleSource, out_dir: str | os.PathLike, *, samples_pe
     kept = _resume_state(out, journal_path, fingerprint, sizes, progress)
     image_size: tuple[int, int] | None = None
     for entry in kept.values():
-        size = tuple(entry["image_size"])
+        height, width = entry["image_size"]
+        size = (int(height), int(width))
         if image_size is not None and size != image_size:
             raise ValueError(f"shards written earlier disagree on image size ({image_size} vs {size}): "
                              f"delete {journal_path} to rewrite everything")
-        image_size = size  # type: ignore[assignment]
+        image_size = size
 
     todo = [s for s in range(len(sizes)) if s not in kept]
     todo_indices = (np.concatenate([order[starts[s]:starts[s + 1]] for s in todo])

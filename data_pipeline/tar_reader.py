@@ -7,8 +7,16 @@ from typing import Iterator
 
 from webdataset.tariterators import base_plus_ext
 
-from .bad_data import (BAD_LABEL, MISSING_CLS, MISSING_JPG, MISSING_SHARD, TRUNCATED_SHARD,
-                       BadSample, SkipLog, parse_label)
+from .bad_data import (
+    BAD_LABEL,
+    MISSING_CLS,
+    MISSING_JPG,
+    MISSING_SHARD,
+    TRUNCATED_SHARD,
+    BadSample,
+    SkipLog,
+    parse_label,
+)
 from .tar_members import NotPlainTar, library_members, plain_members
 
 
@@ -119,8 +127,7 @@ def read_span(shard: ShardRef, start: int, stop: int, num_classes: int,
             # Both members were read whole before the damage: the sample is fine.
             yield from groups.close()
         # Name the first lost sample: the half-read one, else the one whose member failed.
-        where = groups.key or (positions.key if positions.pos >= groups.done
-                               else f"#{groups.done}")
+        where = groups.key or (positions.key if positions.pos >= groups.done else None) or f"#{groups.done}"
         log.add(BadSample(TRUNCATED_SHARD, shard.name, where, f"unreadable after "
                           f"{groups.done - start} of {stop - start} samples ({failure}); "
                           "re-copy or re-create the shard", count=stop - groups.done))

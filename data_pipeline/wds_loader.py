@@ -1,7 +1,7 @@
 """WebDataset shards through a torch DataLoader: PIL decode in worker processes."""
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ class _RankEpoch(IterableDataset):
         info = get_worker_info()
         worker = info.id if info is not None else 0
         log = SkipLog(self.strict)
-        common = dict(num_classes=self.num_classes, seed=self.seed, epoch=self.epoch,
+        common: dict[str, Any] = dict(num_classes=self.num_classes, seed=self.seed, epoch=self.epoch,
                       rank=self.rank, worker=worker, buffer_size=self.buffer_size, log=log)
         if self.mode == "exact":
             batches, stream = exact_stream(self.shards, world_size=self.world_size,
@@ -162,7 +162,7 @@ class WebDatasetLoader(Loader):
         try:
             # Workers hand batches over in turn; after a resume their next batches need not come
             # in rank order, so hold early ones until their turn.
-            waiting: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+            waiting: dict[int, tuple[torch.Tensor, torch.Tensor, list]] = {}
             nxt = start
             for images, labels, j, events in source:
                 waiting[j] = (images, labels, events)
@@ -205,7 +205,8 @@ class _catch_worker_death:
         try:
             return next(self.loader_iter)
         except RuntimeError as err:
-            if "DataLoader worker" in str(err) and ("exited unexpectedly" in str(err) or "killed by signal" in str(err)):
+            text = str(err)
+            if "DataLoader worker" in text and ("exited unexpectedly" in text or "killed by signal" in text):
                 raise WorkerDied(str(err).splitlines()[0]) from err
             raise
         except (ConnectionError, EOFError) as err:

@@ -109,8 +109,9 @@ def _cmd_train(a: argparse.Namespace) -> int:
                               Path(cfg.output_dir) / "summary.json", env=env).run()
             if code not in (0, 130, PREEMPTED_EXIT_CODE):
                 # The failing rank's error, last: not a timeout or a kill of some other rank.
-                print(f"shardface: error: {read_failure() or 'a training process ended without a report (killed by a signal or exited by itself); torchrun names it above'}",
-                      file=sys.stderr)
+                unreported = ("a training process ended without a report (killed by a signal or exited by itself); "
+                              "torchrun names it above")
+                print(f"shardface: error: {read_failure() or unreported}", file=sys.stderr)
         return code
     from train.main import main as train_main
     return PREEMPTED_EXIT_CODE if train_main(train_args).get("preempted") else 0
@@ -237,11 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("study", help="studies: compare losses on the same data and budget")
     st_sub = st.add_subparsers(dest="study", required=True, metavar="STUDY")
     sl = st_sub.add_parser("losses", help="train once per loss; table, feature geometry and margin curves")
-    sl.add_argument("--out", default="runs/loss_study", help="study folder: results, figures, runs (default runs/loss_study)")
+    sl.add_argument("--out", default="runs/loss_study",
+                    help="study folder: results, figures, runs (default runs/loss_study)")
     sl.add_argument("--losses", nargs="+", default=None, help="default: every margin and metric loss")
     sl.add_argument("--steps", type=int, default=None, help="optimiser steps per loss (default 1200)")
     sl.add_argument("--parallel", type=int, default=1, help="losses trained at the same time")
-    sl.add_argument("--data", default=None, help="dataset directory (default: render 300 synthetic identities into OUT/data)")
+    sl.add_argument("--data", default=None,
+                    help="dataset directory (default: render 300 synthetic identities into OUT/data)")
     sl.add_argument("--batch-size", type=int, default=None, help="local batch per process (default 32)")
     sl.add_argument("--nproc", type=int, default=None, help="training processes per loss (default 2, torchrun)")
     sl.add_argument("--seed", type=int, default=None, help="seed of every run and of the study's data (default 0)")

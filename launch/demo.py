@@ -48,7 +48,7 @@ def _make_data(opts: DemoOptions, sizes: dict) -> Path:
 
     cfg = SynthConfig(num_identities=sizes["identities"], images_per_identity=sizes["images"],
                       heldout_identities=sizes["heldout"], heldout_pairs=sizes["pairs"],
-                      image_size=IMAGE_SIZE, seed=0)
+                      image_size=(IMAGE_SIZE, IMAGE_SIZE), seed=0)
     data_dir = opts.out / "data"
     _banner(f"1/4 synthetic faces: {cfg.num_identities} training identities x {cfg.images_per_identity} images, "
             f"{cfg.heldout_identities} held-out identities ({cfg.heldout_pairs} pairs), {IMAGE_SIZE}x{IMAGE_SIZE}")

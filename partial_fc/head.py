@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from .checks import check_global_batch, check_mode, input_report
-from .cosine import cosine_logits, row_norms
 from .comm import ProcessGroup, gather_batch, gather_sizes, rank_and_world
+from .cosine import cosine_logits, row_norms
 from .generator_state import portable_state, restore_state
 from .margins.base import Margin, MarginInput
 from .rows import Workspace, gather_rows
@@ -294,14 +294,14 @@ class PartialFC(nn.Module):
             if done[0].weight is self.weight:
                 return None, self.weight.grad, (self.bias.grad if self.bias is not None else None)
             w = torch.stack([c.weight.grad for c in done]).sum(0)
-            b = torch.stack([c.bias.grad for c in done]).sum(0) if self.bias is not None else None
+            b = torch.stack([c.bias.grad for c in done if c.bias is not None]).sum(0) if self.bias is not None else None
             return None, w, b
         if len(done) == 1:
             only = done[0]
             return only.index, only.weight.grad, (only.bias.grad if only.bias is not None else None)
         index = torch.cat([c.index for c in done])
         w = torch.cat([c.weight.grad for c in done])
-        b = torch.cat([c.bias.grad for c in done]) if self.bias is not None else None
+        b = torch.cat([c.bias.grad for c in done if c.bias is not None]) if self.bias is not None else None
         index, inverse = torch.unique(index, return_inverse=True)
         w = w.new_zeros((index.numel(),) + w.shape[1:]).index_add_(0, inverse, w)
         if b is not None:

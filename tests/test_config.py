@@ -175,7 +175,8 @@ def test_loader_synthetic_is_a_deprecated_name_of_random_tensors(monkeypatch):
     from train import config_check
     monkeypatch.setattr(config_check, "_warned", set())
     sets = ["data.loader=synthetic", "data.manifest=", "data.num_classes=4", "data.num_samples=8"]
-    with pytest.warns(FutureWarning, match="data.loader=synthetic is deprecated: use data.loader=random_tensors") as seen:
+    deprecated = "data.loader=synthetic is deprecated: use data.loader=random_tensors"
+    with pytest.warns(FutureWarning, match=deprecated) as seen:
         first = TrainConfig.load("cpu_tiny", sets)
         second = TrainConfig.load("cpu_tiny", sets)
     assert len([w for w in seen if issubclass(w.category, FutureWarning)]) == 1  # once per process

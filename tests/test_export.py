@@ -7,8 +7,14 @@ import torch
 from torch import nn
 
 from train.backbones import build_backbone
-from train.export import (check_onnx_parity, embed_folder, export_embedding_model, export_onnx,
-                          load_embedding_model, unwrap)
+from train.export import (
+    check_onnx_parity,
+    embed_folder,
+    export_embedding_model,
+    export_onnx,
+    load_embedding_model,
+    unwrap,
+)
 
 
 def trained_looking(name, **kw):

@@ -4,8 +4,16 @@ import math
 import numpy as np
 import pytest
 
-from train.evaluation.ijb import (align_features, evaluate_ijb, image_features, main, pool_templates,
-                                  read_face_list, score_pairs, tar_table)
+from train.evaluation.ijb import (
+    align_features,
+    evaluate_ijb,
+    image_features,
+    main,
+    pool_templates,
+    read_face_list,
+    score_pairs,
+    tar_table,
+)
 
 
 def unit(v):

@@ -5,8 +5,15 @@ import numpy as np
 import pytest
 
 from data_pipeline.convert import convert
-from data_pipeline.recordio import (RecordIOError, RecordIOSource, frame_record, pack_payload,
-                                    read_index, rebuild_index, write_recordio)
+from data_pipeline.recordio import (
+    RecordIOError,
+    RecordIOSource,
+    frame_record,
+    pack_payload,
+    read_index,
+    rebuild_index,
+    write_recordio,
+)
 from shard_helpers import make_jpeg, read_dataset
 
 MAGIC = struct.pack("<I", 0xCED7230A)

@@ -125,7 +125,8 @@ def resolve_num_classes(data: DataConfig, manifest: Optional[Any], loader: Any) 
 
 
 def backbone_options(m: ModelConfig, image_size: int) -> dict[str, Any]:
-    """Keyword arguments of ``build_backbone`` (also stored in the embedding export); ``image_size``: data.image_size."""
+    """Keyword arguments of ``build_backbone`` (also stored in the embedding export);
+    ``image_size``: data.image_size."""
     options: dict[str, Any] = dict(embedding_size=m.embedding_size, dropout=m.dropout, input_size=image_size)
     if m.gradient_checkpointing:
         options["gradient_checkpointing"] = True

@@ -31,8 +31,7 @@ import yaml
 from data_pipeline.kinds import LOADER_ALIASES, EpochMode, LoaderKind
 
 from .config_check import Section
-from .config_parse import (ConfigError, build_section, coerce, field_types, parse_override, to_plain,
-                           unknown_key_error)
+from .config_parse import ConfigError, build_section, coerce, field_types, parse_override, to_plain, unknown_key_error
 
 
 def _preset_dir() -> Path:

@@ -193,7 +193,7 @@ def load_image(path: str | Path, image_size: int) -> torch.Tensor:
         with Image.open(path) as img:
             img = img.convert("RGB")
             if img.size != (image_size, image_size):
-                img = img.resize((image_size, image_size), Image.BILINEAR)
+                img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
             pixels = np.asarray(img, dtype=np.float32)
     except OSError as err:
         raise ValueError(f"cannot decode image {path} ({err}): remove or re-encode it") from err

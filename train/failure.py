@@ -110,7 +110,8 @@ def _exit(code: int) -> None:
 def _prefix() -> str:
     # torchrun may share one store across restarts (its agent's): keys of a killed attempt
     # must not be read by the next one.
-    return f"shardface_watch/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    run, restart = os.environ.get("TORCHELASTIC_RUN_ID", ""), os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return f"shardface_watch/{run}/{restart}/"
 
 
 class FailureWatch:
@@ -126,7 +127,7 @@ class FailureWatch:
         self._main = threading.main_thread().ident
         self._reported = False
         self._reporting = False
-        self.store = store
+        self.store: Any = store  # a torch.distributed store, or None in a single process
         if self.store is None and ctx.world_size > 1 and dist.is_initialized():
             self.store = _own_store()
         if self.store is not None:
@@ -251,7 +252,8 @@ class FailureWatch:
             if where != stuck_at[0]:
                 stuck_at = (where, time.monotonic())
             idle = time.monotonic() - max(self._progress_at, stuck_at[1])
-            if where is not None and not where[2] and idle > s.hang_timeout_s and not (self._reported or self._reporting):
+            if where is not None and not where[2] and idle > s.hang_timeout_s and \
+                    not (self._reported or self._reporting):
                 line = (f"rank {ctx.rank} hung at step {self.step + 1}: no progress for {idle:.0f} s "
                         f"(failure.hang_timeout_s={s.hang_timeout_s:g}), stuck in {where[0]}:{where[1]}")
                 _say(f"shardface: error: {line}")
@@ -259,7 +261,7 @@ class FailureWatch:
                 _exit(EXIT_HUNG)
 
     def _main_frame(self) -> Optional[FrameType]:
-        return sys._current_frames().get(self._main)
+        return sys._current_frames().get(self._main) if self._main is not None else None
 
     def _main_location(self) -> Optional[tuple[str, int, bool]]:
         """(file, line, waiting for peers) of the main thread's innermost Python frame."""
@@ -304,7 +306,7 @@ def gather_objects(obj: Any, ctx: DistContext, group: Any = None) -> list[Any]:
 
 
 def collective_verdict(ctx: DistContext, what: str, work: Callable[[], object], group: Any = None,
-                       kind: type = None) -> object:
+                       kind: Optional[type] = None) -> object:
     """Run ``work`` on every rank; if it raised on any rank, every rank raises the same error.
 
     ``what`` says what was attempted (``"write its checkpoint part of step 40"``); the

@@ -12,8 +12,19 @@ from typing import Any, Iterator, Optional
 
 from torch import nn
 
-from .builders import (apply_precision_settings, build_backbone_module, build_data, build_head, build_loggers, build_metric, load_manifest,
-                       rank_seed, resolve_num_classes, seed_everything, set_deterministic)
+from .builders import (
+    apply_precision_settings,
+    build_backbone_module,
+    build_data,
+    build_head,
+    build_loggers,
+    build_metric,
+    load_manifest,
+    rank_seed,
+    resolve_num_classes,
+    seed_everything,
+    set_deterministic,
+)
 from .checkpoint import CheckpointManager, checkpoint_name
 from .components import ClassifierState, LoaderState, RngState, RunnerState, ScheduleState
 from .config import TrainConfig
@@ -62,7 +73,8 @@ class Trainer:
 
         seed_everything(cfg.seed)  # the same initial backbone on every rank
         self.injected_backbone = backbone is not None
-        module = backbone.to(ctx.device) if backbone is not None else build_backbone_module(cfg.model, cfg.data.image_size, ctx.device)
+        module = backbone.to(ctx.device) if backbone is not None else \
+            build_backbone_module(cfg.model, cfg.data.image_size, ctx.device)
         self.lr, self.head_lr = scaled_lrs(o, self.samples_per_step)
         self.runner = build_runner(module, cfg, ctx, self.lr)
         self.head = build_head(cfg, ctx, self.num_classes)
@@ -170,7 +182,8 @@ class Trainer:
         bytes_per_class = head.bytes_per_class(cfg.optim.name) if hasattr(head, "bytes_per_class") else 0
         lines = [
             f"run: {self.run_dir} | device {ctx.device} | world size {ctx.world_size} ({ctx.backend}) | "
-            f"{cfg.parallel.strategy}{' ZeRO-' + str(cfg.parallel.zero_stage) if cfg.parallel.strategy == 'deepspeed' else ''}"
+            f"{cfg.parallel.strategy}"
+            f"{' ZeRO-' + str(cfg.parallel.zero_stage) if cfg.parallel.strategy == 'deepspeed' else ''}"
             f" | precision {cfg.precision.dtype}",
             f"global batch {self.local_batch * ctx.world_size} = {self.local_batch} x {ctx.world_size} ranks; "
             f"samples/step {self.samples_per_step} (grad_accum {cfg.optim.grad_accum})",
@@ -355,6 +368,7 @@ class Trainer:
         path = self.run_dir / "model.pt"
         with self.runner.full_parameters() as module:
             if self.ctx.is_main:
-                export_embedding_model(module, self.cfg.model.backbone, backbone_options(self.cfg.model, self.cfg.data.image_size), path)
+                options = backbone_options(self.cfg.model, self.cfg.data.image_size)
+                export_embedding_model(module, self.cfg.model.backbone, options, path)
         self.ctx.barrier()
         return path
