@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from train_fixtures import IMAGE, SplitLoader, tiny_config
 
 from train.backbones import build_backbone
 from train.config_parse import ConfigError
 from train.distributed import init_distributed
 from train.export import export_embedding_model
 from train.trainer import Trainer
-from train_fixtures import IMAGE, SplitLoader, tiny_config
 
 
 def randomise_bn(model, seed=0):

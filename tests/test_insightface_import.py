@@ -13,7 +13,12 @@ import torch
 from torch import nn
 
 from train.export import load_embedding_model
-from train.insightface import build_imported, convert_state_dict, import_insightface, read_state_dict
+from train.insightface import (
+    build_imported,
+    convert_state_dict,
+    import_insightface,
+    read_state_dict,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -121,9 +126,7 @@ def randomised(model, seed=0):
         for name, t in model.state_dict().items():
             if not t.is_floating_point():
                 continue
-            if name.endswith("running_var"):
-                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-            elif name.endswith("weight") and t.dim() == 1 and "prelu" not in name:
+            if name.endswith("running_var") or name.endswith("weight") and t.dim() == 1 and "prelu" not in name:
                 t.copy_(torch.rand(t.shape, generator=g) + 0.5)
             else:
                 fan_in = t[0].numel() if t.dim() > 1 else 1

@@ -27,7 +27,7 @@ def load_init_weights(module: nn.Module, path: str | Path, backbone: str) -> Non
                           "`shardface import insightface`)")
     try:
         payload = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - a truncated or foreign file
+    except Exception as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"{key}: the file cannot be read ({reason}): it is truncated or not a model.pt") from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

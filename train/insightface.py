@@ -12,9 +12,9 @@ arcface_torch's ViTs have no counterpart here (see :data:`NOT_IMPORTABLE`).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
 
 import torch
 
@@ -133,7 +133,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"no insightface weights at {path}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - truncated zip, pickle errors, foreign objects
+    except Exception as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{path} cannot be read as a PyTorch state_dict ({reason}): the file is truncated "
                          "or corrupt; download it again") from err
