@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     im = sub.add_parser("import", help="import another project's weights as an embedding model").add_subparsers(
         dest="import_source", required=True, metavar="SOURCE")
-    ii = im.add_parser("insightface", help="arcface_torch backbone.pth (r18/34/50/100/200, mbf) → model.pt")
+    ii = im.add_parser("insightface", help="arcface_torch backbone.pth (r18-r200, mbf, vit_t/s/b/l/h) → model.pt")
     ii.add_argument("--backbone", required=True, help="their network name (r50, mbf, ...) or ours (iresnet50, ...)")
     ii.add_argument("weights", help="arcface_torch's backbone.pth (or a checkpoint_gpu_*.pt)")
     ii.add_argument("--out", required=True, help="embedding model file to write (model.pt)")

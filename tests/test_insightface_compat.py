@@ -174,3 +174,32 @@ def test_exported_onnx_works_as_insightface_uses_it(tmp_path):
     swapped = _blob_from_bgr([img[:, :, ::-1] for img in bgr], 1.0 / std, size, mean)  # RGB fed as BGR
     (wrong,) = session.run(outputs, {session.get_inputs()[0].name: swapped})
     assert np.abs(normalised(wrong) - plain).max() > 1e-3  # the channel order is checked too
+
+
+# ----------------------------------------------------------------------------- arcface_torch-layout ViT training
+def test_insightface_vit_masks_tokens_and_drops_paths_only_in_training():
+    from train.backbones.vit_insightface import InsightfaceViT
+    torch.manual_seed(0)
+    model = InsightfaceViT(dim=32, depth=2, num_heads=4, embedding_size=16, drop_path_rate=0.5, mask_ratio=0.25)
+    x = torch.rand(4, 3, 112, 112) * 2 - 1
+    seen = []
+    model.blocks[0].register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    model.eval()
+    with torch.no_grad():
+        a, b = model(x), model(x)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)  # eval is deterministic: no masking, no dropped paths
+    model.train()
+    out = model(x)
+    assert seen == [144, 144, 108]  # 144 tokens in eval, 75 % of them in training
+    out[:, 0].pow(3).sum().backward()
+    assert model.mask_token.grad.abs().sum() > 0  # the mask token is learned
+    unmasked = InsightfaceViT(dim=32, depth=2, num_heads=4, embedding_size=16, mask_ratio=0.0)
+    assert not unmasked.mask_token.requires_grad  # never used, so not a parameter DDP waits for
+    # Stochastic depth: a sample's branch is dropped whole or kept scaled by 1 / keep.
+    block = model.blocks[1].train()
+    assert block.drop_path == 0.5 and model.blocks[0].drop_path == 0.0
+    branch = torch.ones(64, 3, 5)
+    dropped = block._dropped(branch)
+    per_sample = dropped.flatten(1)
+    assert set(per_sample.unique().tolist()) == {0.0, 2.0} and (per_sample == per_sample[:, :1]).all()
+    assert torch.equal(block.eval()._dropped(branch), branch)

@@ -111,11 +111,62 @@ class TheirMBF(nn.Module):
         return self.features.layers(self.conv_sep(x))
 
 
+# ----------------------------------------------------------------------------- their ViT layout
+class TheirAttention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        attn = (qkv[0] @ qkv[1].transpose(-2, -1) * (c // self.heads) ** -0.5).softmax(-1)
+        return self.proj((attn @ qkv[2]).transpose(1, 2).reshape(b, n, c))
+
+
+class TheirViTBlock(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = TheirAttention(dim, heads)
+        self.mlp = nn.Module()
+        self.mlp.fc1, self.mlp.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp.fc2(nn.functional.relu6(self.mlp.fc1(self.norm2(x))))
+
+
+class TheirViT(nn.Module):
+    def __init__(self, dim, depth, num_features=512):
+        super().__init__()
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, dim, 9, 9)
+        self.pos_embed = nn.Parameter(torch.zeros(1, 144, dim))
+        self.blocks = nn.ModuleList([TheirViTBlock(dim, 8) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.feature = nn.Sequential(nn.Linear(dim * 144, dim, bias=False), nn.BatchNorm1d(dim, eps=2e-5),
+                                     nn.Linear(dim, num_features, bias=False), nn.BatchNorm1d(num_features, eps=2e-5))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+
+    def forward(self, x):
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.feature(self.norm(x).reshape(x.shape[0], -1))
+
+
+VITS = {"vit_t": (256, 12), "vit_s": (512, 12), "vit_b": (512, 24), "vit_l_dp005_mask_005": (768, 24),
+        "vit_h": (1024, 48)}
 LAYERS = {"r18": (2, 2, 2, 2), "r34": (3, 4, 6, 3), "r50": (3, 4, 14, 3), "r100": (3, 13, 30, 3),
           "r200": (6, 26, 60, 6)}
 
 
 def theirs(name, num_features=512):
+    if name in VITS:
+        return TheirViT(*VITS[name], num_features)
     return TheirMBF(num_features) if name == "mbf" else TheirIResNet(LAYERS[name], num_features)
 
 
@@ -134,17 +185,21 @@ def randomised(model, seed=0):
     return model.eval()
 
 
-@pytest.mark.parametrize("name", ["r50", "r100", "r200", "r34"])
-def test_every_iresnet_imports_by_names_and_shapes(name):
+# r18 and vit_t are imported with values below; r34 and r100 differ from r50/r200 only in block counts.
+@pytest.mark.parametrize("name,ours", [("r50", "iresnet50"), ("r200", "iresnet200"), ("vit_s", "vit_s_insightface"),
+                                       ("vit_b", "vit_b_insightface"), ("vit_l_dp005_mask_005", "vit_l_insightface"),
+                                       ("vit_h", "vit_h_insightface")])
+def test_every_listed_backbone_imports_by_names_and_shapes(name, ours):
     # Shapes only (the meta device allocates nothing): every name maps, every shape fits.
     with torch.device("meta"):
         state = theirs(name).state_dict()
-    ours, options, converted = convert_state_dict(state, name)
-    assert ours == f"iresnet{name[1:]}" and options == {"embedding_size": 512, "input_size": 112}
+    got, options, converted = convert_state_dict(state, name)
+    assert got == ours and (options["embedding_size"], options["input_size"]) == (512, 112)
     assert len(converted) == len(state)
 
 
-@pytest.mark.parametrize("name,alias,dim", [("r18", "iresnet18", 64), ("mbf", "mobilefacenet", 128)])
+@pytest.mark.parametrize("name,alias,dim", [("r18", "iresnet18", 64), ("mbf", "mobilefacenet", 128),
+                                            ("vit_t", "vit_t", 64)])
 def test_imported_model_computes_their_function(tmp_path, name, alias, dim):
     torch.manual_seed(0)
     reference = randomised(theirs(name, dim))
@@ -159,7 +214,7 @@ def test_imported_model_computes_their_function(tmp_path, name, alias, dim):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     # The comparison can fail: one tensor moved in the file changes the function.
     state = reference.state_dict()
-    key = "layer1.0.conv1.weight" if name == "r18" else "conv_sep.layers.0.weight"
+    key = {"r18": "layer1.0.conv1.weight", "mbf": "conv_sep.layers.0.weight", "vit_t": "blocks.3.mlp.fc1.weight"}[name]
     state[key] = state[key] * 1.5
     changed = build_imported(state, name)[2]
     with torch.no_grad():
@@ -198,9 +253,9 @@ def test_wrong_shape_names_the_tensor():
         convert_state_dict(state, "r34")
 
 
-def test_vit_and_unknown_names_say_why():
-    with pytest.raises(ValueError, match="vit_t cannot be imported: its ViTs use patch 9"):
-        convert_state_dict({}, "vit_t")
+def test_unsupported_and_unknown_names_say_why():
+    with pytest.raises(ValueError, match="mbf_large cannot be imported: its stem"):
+        convert_state_dict({}, "mbf_large")
     with pytest.raises(ValueError, match="unknown insightface backbone 'r51'"):
         convert_state_dict({}, "r51")
 

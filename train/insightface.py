@@ -1,13 +1,14 @@
 """Importing insightface arcface_torch backbone weights (``backbone.pth``) as a shardface embedding model.
 
-arcface_torch's IResNets compute the same function as ours and its "mbf" the same as our
-``mobilefacenet_mbf``; only the parameter names differ.  The mapping is derived from our own
+arcface_torch's IResNets compute the same function as ours, its "mbf" the same as our
+``mobilefacenet_mbf`` and its ViTs the same as our ``vit_*_insightface``; only the parameter
+names differ (the ViTs share theirs).  The mapping is derived from our own
 model's structure: every tensor of our backbone is given the name it has in arcface_torch, and
 the file must hold exactly those names with exactly our shapes (nothing missing, nothing left
 over).  The result is written with :func:`train.export.export_embedding_model`, so ``shardface
 eval/export/embed`` and ``model.init_from`` take it like a model we trained.
 
-arcface_torch's ViTs have no counterpart here (see :data:`NOT_IMPORTABLE`).
+What has no counterpart here is listed in :data:`NOT_IMPORTABLE` with the reason.
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ class Correspondence:
     """Maps one of our state_dict names (of the built model) to arcface_torch's."""
     embedding_tensor: str
     """arcface_torch's name of a tensor whose length is the embedding size."""
+    options: tuple[tuple[str, float], ...] = ()
+    """Builder options of ours that reproduce their variant (training-time regularisation only)."""
 
 
 # ----------------------------------------------------------------------------- IResNet
@@ -86,20 +89,35 @@ def _mbf_name(ours: str, model: torch.nn.Module) -> str:
     raise ValueError(f"no arcface_torch name for {ours}")
 
 
+def _same_name(ours: str, model: torch.nn.Module) -> str:
+    """Our arcface_torch-layout ViTs use their module names."""
+    return ours
+
+
+def _vit(theirs: str, ours: str, drop_path_rate: float, mask_ratio: float) -> Correspondence:
+    return Correspondence(theirs, ours, _same_name, "feature.3.running_mean",
+                          (("drop_path_rate", drop_path_rate), ("mask_ratio", mask_ratio)))
+
+
+# arcface_torch's get_model names of its ViTs and their regularisation settings.
+_VITS = [("vit_t", "vit_t_insightface", 0.1, 0.1), ("vit_t_dp005_mask0", "vit_t_insightface", 0.05, 0.0),
+         ("vit_s", "vit_s_insightface", 0.1, 0.1), ("vit_s_dp005_mask_0", "vit_s_insightface", 0.05, 0.0),
+         ("vit_b", "vit_b_insightface", 0.1, 0.1), ("vit_b_dp005_mask_005", "vit_b_insightface", 0.05, 0.05),
+         ("vit_l_dp005_mask_005", "vit_l_insightface", 0.05, 0.05), ("vit_h", "vit_h_insightface", 0.1, 0.0)]
+
 CORRESPONDENCES: dict[str, Correspondence] = {
     **{f"r{d}": Correspondence(f"r{d}", f"iresnet{d}", _iresnet_name, "features.running_mean")
        for d in (18, 34, 50, 100, 200)},
     "mbf": Correspondence("mbf", "mobilefacenet_mbf", _mbf_name, "features.layers.3.running_mean"),
+    **{theirs: _vit(theirs, ours, dp, mask) for theirs, ours, dp, mask in _VITS},
 }
 ALIASES = {**{f"iresnet{d}": f"r{d}" for d in (18, 34, 50, 100, 200)},
-           "mobilefacenet": "mbf", "mobilefacenet_mbf": "mbf"}
+           "mobilefacenet": "mbf", "mobilefacenet_mbf": "mbf",
+           "vit_t_insightface": "vit_t", "vit_s_insightface": "vit_s", "vit_b_insightface": "vit_b",
+           "vit_l_insightface": "vit_l_dp005_mask_005", "vit_l": "vit_l_dp005_mask_005",
+           "vit_h_insightface": "vit_h"}
 
-_VIT_REASON = ("its ViTs use patch 9 (144 tokens from 108 of the 112 pixels), a ReLU6 MLP, no qkv bias and a "
-               "two-layer head (Linear+BN to the width, Linear+BN to the embedding), while ours use patch 8 "
-               "(196 tokens), GELU, a qkv bias and a per-token projection head; no renaming makes one the other")
 NOT_IMPORTABLE: dict[str, str] = {
-    **{name: _VIT_REASON for name in ("vit_t", "vit_t_dp005_mask0", "vit_s", "vit_s_dp005_mask_0", "vit_b",
-                                     "vit_b_dp005_mask_005", "vit_l_dp005_mask_005", "vit_h")},
     "mbf_large": "its stem has no grouped conv and its blocks narrow to half their width; no backbone of ours has "
                  "that layout",
     "r2060": "no backbone of ours has IResNet-2060's bottleneck layout",
@@ -165,7 +183,7 @@ def convert_state_dict(state: Mapping[str, torch.Tensor], name: str,
     corr = correspondence(name)
     length = state.get(corr.embedding_tensor)
     embedding_size = int(length.shape[0]) if length is not None and length.dim() == 1 else 512
-    options = {"embedding_size": embedding_size, "input_size": INPUT_SIZE}
+    options = {"embedding_size": embedding_size, "input_size": INPUT_SIZE, **dict(corr.options)}
     with torch.device("meta"):
         model = build_backbone(corr.ours, **options)
     table = their_names(model, corr)
