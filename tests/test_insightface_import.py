@@ -288,6 +288,8 @@ def test_cli_import_is_one_command_and_one_line_on_error(tmp_path, capsys):
     assert main(args + ["--backbone", "mbf"]) == 0
     assert "model.backbone=mobilefacenet_mbf" in capsys.readouterr().out
     assert load_embedding_model(tmp_path / "model.pt").config["embedding_size"] == 64
+    from launch.model_commands import export_model
+    export_model(tmp_path / "model.pt", tmp_path / "model.onnx")  # `shardface export` takes it (parity checked)
     assert main(args + ["--backbone", "r50"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("shardface: error:") and "insightface's r50" in lines[0], lines
