@@ -11,8 +11,9 @@ from typing import Any, Callable
 from .bad_data import REASONS, BadSampleError
 from .loader_base import MODES, Loader
 from .manifest import Manifest
+from .rec_dataset import RecDataset, open_dataset
 
-KINDS = ("webdataset", "dali", "synthetic")
+KINDS = ("webdataset", "dali", "synthetic", "rec")
 
 __all__ = ["KINDS", "MODES", "REASONS", "BadSampleError", "Loader", "build_loader"]
 
@@ -25,6 +26,10 @@ def build_loader(kind: str, manifest: Manifest | str | os.PathLike | None, *, ra
                  any_rank: Callable[[bool], bool] | None = None, dali_verify: str = "header",
                  **synthetic: Any) -> Loader:
     """A loader of ``kind`` over ``manifest`` (a :class:`Manifest`, its file or its directory).
+
+    ``manifest`` may also be an insightface RecordIO ``train.rec`` (or its folder, or a
+    :class:`~data_pipeline.rec_dataset.RecDataset`): ``kind="rec"`` reads it in Python,
+    ``kind="dali"`` decodes it with DALI (see :mod:`data_pipeline.rec_loader`).
 
     ``mode="resampled"``: ``epoch_samples`` (default: the manifest's count) samples per epoch
     over all ranks, drawn from shards resampled with replacement; ``mode="exact"``: every
@@ -70,6 +75,9 @@ def build_loader(kind: str, manifest: Manifest | str | os.PathLike | None, *, ra
         return SyntheticLoader(**common, **synthetic)
 
     m = _load(manifest)
+    if kind == "rec" or isinstance(m, RecDataset):
+        from .rec_loader import build_rec_loader
+        return build_rec_loader(kind, m, strict=strict, **common)
     if m.num_samples < 1 or not m.shards:
         raise ValueError(f"the manifest at {m.root} lists no samples: nothing to load")
     if mode == "exact" and m.num_samples < world_size:
@@ -83,8 +91,8 @@ def build_loader(kind: str, manifest: Manifest | str | os.PathLike | None, *, ra
                       any_rank=any_rank, verify=dali_verify, **common)
 
 
-def _load(manifest: Manifest | str | os.PathLike | None) -> Manifest:
+def _load(manifest: Manifest | RecDataset | str | os.PathLike | None) -> Manifest | RecDataset:
     if manifest is None:
         raise ValueError("this loader needs a manifest (a Manifest, manifest.json or its "
-                         "directory); only kind='synthetic' runs without one")
-    return manifest if isinstance(manifest, Manifest) else Manifest.load(manifest)
+                         "directory, or a RecordIO train.rec); only kind='synthetic' runs without one")
+    return manifest if isinstance(manifest, (Manifest, RecDataset)) else open_dataset(manifest)
