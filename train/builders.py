@@ -83,14 +83,16 @@ def load_manifest(cfg: TrainConfig) -> Optional[Any]:
     """The dataset manifest, or None when the config names none (synthetic data)."""
     if not cfg.data.manifest:
         return None
-    from data_pipeline.manifest import Manifest
+    from data_pipeline.rec_dataset import find_rec, open_dataset
     path = Path(cfg.data.manifest)
+    if find_rec(path) is not None:  # insightface RecordIO, read directly
+        return open_dataset(path, num_classes=cfg.data.num_classes)
     if path.is_dir():
         path = path / "manifest.json"
     if not path.is_file():
         raise FileNotFoundError(f"data.manifest={cfg.data.manifest!r} does not exist: give the manifest.json "
-                                "written by `shardface data synth|convert` (or its folder)")
-    return Manifest.load(path)
+                                "written by `shardface data synth|convert` (or its folder), or a train.rec")
+    return open_dataset(path)
 
 
 def build_data(cfg: TrainConfig, ctx: DistContext, manifest: Optional[Any]) -> Any:

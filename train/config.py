@@ -37,9 +37,9 @@ class DataConfig:
     """Where the training samples come from and how they are batched."""
 
     manifest: str = ""
-    """Path of the dataset's manifest.json (data shards, class count, verification sets)."""
+    """Path of the dataset's manifest.json (data shards, class count, verification sets), or of an insightface train.rec (or its folder) to train from RecordIO directly."""
     loader: str = "webdataset"
-    """Loader kind: webdataset (tar shards, PIL), dali (NVIDIA DALI) or synthetic (in-memory tensors)."""
+    """Loader kind: webdataset (tar shards, PIL), dali (NVIDIA DALI; shards or a .rec), rec (a .rec read in Python, PIL) or synthetic (in-memory tensors)."""
     batch_size: int = 128
     """Local batch: samples per rank per micro-step (global batch = batch_size x world size x grad_accum)."""
     workers: int = 2

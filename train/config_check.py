@@ -28,7 +28,7 @@ def check_config(cfg: "TrainConfig") -> None:
     _at_least("epochs", cfg.epochs, 0)
     if cfg.max_steps == 0 and cfg.epochs == 0:
         raise ConfigError("max_steps=0 and epochs=0: set one of them (e.g. --set max_steps=1000)")
-    _choice("data.loader", d.loader, ("webdataset", "dali", "synthetic"))
+    _choice("data.loader", d.loader, ("webdataset", "dali", "synthetic", "rec"))
     _choice("data.mode", d.mode, ("resampled", "exact"))
     _choice("data.dali_verify", d.dali_verify, ("header", "decode"))
     _at_least("data.batch_size", d.batch_size, 1)
@@ -42,7 +42,7 @@ def check_config(cfg: "TrainConfig") -> None:
                           f"(got {d.num_classes} and {d.num_samples})")
     if not d.manifest and d.loader != "synthetic":
         raise ConfigError(f"data.manifest is empty: the {d.loader} loader needs a manifest.json "
-                          "(or use data.loader=synthetic)")
+                          f"{'or a train.rec ' if d.loader in ('rec', 'dali') else ''}(or use data.loader=synthetic)")
     _at_least("model.embedding_size", m.embedding_size, 1)
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
