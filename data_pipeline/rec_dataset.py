@@ -113,9 +113,8 @@ class RecDataset:
         return {name: self.root / rel for name, rel in self.verification.items()}
 
     def settings(self) -> dict[str, Any]:
-        """What a saved loader position depends on: the same file, size and record count."""
-        return {"rec": str(self.rec_path.resolve()), "rec_bytes": self.rec_path.stat().st_size,
-                "num_samples": self.num_samples}
+        """What a saved loader position depends on: the same records (not where the file sits)."""
+        return {"rec_bytes": self.rec_path.stat().st_size, "num_samples": self.num_samples}
 
     # -- opening -------------------------------------------------------------------------------
     @classmethod

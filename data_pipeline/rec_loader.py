@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 import numpy as np
 import torch
@@ -34,7 +34,10 @@ from .loader_base import Batch, Loader, to_model_input
 from .rec_dataset import RecDataset, label_of
 from .recordio import RecordIOError, read_record, unpack_payload
 
-PERMUTATION_TAG, RESAMPLE_TAG, FLIP_TAG, WORKERS_TAG = 0x5045, 0x5253, 0x464C, 0x574B
+PERMUTATION_TAG, RESAMPLE_TAG, FLIP_TAG, WORKERS_TAG, TRANSFORM_TAG = 0x5045, 0x5253, 0x464C, 0x574B, 0x5458
+
+SampleTransform = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+"""A per-sample augmentation: uint8 ``[H, W, 3]`` image and its own generator -> uint8 image."""
 
 
 # -- the plan ----------------------------------------------------------------------------------
@@ -147,10 +150,12 @@ class RecBatchReader(Dataset):
     ``__getitem__`` returns ``(uint8 images [B, H, W, 3], int64 labels [B], skip events)``.
     """
 
-    def __init__(self, data: RecDataset, plan: RecPlan, *, flip: bool, strict: bool) -> None:
+    def __init__(self, data: RecDataset, plan: RecPlan, *, flip: bool, strict: bool,
+                 sample_transform: SampleTransform | None = None) -> None:
         self.file = RecordFile(data)
         self.plan, self.flip, self.strict = plan, flip, strict
         self.image_size = data.image_size
+        self.sample_transform = sample_transform
 
     def decode(self, i: int, log: SkipLog) -> tuple[np.ndarray, int] | None:
         """Image ``i`` as a uint8 ``[H, W, 3]`` array and its label, or None (logged) if bad."""
@@ -165,11 +170,19 @@ class RecBatchReader(Dataset):
         return decoded, got[1]
 
     def transform(self, images: list[np.ndarray], epoch: int, j: int) -> list[np.ndarray]:
-        """Per-sample augmentation of batch ``j`` (deterministic in seed, epoch, rank, batch)."""
-        if not self.flip:
-            return images
-        flips = self.plan.flips(epoch, j)
-        return [a[:, ::-1] if f else a for a, f in zip(images, flips)]
+        """Per-sample augmentation of batch ``j`` (deterministic in seed, epoch, rank, batch, slot).
+
+        The flip first (its flags are the DALI reader's too), then ``sample_transform`` with a
+        generator of each sample's own.
+        """
+        if self.flip:
+            flips = self.plan.flips(epoch, j)
+            images = [a[:, ::-1] if f else a for a, f in zip(images, flips)]
+        if self.sample_transform is not None:
+            p = self.plan
+            images = [self.sample_transform(a, np.random.default_rng(
+                derive_seed(p.seed, epoch, p.rank, j, k, TRANSFORM_TAG))) for k, a in enumerate(images)]
+        return images
 
     def collate(self, images: list[np.ndarray], labels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64)
@@ -258,11 +271,12 @@ class RecLoader(RecLoaderBase):
 
     def __init__(self, data: RecDataset, *, rank: int, world_size: int, batch_size: int,
                  workers: int, seed: int, mode: str, flip: bool, strict: bool, device: str,
-                 epoch_samples: int | None) -> None:
+                 epoch_samples: int | None, sample_transform: SampleTransform | None = None) -> None:
         super().__init__(data, rank=rank, world_size=world_size, batch_size=batch_size, seed=seed,
                          mode=mode, epoch_samples=epoch_samples, settings={})
         self.workers, self.device = workers, torch.device(device)
-        self.reader = RecBatchReader(data, self.plan, flip=flip, strict=strict)
+        self.reader = RecBatchReader(data, self.plan, flip=flip, strict=strict,
+                                     sample_transform=sample_transform)
         self._loader: DataLoader | None = None
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[BadSample]]]:

@@ -260,3 +260,38 @@ def test_shardface_train_from_a_rec(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "steps 4 (6 per epoch" in run.stdout, run.stdout  # 48 records / 8 per batch, read from the .rec
     assert (tmp_path / "run" / "checkpoints" / "step_00000004").is_dir(), run.stderr[-2000:]
+
+
+def test_sample_transform_runs_after_decode_and_flip_with_its_own_seed(recs):
+    root, _ = recs
+    kw = dict(rank=0, world_size=1, batch_size=4, mode="exact", seed=2, workers=0)
+    base = build_loader("rec", root / "plain", **kw)
+    hooked = build_loader("rec", root / "plain", **kw)
+    seen = []
+
+    def invert(image, rng):
+        seen.append(rng.integers(1 << 30))
+        return 255 - image
+
+    hooked.reader.sample_transform = invert
+    for (xb, yb), (xh, yh) in zip(base, hooked):
+        assert torch.equal(yb, yh) and torch.allclose(xh, -xb, atol=1e-6)
+    assert len(seen) == len(base) * 4 and len(set(seen)) == len(seen)
+
+
+def test_dalis_own_recordio_reader_keeps_file_order_whatever_the_index_order(tmp_path):
+    """Why the DALI path feeds records itself: fn.readers.mxnet sorts the .idx offsets."""
+    dali = pytest.importorskip("nvidia.dali")
+    from nvidia.dali import fn
+    rec, idx = write_recordio(tmp_path / "t.rec", [(make_jpeg(i), i) for i in range(6)], identity_header=False)
+    offsets = read_index(idx)
+    (tmp_path / "perm.idx").write_text("".join(f"{k}\t{offsets[k]}\n" for k in [4, 1, 5, 0, 3, 2]))
+
+    @dali.pipeline_def(batch_size=6, num_threads=1, device_id=None)
+    def pipe():
+        return fn.readers.mxnet(path=[str(rec)], index_path=[str(tmp_path / "perm.idx")])[1]
+
+    p = pipe()
+    p.build()
+    (labels,) = p.run()
+    assert [float(np.asarray(labels.at(i))[0]) for i in range(6)] == [0, 1, 2, 3, 4, 5]
