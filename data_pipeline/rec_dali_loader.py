@@ -20,7 +20,8 @@ batch (``loader=rec`` decodes with PIL and skips such images).
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ log = logging.getLogger("shardface.data")
 class _Feed:
     """DALI's batch source: batch ``start``, ``start+1``, ... of one epoch, as numpy arrays."""
 
-    def __init__(self, loader: "RecDaliLoader", epoch: int, start: int) -> None:
+    def __init__(self, loader: RecDaliLoader, epoch: int, start: int) -> None:
         self.loader, self.epoch, self.j = loader, epoch, start
         self.events: dict[int, list[BadSample]] = {}
         self._last: tuple[list[np.ndarray], np.ndarray, np.ndarray] | None = None

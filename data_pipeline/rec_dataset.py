@@ -16,8 +16,8 @@ Two layouts are read:
   from one pass over every record's label (slow on a large set: write a ``property`` file).
 
 ``image_size`` comes from ``property`` when present, else from the first image's JPEG header.
-The ``.idx`` is read with numpy (tens of millions of lines in seconds); per image only its key
-and byte offset are kept.
+The ``.idx`` is parsed by numpy (about 0.6 µs a line on one core: ~25 s for WebFace42M's 42M
+lines); per image only its key and byte offset are kept (16 bytes).
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def find_rec(path: str | os.PathLike) -> Path | None:
 
 
 def open_dataset(path: str | os.PathLike, *, num_classes: int | None = None,
-                 scan_labels: bool = True) -> "Manifest | RecDataset":
+                 scan_labels: bool = True) -> Manifest | RecDataset:
     """The dataset at ``path``: a RecordIO pair (see the module docstring) or a shard manifest."""
     rec = find_rec(path)
     if rec is not None:
@@ -119,7 +119,7 @@ class RecDataset:
     # -- opening -------------------------------------------------------------------------------
     @classmethod
     def open(cls, rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None, *,
-             num_classes: int | None = None, scan_labels: bool = True) -> "RecDataset":
+             num_classes: int | None = None, scan_labels: bool = True) -> RecDataset:
         """Read the index, find the layout, the class count and the image size."""
         rec = Path(rec_path)
         idx = Path(idx_path) if idx_path else default_index_path(rec)

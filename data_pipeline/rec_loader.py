@@ -21,8 +21,9 @@ place where per-sample transforms plug in: ``decode`` (JPEG bytes -> uint8 HWC a
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -318,9 +319,9 @@ def build_rec_loader(kind: str, data: Any, *, rank: int, world_size: int, batch_
     if mode == "exact" and data.num_samples < world_size:
         raise ValueError(f"the dataset has {data.num_samples} samples, fewer than world_size="
                          f"{world_size}: an exact epoch needs at least one sample per rank")
-    common = dict(rank=rank, world_size=world_size, batch_size=batch_size, workers=workers,
-                  seed=seed, mode=mode, flip=flip, strict=strict, device=device,
-                  epoch_samples=epoch_samples)
+    common: dict[str, Any] = dict(rank=rank, world_size=world_size, batch_size=batch_size, workers=workers,
+                                  seed=seed, mode=mode, flip=flip, strict=strict, device=device,
+                                  epoch_samples=epoch_samples)
     if kind == "rec":
         return RecLoader(data, **common)
     from .rec_dali_loader import RecDaliLoader

@@ -9,14 +9,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from shard_testing import make_jpeg
 
 from data_pipeline.bad_data import BadSampleError
 from data_pipeline.convert import convert
 from data_pipeline.loaders import build_loader
 from data_pipeline.rec_dataset import RecDataset, open_dataset
 from data_pipeline.rec_loader import RecordFile, epoch_permutation
-from data_pipeline.recordio import RecordIOError, frame_record, pack_payload, read_index, write_recordio
-from shard_testing import make_jpeg
+from data_pipeline.recordio import (
+    RecordIOError,
+    frame_record,
+    pack_payload,
+    read_index,
+    write_recordio,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 N, CLASSES = 37, 6  # the last class has no images: the header says 6, the labels reach 4
@@ -119,7 +125,7 @@ def test_permutation_is_global_and_new_each_epoch(recs):
     file = RecordFile(loaders[0].data)
     by_file_order = {}
     for i in range(N):
-        jpeg, lbl = file.read(i)
+        _, lbl = file.read(i)
         by_file_order[i] = int(lbl)
     perm = epoch_permutation(N, 1, 0)
     assert sorted(perm.tolist()) == list(range(N))
