@@ -303,7 +303,7 @@ def test_the_trainer_hands_the_dali_loader_its_node_barrier(tmp_path):
     cfg = TrainConfig.load("cpu_tiny", [f"data.manifest={tmp_path / 'manifest.json'}", "data.loader=dali",
                                         "data.dali_verify=decode", "data.batch_size=2"])
     ctx = DistContext(0, 1, 0, torch.device("cpu"), None, "none")
-    loader = build_data(cfg, ctx, load_manifest(cfg))
+    loader = build_data(cfg.data, ctx, load_manifest(cfg.data), cfg.seed)
     assert loader.barrier == ctx.barrier and loader.any_rank == ctx.any_rank and loader.verify == "decode"
     assert all(ix.decode_verified for ix in loader._indexes)
 
