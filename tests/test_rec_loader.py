@@ -181,8 +181,10 @@ def test_resampled_length_and_determinism(recs):
 
 
 def damaged_rec(folder: Path, data):
-    """A plain .rec whose record 3 is not a JPEG and whose record 6 has a broken frame."""
+    """A plain .rec: record 3 is not a JPEG, record 6 has a broken frame, record 8's label is too big."""
     folder.mkdir()
+    data = list(data)
+    data[8] = (data[8][0], CLASSES + 3)
     rec, idx = write_recordio(folder / "train.rec", data, identity_header=False)
     raw = bytearray(rec.read_bytes())
     offsets = read_index(idx)
@@ -207,10 +209,11 @@ def test_bad_records_are_skipped_and_counted_or_raise_when_strict(recs, tmp_path
     batches = [(x, y) for x, y in loader]
     assert [len(y) for _, y in batches] == [4, 4, 4]
     stats = loader.stats
-    assert (stats["corrupt_jpeg"], stats["corrupt_record"]) == (1, 1) and sum(stats.values()) == 2
-    good = {lbl for i, (_, lbl) in enumerate(data[:12]) if i not in (3, 6)}
+    assert (stats["corrupt_jpeg"], stats["corrupt_record"], stats["bad_label"]) == (1, 1, 1)
+    assert sum(stats.values()) == 3
+    good = {lbl for i, (_, lbl) in enumerate(data[:12]) if i not in (3, 6, 8)}
     assert {int(v) for _, y in batches for v in y} <= good
-    with pytest.raises(BadSampleError, match=r"(corrupt_jpeg|corrupt_record).*train.rec.*key [36]"):
+    with pytest.raises(BadSampleError, match=r"(corrupt_jpeg|corrupt_record|bad_label).*train.rec.*key [368]"):
         list(build_loader(kind, rec, strict=True, **kw))
 
 
