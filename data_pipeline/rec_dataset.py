@@ -80,7 +80,7 @@ def label_of(head_label: float | tuple[float, ...]) -> float:
     return head_label[0] if isinstance(head_label, tuple) else head_label
 
 
-@dataclass
+@dataclass(eq=False)  # holds numpy arrays: compared by identity
 class RecDataset:
     """What a ``.rec``/``.idx`` pair holds; images are ``keys[i]`` at byte ``offsets[i]``."""
 
