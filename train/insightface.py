@@ -118,9 +118,10 @@ ALIASES = {**{f"iresnet{d}": f"r{d}" for d in (18, 34, 50, 100, 200)},
            "vit_h_insightface": "vit_h"}
 
 NOT_IMPORTABLE: dict[str, str] = {
-    "mbf_large": "its stem has no grouped conv and its blocks narrow to half their width; no backbone of ours has "
-                 "that layout",
-    "r2060": "no backbone of ours has IResNet-2060's bottleneck layout",
+    "mbf_large": "its stem ends in two residual blocks instead of a grouped conv, and its residual blocks narrow "
+                 "to half their width inside; no backbone of ours has that layout",
+    "r2060": "IResNet-2060 (blocks 3-128-896-3, a scale experiment) is not registered here; build it with "
+             "train.backbones.iresnet.IResNet((3, 128, 896, 3)) if you need it",
 }
 
 
