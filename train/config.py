@@ -106,6 +106,8 @@ class LossConfig:
     """Overrides of the metric loss's parameters."""
     classifier: bool = True
     """Train with the margin classifier's loss; false: the metric loss alone (its shard is built but never used)."""
+    interclass_filtering_threshold: float = 0.0
+    """A negative class whose cosine with a sample exceeds this leaves the sample's softmax (its cosine set to 0, no gradient), as insightface's setting of the same name (0.4 in their WebFace12M conflict recipe); 0: off."""
     check_inputs: str = "deferred"
     """Label-range and finiteness checks of the global batch: deferred (device flags read with the step's one host read; the error names the step, sample and rank), strict (at once, one host read per forward) or off."""
 
@@ -138,6 +140,8 @@ class OptimConfig:
     """Power of the polynomial decay."""
     min_lr_ratio: float = 0.0
     """Floor of the decay as a fraction of the peak learning rate."""
+    row_decay: str = "sampled"
+    """Weight decay of classifier rows not sampled in a step (loss.sample_rate < 1): sampled (a row decays, like it moves, only in steps that sample it; the default, so that a class's row changes only when data about it is seen) or lazy_dense (the decay dense SGD would have applied over the missed steps, lr schedule included, is applied when the row is next sampled: exact for momentum 0, the momentum itself is not carried over missed steps)."""
     grad_accum: int = 1
     """Micro-steps whose gradients are accumulated into one optimiser step (loss averaged over them)."""
     clip_grad_norm: float = 0.0

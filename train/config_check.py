@@ -50,6 +50,9 @@ def check_config(cfg: "TrainConfig") -> None:
         raise ConfigError(f"loss.sample_rate={lo.sample_rate} must be in (0, 1]: the fraction of "
                           "each rank's classes sampled per step")
     _choice("loss.head_dtype", lo.head_dtype, ("fp32", "bf16"))
+    if not 0.0 <= lo.interclass_filtering_threshold <= 1.0:
+        raise ConfigError(f"loss.interclass_filtering_threshold={lo.interclass_filtering_threshold} must be in "
+                          "[0, 1]: a cosine above which negatives are filtered (e.g. 0.4; 0 = off)")
     _choice("loss.metric_loss", lo.metric_loss, ("none", "center", "triplet", "circle"))
     _at_least("loss.metric_weight", lo.metric_weight, 0.0)
     if lo.metric_loss != "none" and lo.metric_weight == 0.0:
@@ -59,6 +62,7 @@ def check_config(cfg: "TrainConfig") -> None:
         raise ConfigError("loss.classifier=false with loss.metric_loss=none leaves no loss to train: "
                           "set loss.metric_loss (center, triplet or circle) or loss.classifier=true")
     _choice("optim.name", o.name, ("sgd", "adamw"))
+    _choice("optim.row_decay", o.row_decay, ("sampled", "lazy_dense"))
     if o.lr <= 0:
         raise ConfigError(f"optim.lr={o.lr} must be > 0")
     if o.head_lr is not None and o.head_lr < 0:
