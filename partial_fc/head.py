@@ -19,7 +19,8 @@ Only the chosen rows get a gradient, and they get it as a small ``[rows, D]`` te
 never as a dense gradient of the whole shard (unless ``sample_rate == 1``, where every row
 is chosen and ``weight.grad`` is the ordinary dense gradient).  The optimiser in
 ``partial_fc.optim`` reads those row gradients and updates only those rows and their
-state, so a class that is not sampled neither moves nor decays.
+state, so a class that is not sampled does not move (and, unless the optimiser's
+``row_decay`` is ``"lazy_dense"``, does not decay either: :mod:`partial_fc.row_decay`).
 """
 from __future__ import annotations
 
