@@ -123,8 +123,7 @@ def _decay_run(row_decay, steps=8, wd=0.1):
         got = head.weight.detach().double()[index]
         gaps.append(float(((got - dense[index]).norm(dim=1) / dense[index].norm(dim=1)).max()))
     behind = (head.weight.detach().double() - dense).norm(dim=1).max()
-    flush = getattr(opt, "flush_row_decay")
-    flush()
+    opt.flush_row_decay()
     final = float(((head.weight.detach().double() - dense).norm(dim=1) / dense.norm(dim=1)).max())
     return gaps, final, float(behind)
 
@@ -288,3 +287,22 @@ def test_gradient_checkpointing_updates_batchnorm_statistics_once():
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
     grads = [(p.grad, q.grad) for p, q in zip(plain.parameters(), recomputed.parameters())]
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in grads)
+
+
+# ---------------------------------------------------------------- the options in a training run
+def test_training_run_takes_the_options_and_checkpoints_the_row_debt(tmp_path):
+    from train.distributed import init_distributed
+    from train.trainer import Trainer
+    from train_fixtures import SplitLoader, bn_net, tiny_config
+    cfg = tiny_config(tmp_path, "loss.sample_rate=0.5", "loss.margin=sphereface", "loss.margin_options={}",
+                      "loss.interclass_filtering_threshold=0.4", "optim.row_decay=lazy_dense",
+                      "optim.momentum=0.0", "optim.grad_accum=2", "max_steps=3")
+    trainer = Trainer(cfg, init_distributed(device="cpu"), loader=SplitLoader(), backbone=bn_net())
+    assert trainer.head.interclass_filtering_threshold == 0.4
+    assert trainer.head_optimizer.row_decay == "lazy_dense" and trainer.head.lazy_decay is not None
+    summary = trainer.fit()
+    assert summary["steps"] == 3 and summary["skipped_steps"] == 0
+    assert int(trainer.head.margin.iteration) == 3  # one λ step per optimiser step, not per micro-batch
+    from train.reshard import classifier_state
+    rows = classifier_state(trainer.head, trainer.head_optimizer)["rows"]  # what a checkpoint stores
+    assert "opt.weight.decay_owed" in rows and (rows["opt.weight.decay_owed"] < 0).any()
