@@ -133,7 +133,7 @@ class PartialFC(nn.Module):
         applied to the chosen rows when they are gathered (see :mod:`partial_fc.row_decay`)."""
         if self.num_sample < self.num_local or param_dtype != torch.float32:
             # Gradients arrive as rows, not in .grad: a torch optimiser over these would do nothing.
-            tag_row_gradient_params(self.parameters())
+            tag_row_gradient_params([self.weight] + ([self.bias] if self.bias is not None else []))
         self._chosen: list[_Chosen] = []
         self.accuracy = torch.zeros(())
         self._reports: list[tuple[torch.Tensor, tuple[int, ...]]] = []
