@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from collections import Counter
 
 import pytest
@@ -200,3 +201,34 @@ def test_workers_live_across_epochs(tmp_path):
     assert sorted(labels[0]) == sorted(labels[1]) == list(range(32)) and labels[0] != labels[1]
     loader.close()
     assert loader.worker_pids == []
+
+
+def test_dali_resume_lists_only_the_remaining_samples(tmp_path, monkeypatch):
+    pytest.importorskip("nvidia.dali")
+    from data_pipeline import dali_loader
+    write_dataset(tmp_path, [6, 6, 6, 6])
+    kw = dict(rank=0, world_size=1, batch_size=2, workers=1, mode="exact", seed=3, shuffle_buffer=6)
+    listed = []
+    real = dali_loader.DaliLoader._view_indexes
+
+    def recording(self, entries, folder):
+        paths, index_paths = real(self, entries, folder)
+        listed.append((paths, [Path(p).read_text().splitlines() for p in index_paths]))
+        return paths, index_paths
+
+    monkeypatch.setattr(dali_loader.DaliLoader, "_view_indexes", recording)
+    full = build_loader("dali", tmp_path, **kw)
+    full.set_epoch(1)
+    reference = batches_of(full)
+    (paths, views), = listed
+    assert len(paths) == 4 and [len(v) - 1 for v in views] == [6] * 4  # whole shards, in windows
+    listed.clear()
+    resumed = build_loader("dali", tmp_path, **kw)
+    resumed.load_state_dict({**full.state_dict(), "batches_consumed": 4})  # sample 8: shard 2 of 4
+    assert_same(batches_of(resumed), reference[4:])
+    (rest, rest_views), = listed
+    # The reader is given the shards from the current one on, the current one from the resume
+    # point: it opens no consumed shard and reads none of the consumed samples.
+    assert rest == paths[1:]
+    assert [len(v) - 1 for v in rest_views] == [4, 6, 6]
+    assert rest_views[0][1:] == views[1][3:]
