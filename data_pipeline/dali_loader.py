@@ -1,11 +1,13 @@
-"""NVIDIA DALI loader: ``fn.readers.webdataset`` sharded by rank, JPEG decode on GPU or CPU.
+"""NVIDIA DALI loader: ``fn.readers.webdataset`` over this rank's samples, JPEG decode on GPU or CPU.
 
-Each epoch builds a pipeline over the data shards in the epoch's order (the one the
-webdataset loader uses, so both give a rank the same samples in exact mode). DALI splits the
-listed samples into ``world_size`` contiguous parts and this rank reads part ``rank``;
-``pad_last_batch`` repeats its last sample to fill the final batch. The pipeline's stream is
-cut at ``len(loader)`` batches, equal on all ranks. Resuming mid-epoch runs the pipeline over
-the consumed batches again (decoded, then dropped), which costs time, not correctness.
+Each epoch puts the data shards in the epoch's order (the one the webdataset loader uses)
+and gives rank ``r`` the same contiguous piece of the listed samples as that loader, so in
+exact mode both give a rank the same samples. The piece is shuffled in windows
+(:mod:`data_pipeline.epoch_plan`) and written as index files in that order, one per run of
+samples of one shard, into a temporary folder: DALI reads the members an index names in the
+index's order. A resume lists only the samples from the resume point on, so the reader
+opens no consumed shard and starts mid-shard at the right sample; flips are seeded by the
+batch index, so the resumed batches equal the uninterrupted run's.
 
 At scale (many ranks, many shards) the index files are written once per node: local rank 0
 builds them, in parallel over shards, while the other ranks wait at ``barrier``; then they
