@@ -97,7 +97,7 @@ def test_stream_resume_opens_only_the_windows_of_the_next_batch(tmp_path, opens,
                           buffer_size=buffer, log=SkipLog(True))
             shape = dict(world_size=world, batch_size=batch, workers=workers)
 
-            def stream(skip):
+            def stream(skip, common=common, shape=shape):
                 if mode == "exact":
                     return exact_stream(shards, skip=skip, **common, **shape)[1]
                 return resampled_stream(shards, skip=skip, **common)
