@@ -199,6 +199,13 @@ def test_workers_live_across_epochs(tmp_path):
         fresh.close()
     labels = [torch.cat([y for _, y in ep]).tolist() for ep in epochs]
     assert sorted(labels[0]) == sorted(labels[1]) == list(range(32)) and labels[0] != labels[1]
+    # An epoch left in the middle (the workers hold prefetched batches of it), then another one.
+    loader.set_epoch(0)
+    it = iter(loader)
+    next(it), next(it)
+    loader.set_epoch(1)
+    assert_same(batches_of(loader), epochs[1])
+    assert loader.worker_pids == pids[0]
     loader.close()
     assert loader.worker_pids == []
 
