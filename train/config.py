@@ -66,7 +66,7 @@ class DataConfig(Section):
     image_size: int = 112
     """Side of the square input images in pixels."""
     shuffle_buffer: int = 1000
-    """Samples held in the shuffle buffer of the webdataset loader."""
+    """Least samples per shuffle window (shards read whole and permuted together; a shard this big is one window); 0 or 1: no shuffle."""
     flip: bool = True
     """Random horizontal flip of training images."""
     strict: bool = False
