@@ -170,7 +170,8 @@ def build_head(cfg: TrainConfig, ctx: DistContext, num_classes: int) -> nn.Modul
     head = PartialFC(cfg.model.embedding_size, num_classes, margin, sample_rate=lo.sample_rate,
                      group=ctx.group, seed=seed, param_dtype=HEAD_DTYPES[lo.head_dtype],
                      check_inputs=lo.check_inputs, compute_dtype=CLASSIFIER_DTYPES[precision],
-                     tf32=precision == "tf32", min_sample=cfg.data.batch_size * ctx.world_size)
+                     tf32=precision == "tf32", min_sample=cfg.data.batch_size * ctx.world_size,
+                     interclass_filtering_threshold=lo.interclass_filtering_threshold)
     return head.to(ctx.device)
 
 
