@@ -8,9 +8,10 @@ from __future__ import annotations
 import typing
 from typing import Literal
 
-LoaderKind = Literal["webdataset", "dali", "random_tensors"]
-"""webdataset: tar shards decoded with PIL; dali: the same shards decoded by NVIDIA DALI;
-random_tensors: random images and labels held in memory (no files, no decode)."""
+LoaderKind = Literal["webdataset", "dali", "random_tensors", "rec"]
+"""webdataset: tar shards decoded with PIL; dali: the same shards (or an insightface .rec)
+decoded by NVIDIA DALI; random_tensors: random images and labels held in memory (no files, no
+decode); rec: an insightface train.rec read by index and decoded with PIL."""
 LOADER_KINDS: tuple[str, ...] = typing.get_args(LoaderKind)
 LOADER_ALIASES = {"synthetic": "random_tensors"}
 """Deprecated loader names and the kinds they now mean ("synthetic" was easily confused with the

@@ -13,6 +13,7 @@ from .bad_data import REASONS, BadSampleError
 from .kinds import LOADER_ALIASES, LOADER_KINDS, MODES, LoaderKind
 from .loader_base import Loader
 from .manifest import Manifest
+from .rec_dataset import RecDataset, open_dataset
 
 KINDS = LOADER_KINDS
 
@@ -27,6 +28,10 @@ def build_loader(kind: str, manifest: Manifest | str | os.PathLike | None, *, ra
                  any_rank: Callable[[bool], bool] | None = None, dali_verify: str = "header",
                  **random_tensors: Any) -> Loader:
     """A loader of ``kind`` over ``manifest`` (a :class:`Manifest`, its file or its directory).
+
+    ``manifest`` may also be an insightface RecordIO ``train.rec`` (or its folder, or a
+    :class:`~data_pipeline.rec_dataset.RecDataset`): ``kind="rec"`` reads it in Python,
+    ``kind="dali"`` decodes it with DALI (see :mod:`data_pipeline.rec_loader`).
 
     ``mode="resampled"``: ``epoch_samples`` (default: the manifest's count) samples per epoch
     over all ranks, drawn from shards resampled with replacement; ``mode="exact"``: every
@@ -76,6 +81,9 @@ def build_loader(kind: str, manifest: Manifest | str | os.PathLike | None, *, ra
         return RandomTensorLoader(**common, **random_tensors)
 
     m = _load(manifest)
+    if kind == "rec" or isinstance(m, RecDataset):
+        from .rec_loader import build_rec_loader
+        return build_rec_loader(kind, m, strict=strict, **common)
     if m.num_samples < 1 or not m.shards:
         raise ValueError(f"the manifest at {m.root} lists no samples: nothing to load")
     if mode == "exact" and m.num_samples < world_size:
@@ -89,8 +97,8 @@ def build_loader(kind: str, manifest: Manifest | str | os.PathLike | None, *, ra
                       any_rank=any_rank, verify=dali_verify, **common)
 
 
-def _load(manifest: Manifest | str | os.PathLike | None) -> Manifest:
+def _load(manifest: Manifest | RecDataset | str | os.PathLike | None) -> Manifest | RecDataset:
     if manifest is None:
         raise ValueError("this loader needs a manifest (a Manifest, manifest.json or its "
-                         "directory); only kind='random_tensors' runs without one")
-    return manifest if isinstance(manifest, Manifest) else Manifest.load(manifest)
+                         "directory, or a RecordIO train.rec); only kind='random_tensors' runs without one")
+    return manifest if isinstance(manifest, (Manifest, RecDataset)) else open_dataset(manifest)
