@@ -43,9 +43,9 @@ def evaluate_model(model_path: str | Path, bins: list[str], out_dir: Optional[st
     return results
 
 
-def identify_model(model_path: str | Path, data_dir: str | Path, out_dir: Optional[str | Path] = None,
-                   distractors: Optional[list[int]] = None, probes_per_identity: int = 3,
-                   distractor_features: Optional[str | Path] = None, batch_size: int = 256) -> dict:
+def identify_model(model_path: str | Path, data_dir: str | Path, out_dir: str | Path | None = None,
+                   distractors: list[int] | None = None, probes_per_identity: int = 3,
+                   distractor_features: str | Path | None = None, batch_size: int = 256) -> dict:
     """Distractor identification on a synthetic set's held-out identities; writes identification.json and plots."""
     import numpy as np
 

@@ -11,9 +11,17 @@ import torch
 from torch import nn
 
 from data_pipeline.synthetic import SynthConfig
-from train.evaluation.distractors import curve_table, distractor_curve, plot_cmc, plot_rank1_vs_distractors
-from train.evaluation.synthetic_identification import (embed_rendered, evaluate_synthetic_identification,
-                                                       identification_split)
+from train.evaluation.distractors import (
+    curve_table,
+    distractor_curve,
+    plot_cmc,
+    plot_rank1_vs_distractors,
+)
+from train.evaluation.synthetic_identification import (
+    embed_rendered,
+    evaluate_synthetic_identification,
+    identification_split,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -120,12 +128,12 @@ def test_eval_command_runs_identification(tmp_path):
     (data / "synthetic.json").write_text(json.dumps(asdict(cfg)))
     result = subprocess.run([sys.executable, "-m", "launch.cli", "eval", "--model", str(model), "--identification",
                              str(data), "--distractors", "0", "5", "--probes-per-identity", "2", "--out",
-                             str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=300)
+                             str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((tmp_path / "out" / "identification.json").read_text())
     assert record["sizes"] == [0, 5] and record["num_probes"] == 12 and len(record["cmc"]["5"]) == 20
     assert (tmp_path / "out" / "rank1_vs_distractors.png").exists() and (tmp_path / "out" / "cmc.png").exists()
     assert "| 5 | 11 |" in result.stdout
     bad = subprocess.run([sys.executable, "-m", "launch.cli", "eval", "--model", str(model)], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, check=False)
     assert bad.returncode != 0 and "nothing to evaluate" in bad.stderr

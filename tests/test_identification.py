@@ -4,9 +4,21 @@ import math
 import numpy as np
 import pytest
 
-from train.evaluation.identification import (DISTRACTOR, cmc, exact_top_k, fpir_threshold, identification_metrics,
-                                             search, tpir_at_fpir)
-from train.evaluation.ijb_1n import evaluate_ijb_1n, ident_table, main, read_1n_templates
+from train.evaluation.identification import (
+    DISTRACTOR,
+    cmc,
+    exact_top_k,
+    fpir_threshold,
+    identification_metrics,
+    search,
+    tpir_at_fpir,
+)
+from train.evaluation.ijb_1n import (
+    evaluate_ijb_1n,
+    ident_table,
+    main,
+    read_1n_templates,
+)
 
 
 def unit_rows(x):
@@ -180,7 +192,7 @@ def test_ijb_1n_matches_brute_force_per_gallery(tmp_path):
 
 
 def test_ijb_1n_metadata_errors(tmp_path):
-    features, rows, faces, g1, g2, probes = write_ijb_1n(tmp_path)
+    features, _, faces, _, _, probes = write_ijb_1n(tmp_path)
     bad = tmp_path / "bad.csv"
     bad.write_text("TEMPLATE_ID,SUBJECT_ID,FILENAME\n1,3,a.jpg\n1,4,b.jpg\n")
     with pytest.raises(ValueError, match=r"bad.csv:3: template 1 is listed with subjects 3 and 4"):

@@ -10,8 +10,9 @@ folder embedded with ``shardface embed`` (up to millions: the search is chunked)
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 

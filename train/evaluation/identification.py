@@ -23,7 +23,7 @@ itself plus one ``probe_chunk`` x ``chunk`` block of scores (256 MiB by default)
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -147,7 +147,7 @@ def fpir_threshold(nonmated_top: np.ndarray, fpir: float) -> float:
     if not 0.0 < fpir <= 1.0:
         raise ValueError(f"fpir={fpir!r} is outside (0, 1]: use e.g. 1e-2")
     top = np.sort(np.asarray(nonmated_top, dtype=np.float64))[::-1]
-    allowed = int(math.floor(fpir * top.size + 1e-9))
+    allowed = math.floor(fpir * top.size + 1e-9)
     if allowed < 1:
         return math.nan
     return float(top[allowed]) if allowed < top.size else -math.inf

@@ -24,12 +24,20 @@ import argparse
 import csv
 import math
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from .identification import IDENT_FPIRS, IDENT_RANKS, fpir_key, identification_metrics, rank_key, search
+from .identification import (
+    IDENT_FPIRS,
+    IDENT_RANKS,
+    fpir_key,
+    identification_metrics,
+    rank_key,
+    search,
+)
 from .ijb import align_features, image_features, pool_templates, read_face_list
 
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -86,6 +87,13 @@ def _decode(jpeg: bytes, size: int) -> torch.Tensor:
         return torch.from_numpy(np.array(img)).permute(2, 0, 1)
 
 
+def _batches(images: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, mirrored images) in [-1, 1] from uint8 ``[N, 3, S, S]``."""
+    for s in range(0, images.shape[0], batch_size):
+        x = images[s:s + batch_size].float().div_(127.5).sub_(1.0)
+        yield x, x.flip(3)
+
+
 @torch.no_grad()
 def embed_rendered(model: nn.Module, source: SyntheticFaces, indices: Sequence[int], batch_size: int = 256,
                    device: str | torch.device = "cpu", workers: int = 1, block: int = 4096,
@@ -100,11 +108,7 @@ def embed_rendered(model: nn.Module, source: SyntheticFaces, indices: Sequence[i
                              label=f"rendering {source.name} {lo + len(part)}/{len(indices)}")
         images = torch.stack([_decode(j, size) for j in jpegs])
 
-        def batches():
-            for s in range(0, images.shape[0], batch_size):
-                x = images[s:s + batch_size].float().div_(127.5).sub_(1.0)
-                yield x, x.flip(3)
-        plain, flipped = embed_pairs(model, batches(), device=device)
+        plain, flipped = embed_pairs(model, _batches(images, batch_size), device=device)
         emb = torch.nn.functional.normalize(torch.from_numpy(plain + flipped), dim=1)
         out.append(emb.numpy().astype(np.float32))
     return np.concatenate(out)
@@ -123,7 +127,7 @@ def evaluate_synthetic_identification(model: nn.Module, cfg: SynthConfig, sizes:
     need = max(sizes) if sizes else 0
     rendered = 0 if distractor_features is not None else need
     split = identification_split(cfg, probes_per_identity, rendered, identities)
-    kw = dict(batch_size=batch_size, device=device, workers=workers, progress=progress)
+    kw = {"batch_size": batch_size, "device": device, "workers": workers, "progress": progress}
     enrolled = embed_rendered(model, split.heldout, split.enrolled, **kw)
     probes = embed_rendered(model, split.heldout, split.probes, **kw)
     if distractor_features is not None:
