@@ -23,6 +23,7 @@ itself plus one ``probe_chunk`` x ``chunk`` block of scores (256 MiB by default)
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -47,6 +48,36 @@ def normalized(features: np.ndarray | torch.Tensor, what: str) -> torch.Tensor:
     return t / norms
 
 
+class _UnitRows:
+    """Rows of a feature matrix, L2-normalised one chunk at a time (a 1M x 512 gallery is not copied)."""
+
+    def __init__(self, features: np.ndarray | torch.Tensor, what: str) -> None:
+        if isinstance(features, torch.Tensor):
+            t = features
+        else:
+            with warnings.catch_warnings():  # a read-only memmap is only ever read here
+                warnings.simplefilter("ignore", UserWarning)
+                t = torch.from_numpy(np.asarray(features))
+        if t.dim() != 2 or t.shape[0] == 0:
+            raise ValueError(f"{what} must be a non-empty [N, D] array, got shape {tuple(t.shape)}")
+        self.rows = t.detach()
+        norms = torch.cat([self.rows[i:i + 65536].to(torch.float32).norm(dim=1)
+                           for i in range(0, self.rows.shape[0], 65536)])
+        bad = ~torch.isfinite(norms) | (norms == 0)
+        if bad.any():
+            raise ValueError(f"{what}: {int(bad.sum())} rows are all zeros, NaN or infinite: check the embeddings")
+        self.inv_norms = 1.0 / norms
+        self.shape = tuple(self.rows.shape)
+
+    def chunk(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
+        rows = self.rows[start:stop].to(device=device, dtype=torch.float32)
+        return rows * self.inv_norms[start:stop, None].to(device)
+
+    def take(self, index: torch.Tensor, device: torch.device) -> torch.Tensor:
+        index = index.cpu()
+        return (self.rows[index].to(torch.float32) * self.inv_norms[index, None]).to(device)
+
+
 def exact_top_k(queries: np.ndarray | torch.Tensor, gallery: np.ndarray | torch.Tensor, k: int,
                 chunk: int = 16384, device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """(scores [Q, k] descending, gallery indices [Q, k]) of the k best cosine matches of each query.
@@ -55,7 +86,7 @@ def exact_top_k(queries: np.ndarray | torch.Tensor, gallery: np.ndarray | torch.
     running top-k is merged with each chunk's, so memory is O(Q·(chunk + k)).
     """
     q = normalized(queries, "queries").to(device)
-    g = normalized(gallery, "gallery")
+    g = _UnitRows(gallery, "gallery")
     if q.shape[1] != g.shape[1]:
         raise ValueError(f"queries have {q.shape[1]} dimensions but the gallery has {g.shape[1]}")
     if not 1 <= k <= g.shape[0]:
@@ -63,7 +94,7 @@ def exact_top_k(queries: np.ndarray | torch.Tensor, gallery: np.ndarray | torch.
     best_s = torch.full((q.shape[0], 0), -math.inf, device=q.device)
     best_i = torch.zeros((q.shape[0], 0), dtype=torch.int64, device=q.device)
     for start in range(0, g.shape[0], chunk):
-        s = q @ g[start:start + chunk].to(q.device).T
+        s = q @ g.chunk(start, start + chunk, q.device).T
         s_top, i_top = s.topk(min(k, s.shape[1]), dim=1)
         merged_s = torch.cat([best_s, s_top], dim=1)
         merged_i = torch.cat([best_i, i_top + start], dim=1)
@@ -83,7 +114,7 @@ def search(probes: np.ndarray | torch.Tensor, probe_labels: Sequence[int] | np.n
     and ``top_nonmate`` (best score over entries that are not the mate).
     """
     p = normalized(probes, "probe features").to(device)
-    g = normalized(gallery, "gallery features")
+    g = _UnitRows(gallery, "gallery features")
     if p.shape[1] != g.shape[1]:
         raise ValueError(f"probe features have {p.shape[1]} dimensions but gallery features {g.shape[1]}")
     plab = np.asarray(probe_labels, dtype=np.int64).reshape(-1)
@@ -107,13 +138,13 @@ def search(probes: np.ndarray | torch.Tensor, probe_labels: Sequence[int] | np.n
     mate_score = torch.full((p.shape[0],), math.nan, device=p.device)
     if mated.any():
         rows = torch.from_numpy(np.flatnonzero(mated)).to(p.device)
-        mate_score[rows] = (p[rows] * g[mate_t[rows].cpu()].to(p.device)).sum(dim=1)
+        mate_score[rows] = (p[rows] * g.take(mate_t[rows], p.device)).sum(dim=1)
     above = torch.zeros(p.shape[0], dtype=torch.int64, device=p.device)
     top_nonmate = torch.full((p.shape[0],), -math.inf, device=p.device)
     for lo in range(0, p.shape[0], probe_chunk):
         hi = min(lo + probe_chunk, p.shape[0])
         for start in range(0, g.shape[0], chunk):
-            s = p[lo:hi] @ g[start:start + chunk].to(p.device).T
+            s = p[lo:hi] @ g.chunk(start, start + chunk, p.device).T
             cols = torch.arange(start, start + s.shape[1], device=p.device)
             s = s.masked_fill(cols[None, :] == mate_t[lo:hi, None], -math.inf)
             top_nonmate[lo:hi] = torch.maximum(top_nonmate[lo:hi], s.max(dim=1).values)
