@@ -98,6 +98,7 @@ def plot_cmc(cmcs: Mapping[str, np.ndarray], path: str | Path, title: str = "CMC
             curve = np.asarray(curve, dtype=float)
             ax.plot(np.arange(1, curve.size + 1), 100 * curve, marker=".", label=name)
         ax.set_xlabel("rank")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel("identification rate (%)")
         ax.grid(True, alpha=0.3)
         ax.set_title(title)
