@@ -142,6 +142,9 @@ def build_backbone_module(m: ModelConfig, image_size: int, device: torch.device)
         module = build_backbone(m.backbone, **backbone_options(m, image_size))
     except (ValueError, TypeError) as err:
         raise ConfigError(f"model.backbone={m.backbone!r}: {err}") from err
+    if m.init_from:
+        from .init_from import load_init_weights
+        load_init_weights(module, m.init_from, m.backbone)
     module = module.to(device)
     if m.channels_last:
         module = module.to(memory_format=torch.channels_last)

@@ -122,6 +122,8 @@ class ModelConfig(Section):
     """Recompute activations in backward to save memory (backbones that support it)."""
     options: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for the backbone builder."""
+    init_from: str = ""
+    """Embedding model file (model.pt of a run, or written by `shardface import insightface`) whose backbone weights start training (fine-tuning; the classifier starts fresh); a resumed checkpoint takes precedence. Empty: random initialisation."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
