@@ -231,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gallery distractor counts for --identification (default 0 10 100 1000)")
     e.add_argument("--probes-per-identity", type=int, default=3, help="probe images per held-out identity (default 3)")
     e.add_argument("--distractor-features", default=None,
-                   help=".npy of distractor embeddings (e.g. `shardface embed` of a photo folder) instead of rendered ones")
+                   help=".npy of distractor embeddings (e.g. `shardface embed` of a photo folder) "
+                        "instead of rendered ones")
     e.add_argument("--out", default=None, help="where to write results.json, roc.png and the identification plots")
     e.add_argument("--batch-size", type=int, default=256)
     e.set_defaults(func=_cmd_eval)

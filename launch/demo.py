@@ -119,7 +119,8 @@ def _report(summary: dict, onnx: Path, parity: float, started: float, opts: Demo
         f"TAR @ FAR=1e-2: {pct('tar@far=1e-02')}   TAR @ FAR=1e-3: {pct('tar@far=1e-03')}   "
         f"ROC AUC: {ev.get('auc', float('nan')):.4f}",
         (f"held-out identification ({ident['num_enrolled']} identities, one image enrolled each, "
-         f"{ident['num_probes']} probes): rank-1 {100 * ident['rank1'][0]:.2f}%, rank-5 {100 * ident['rank5'][0]:.2f}%; "
+         f"{ident['num_probes']} probes): rank-1 {100 * ident['rank1'][0]:.2f}%, "
+         f"rank-5 {100 * ident['rank5'][0]:.2f}%; "
          f"with {ident['sizes'][-1]} distractors rank-1 {100 * ident['rank1'][-1]:.2f}%" if ident else
          "held-out identification: n/a"),
         f"training: {summary['steps']} steps, {summary['samples_per_s']:.0f} samples/s, "

@@ -107,7 +107,8 @@ def test_synthetic_identification_is_the_curve_of_the_rendered_images():
     # Embeddings add the mirrored image and are unit rows.
     np.testing.assert_allclose(np.linalg.norm(enrolled, axis=1), 1, atol=1e-5)
     for n, rank1 in zip([0, 6], curve["rank1"]):
-        assert rank1 == pytest.approx(brute_rank1(probes, split.labels_probes, enrolled, split.labels_enrolled, pool[:n]))
+        want = brute_rank1(probes, split.labels_probes, enrolled, split.labels_enrolled, pool[:n])
+        assert rank1 == pytest.approx(want)
     assert curve["num_probes"] == 16 and curve["num_enrolled"] == 8
     with pytest.raises(ValueError, match="do not fit the model's 48-dimensional"):
         evaluate_synthetic_identification(model, SMALL, sizes=[2], distractor_features=np.ones((4, 8)), progress=False)
