@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 from .bad_data import REASONS, BadSampleError
 from .loader_base import MODES, Loader
+from .byte_streams import RemoteOptions
 from .manifest import Manifest
 
 KINDS = ("webdataset", "dali", "synthetic")
@@ -23,8 +24,11 @@ def build_loader(kind: str, manifest: Manifest | str | os.PathLike | None, *, ra
                  strict: bool = False, device: str = "cpu", epoch_samples: int | None = None,
                  local_rank: int | None = None, barrier: Callable[[], None] | None = None,
                  any_rank: Callable[[bool], bool] | None = None, dali_verify: str = "header",
-                 **synthetic: Any) -> Loader:
+                 remote: RemoteOptions | None = None, **synthetic: Any) -> Loader:
     """A loader of ``kind`` over ``manifest`` (a :class:`Manifest`, its file or its directory).
+
+    The manifest and its shards may be URLs (``s3://``, ``gs://``, ``http(s)://``, ``pipe:``),
+    read as ``remote`` says (a loaded :class:`Manifest` carries its own).
 
     ``mode="resampled"``: ``epoch_samples`` (default: the manifest's count) samples per epoch
     over all ranks, drawn from shards resampled with replacement; ``mode="exact"``: every
@@ -64,12 +68,12 @@ def build_loader(kind: str, manifest: Manifest | str | os.PathLike | None, *, ra
     if kind == "synthetic":
         from .tensor_loader import SyntheticLoader
         if manifest is not None:
-            m = _load(manifest)
+            m = _load(manifest, remote)
             synthetic = {"num_samples": m.num_samples, "num_classes": m.num_classes,
                          "image_size": m.image_size, **synthetic}
         return SyntheticLoader(**common, **synthetic)
 
-    m = _load(manifest)
+    m = _load(manifest, remote)
     if m.num_samples < 1 or not m.shards:
         raise ValueError(f"the manifest at {m.root} lists no samples: nothing to load")
     if mode == "exact" and m.num_samples < world_size:
@@ -83,8 +87,8 @@ def build_loader(kind: str, manifest: Manifest | str | os.PathLike | None, *, ra
                       any_rank=any_rank, verify=dali_verify, **common)
 
 
-def _load(manifest: Manifest | str | os.PathLike | None) -> Manifest:
+def _load(manifest: Manifest | str | os.PathLike | None, remote: RemoteOptions | None = None) -> Manifest:
     if manifest is None:
         raise ValueError("this loader needs a manifest (a Manifest, manifest.json or its "
                          "directory); only kind='synthetic' runs without one")
-    return manifest if isinstance(manifest, Manifest) else Manifest.load(manifest)
+    return manifest if isinstance(manifest, Manifest) else Manifest.load(manifest, remote)

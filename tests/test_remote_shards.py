@@ -1,0 +1,155 @@
+"""Remote data shards: HTTP and S3 (moto) servers on 127.0.0.1, cut connections, unreachable shards."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+import torch
+
+from data_pipeline.bad_data import REASONS, UNREACHABLE_SHARD, BadSampleError
+from data_pipeline.byte_streams import RemoteOptions, ResumingReader, is_url, join, open_stream
+from data_pipeline.loaders import build_loader
+from data_pipeline.manifest import Manifest, ManifestError
+from remote_servers import copy_tree, http_server, s3_server, upload_dir
+from shard_helpers import write_dataset
+
+SIZES = [5, 4, 6]  # 15 samples, label of sample i is i
+FAST = RemoteOptions(retries=3, backoff_s=0.01)  # tests do not wait for real back-off
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    write_dataset(root, SIZES)
+    return root
+
+
+def epoch_labels(manifest, *, mode="exact", workers=0, world=1, rank=0, epoch=0, batch=5,
+                 remote=FAST, strict=False, **kw):
+    loader = build_loader("webdataset", manifest, rank=rank, world_size=world, batch_size=batch,
+                          workers=workers, mode=mode, flip=False, seed=3, shuffle_buffer=4,
+                          strict=strict, remote=remote, **kw)
+    loader.set_epoch(epoch)
+    batches = list(loader)
+    return (torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]).tolist(),
+            loader.stats)
+
+
+def test_url_helpers():
+    assert is_url("s3://b/x") and is_url("http://h/x") and is_url("pipe:cat x")
+    assert not is_url("/data/x") and not is_url("data/x.tar") and not is_url("file:///x")
+    assert join("s3://b/data/", "train-0.tar") == "s3://b/data/train-0.tar"
+    assert join("s3://b/data", "http://h/y.tar") == "http://h/y.tar"
+
+
+@pytest.mark.parametrize("ranges", [True, False])
+def test_stream_resumes_after_cuts_without_losing_or_repeating_bytes(tmp_path, ranges):
+    blob = bytes(range(256)) * 4000  # 1 MB
+    (tmp_path / "blob.bin").write_bytes(blob)
+    with http_server(tmp_path, ranges=ranges) as server:
+        server.cuts["blob.bin"] = [300_001, 900_000]
+        raw = ResumingReader(f"{server.url}/blob.bin", FAST)
+        got = bytearray()
+        while chunk := raw.read(70_000):
+            got += chunk
+        raw.close()
+    assert bytes(got) == blob and server.cuts["blob.bin"] == []
+    assert raw.retried == 2 and len(server.requests) == 3
+    # Each new request asks from a byte not handed on yet (the client may have received
+    # more than it handed on before the failure showed); the first asks for the whole file.
+    starts = [int(r[len("bytes="):-1]) if r else 0 for _, r in server.requests]
+    assert starts[0] == 0 and starts[1] <= 300_001 and 0 < starts[2] <= 900_000
+
+
+def test_http_manifest_and_shards_read_the_same_samples_as_local(dataset):
+    local_x, local_y, _ = epoch_labels(dataset)
+    assert sorted(local_y) == list(range(15))
+    with http_server(dataset) as server:
+        m = Manifest.load(f"{server.url}/manifest.json", FAST)
+        assert m.is_remote and m.shard_paths()[0] == f"{server.url}/train-000000.tar"
+        x, y, stats = epoch_labels(m)
+        assert y == local_y and torch.equal(x, local_x)
+        assert sum(stats.values()) == 0
+        # The directory URL works too, and loader workers (separate processes) stream as well.
+        _, y2, _ = epoch_labels(f"{server.url}/", workers=2)
+        _, y2_local, _ = epoch_labels(dataset, workers=2)
+        assert y2 == y2_local
+
+
+def test_cut_mid_shard_gives_the_same_samples_as_local(dataset):
+    _, local_y, _ = epoch_labels(dataset, world=2, rank=1)
+    with http_server(dataset) as server:
+        for i in range(len(SIZES)):
+            name = f"train-{i:06d}.tar"
+            server.cuts[name] = [(dataset / name).stat().st_size // 2 + 7]
+        _, y, stats = epoch_labels(f"{server.url}/manifest.json", world=2, rank=1)
+        assert sum(not c for c in server.cuts.values()) >= 2  # the cuts happened
+    assert y == local_y and sum(stats.values()) == 0
+
+
+def test_a_server_without_range_support_is_resumed_by_skipping(dataset):
+    _, local_y, _ = epoch_labels(dataset, mode="resampled", epoch_samples=12)
+    with http_server(dataset, ranges=False) as server:
+        name = "train-000002.tar"
+        server.cuts[name] = [(dataset / name).stat().st_size // 3]
+        _, y, stats = epoch_labels(f"{server.url}/manifest.json", mode="resampled", epoch_samples=12)
+    assert y == local_y and sum(stats.values()) == 0
+
+
+def _unreachable_manifest(dataset, tmp_path, server_url):
+    """A manifest whose shard 1 points at a port where nothing listens."""
+    doc = json.loads((dataset / "manifest.json").read_text())
+    doc["shards"][1]["path"] = "http://127.0.0.1:9/train-000001.tar"
+    root = copy_tree(dataset, tmp_path / "d")
+    (root / "manifest.json").write_text(json.dumps(doc))
+    return f"{server_url}/manifest.json" if server_url else root
+
+
+def test_unreachable_shard_is_skipped_and_counted_with_its_url(dataset, tmp_path, caplog):
+    with http_server(copy_tree(dataset, tmp_path / "served")) as server:
+        with caplog.at_level(logging.WARNING, logger="shardface.data"):
+            _, y, stats = epoch_labels(_unreachable_manifest(dataset, tmp_path, None))
+    # Exact epoch: the 4 samples of shard 1 (labels 5..8) are lost and counted; the rest are read.
+    assert stats[UNREACHABLE_SHARD] == SIZES[1] and sum(stats.values()) == SIZES[1]
+    assert set(y) == set(range(15)) - {5, 6, 7, 8}
+    assert any("http://127.0.0.1:9/train-000001.tar" in m and "unreachable" in m
+               for m in caplog.messages)
+
+
+def test_unreachable_shard_is_a_clear_error_when_strict(dataset, tmp_path):
+    with pytest.raises(BadSampleError, match=r"unreachable_shard.*http://127\.0\.0\.1:9/train-000001\.tar"):
+        epoch_labels(_unreachable_manifest(dataset, tmp_path, None), strict=True, workers=2)
+
+
+def test_missing_remote_shard_and_manifest(dataset, tmp_path):
+    root = copy_tree(dataset, tmp_path / "d")
+    (root / "train-000000.tar").unlink()
+    with http_server(root) as server:
+        _, y, stats = epoch_labels(f"{server.url}/manifest.json")
+        with pytest.raises(ManifestError, match=r"cannot read the manifest .*/nope/manifest\.json"):
+            Manifest.load(f"{server.url}/nope/", FAST)
+    assert stats["missing_shard"] == SIZES[0] and set(y) == set(range(5, 15))
+    assert set(stats) == set(REASONS)
+
+
+def test_pipe_shards(dataset, tmp_path):
+    doc = json.loads((dataset / "manifest.json").read_text())
+    for s in doc["shards"]:
+        s["path"] = f"pipe:cat {dataset / s['path']}"
+    (tmp_path / "manifest.json").write_text(json.dumps(doc))
+    _, local_y, _ = epoch_labels(dataset)
+    _, y, stats = epoch_labels(tmp_path)
+    assert y == local_y and sum(stats.values()) == 0
+
+
+def test_s3_through_the_users_configuration(dataset, tmp_path):
+    _, local_y, _ = epoch_labels(dataset, world=2, rank=0, workers=2)
+    with s3_server():
+        upload_dir(dataset, "s3://faces/wf/")
+        m = Manifest.load("s3://faces/wf/manifest.json")  # endpoint and keys from the environment
+        _, y, stats = epoch_labels(m, world=2, rank=0, workers=2)
+        with open_stream("s3://faces/wf/train-000001.tar", FAST) as f:
+            assert f.read() == (dataset / "train-000001.tar").read_bytes()
+    assert y == local_y and sum(stats.values()) == 0
