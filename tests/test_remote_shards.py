@@ -153,3 +153,85 @@ def test_s3_through_the_users_configuration(dataset, tmp_path):
         with open_stream("s3://faces/wf/train-000001.tar", FAST) as f:
             assert f.read() == (dataset / "train-000001.tar").read_bytes()
     assert y == local_y and sum(stats.values()) == 0
+
+
+def test_inspect_over_http(dataset, tmp_path):
+    from data_pipeline.inspect import inspect_dataset
+    root = copy_tree(dataset, tmp_path / "d")
+    with http_server(root) as server:
+        good = inspect_dataset(f"{server.url}/manifest.json", progress=False)
+        quick = inspect_dataset(f"{server.url}/", verify=False, progress=False)
+        (root / "train-000001.tar").write_bytes(b"damaged")
+        (root / "train-000002.tar").unlink()
+        bad = inspect_dataset(f"{server.url}/manifest.json", progress=False)
+    assert good.ok and good.samples_read == 15 and quick.ok, good.format()
+    assert bad.missing_shards == ["train-000002.tar"] and not bad.ok
+    assert bad.checksum_mismatches + bad.unreadable_shards == ["train-000001.tar"]
+
+
+def test_convert_to_s3_writes_shards_then_the_manifest(tmp_path, monkeypatch):
+    from data_pipeline import byte_streams
+    from data_pipeline.convert import convert
+    from PIL import Image
+    folder = tmp_path / "faces"
+    for ident in range(3):
+        (folder / f"id{ident}").mkdir(parents=True)
+        for k in range(3):
+            Image.new("RGB", (16, 16), (40 * ident, 20 * k, 90)).save(folder / f"id{ident}" / f"{k}.jpg")
+    uploads = []
+    real_put = byte_streams.put_file
+    monkeypatch.setattr(byte_streams, "put_file",
+                        lambda local, url, options=None: (uploads.append(url.rsplit("/", 1)[-1]),
+                                                          real_put(local, url, options)))
+    with s3_server():
+        import fsspec
+        fsspec.filesystem("s3").mkdir("out-bucket")
+        m = convert("folder", folder, "s3://out-bucket/faces", samples_per_shard=4, progress=False)
+        assert m.root == "s3://out-bucket/faces" and len(m.shards) == 3
+        assert uploads[-1] == "manifest.json" and uploads[:3] == [s.path for s in m.shards]
+        assert "identities.txt" in uploads
+        again = Manifest.load("s3://out-bucket/faces/")
+        _, y, stats = epoch_labels(again, batch=3)
+    assert sorted(y) == sorted(i // 3 for i in range(9)) and sum(stats.values()) == 0
+    assert not any(p.name.startswith("shardface-upload-") for p in tmp_path.iterdir())
+
+
+def test_http_output_is_refused():
+    from data_pipeline.convert import convert
+    with pytest.raises(ValueError, match="read-only"):
+        convert("folder", "/nonexistent", "http://127.0.0.1:9/x", progress=False)
+
+
+def test_train_config_reads_a_remote_manifest(dataset):
+    from train.builders import load_manifest
+    from train.config import TrainConfig
+    with http_server(dataset) as server:
+        cfg = TrainConfig.load("cpu_tiny", [f"data.manifest={server.url}/manifest.json", "data.retries=2",
+                                            "data.retry_backoff_s=0", "data.storage_options={s3: {anon: true}}"])
+        m = load_manifest(cfg)
+    assert m.remote.storage_options == {"s3": {"anon": True}}
+    assert m.num_samples == 15 and m.remote.retries == 2 and m.is_remote
+
+
+
+def test_dali_stages_remote_shards_into_a_bounded_cache(dataset, tmp_path):
+    pytest.importorskip("nvidia.dali")
+    kw = dict(rank=0, world_size=1, batch_size=5, workers=1, mode="exact", flip=False, shuffle_buffer=0)
+    local = build_loader("dali", copy_tree(dataset, tmp_path / "local"), **kw)
+    local_y = torch.cat([y for _, y in local]).tolist()
+    cache = RemoteOptions(retries=1, backoff_s=0.0, cache_dir=str(tmp_path / "cache"), cache_gb=1.0)
+    with http_server(dataset) as server:
+        loader = build_loader("dali", f"{server.url}/manifest.json", remote=cache, **kw)
+        y = torch.cat([y for _, y in loader]).tolist()
+        staged = sorted((tmp_path / "cache" / "shards").glob("*.tar"))
+        def shard_gets():
+            return sum(name.endswith(".tar") for name, _ in server.requests)
+        assert len(staged) == len(SIZES) and shard_gets() == len(SIZES)
+        build_loader("dali", f"{server.url}/manifest.json", remote=cache, **kw)
+        assert shard_gets() == len(SIZES)  # a second start finds the copies
+        tiny = RemoteOptions(cache_dir=str(tmp_path / "tiny"), cache_gb=1e-6)
+        with pytest.raises(ValueError, match=r"loader=dali reads local files.*data\.cache_gb"):
+            build_loader("dali", f"{server.url}/manifest.json", remote=tiny, **kw)
+    assert y == local_y
+    names = {s.sha256 for s in Manifest.load(dataset).shards}
+    assert {p.stem for p in staged} == names

@@ -84,13 +84,24 @@ def load_manifest(cfg: TrainConfig) -> Optional[Any]:
     if not cfg.data.manifest:
         return None
     from data_pipeline.manifest import Manifest
+    from data_pipeline.byte_streams import is_url
+    if is_url(cfg.data.manifest):
+        return Manifest.load(cfg.data.manifest, remote_options(cfg))
     path = Path(cfg.data.manifest)
     if path.is_dir():
         path = path / "manifest.json"
     if not path.is_file():
         raise FileNotFoundError(f"data.manifest={cfg.data.manifest!r} does not exist: give the manifest.json "
                                 "written by `shardface data synth|convert` (or its folder)")
-    return Manifest.load(path)
+    return Manifest.load(path, remote_options(cfg))
+
+
+def remote_options(cfg: TrainConfig) -> Any:
+    """How remote manifests and shards are read (``data.retries``, ``data.storage_options``...)."""
+    from data_pipeline.byte_streams import RemoteOptions
+    d = cfg.data
+    return RemoteOptions(retries=d.retries, backoff_s=d.retry_backoff_s, storage_options=dict(d.storage_options),
+                         cache_dir=d.cache_dir, cache_gb=d.cache_gb)
 
 
 def build_data(cfg: TrainConfig, ctx: DistContext, manifest: Optional[Any]) -> Any:

@@ -54,6 +54,16 @@ class DataConfig:
     """Random horizontal flip of training images."""
     strict: bool = False
     """Stop on an undecodable sample instead of skipping and counting it."""
+    retries: int = 5
+    """Remote data (URLs): failed attempts in a row, opening or reading, before a shard counts as unreachable (skipped and counted as unreachable_shard; an error with strict)."""
+    retry_backoff_s: float = 1.0
+    """Remote data: first wait before a retry, doubled after each failure (at most 30 s)."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """Remote data: fsspec client options per protocol, e.g. {s3: {endpoint_url: "http://host:9000"}}; credentials are best left to the client's own settings (AWS_* variables, ~/.aws)."""
+    cache_dir: str = ""
+    """Remote data: local folder for staged copies (loader=dali, verification sets); empty: ~/.cache/shardface/remote."""
+    cache_gb: float = 50.0
+    """Remote data: bound on the staged copies in cache_dir, in GiB (loader=dali refuses a remote dataset larger than this)."""
     dali_verify: str = "header"
     """loader=dali: what indexing checks per image, header (fast) or decode (every image decoded once with PIL)."""
     epoch_samples: Optional[int] = None

@@ -37,6 +37,13 @@ def check_config(cfg: "TrainConfig") -> None:
     _at_least("data.epoch_samples", d.epoch_samples, 1)
     _at_least("data.num_classes", d.num_classes, 1)
     _at_least("data.num_samples", d.num_samples, 1)
+    _at_least("data.retries", d.retries, 0)
+    _at_least("data.retry_backoff_s", d.retry_backoff_s, 0.0)
+    if not d.cache_gb > 0:
+        raise ConfigError(f"data.cache_gb={d.cache_gb} must be positive (GiB of staged remote shards)")
+    if not isinstance(d.storage_options, dict) or not all(isinstance(v, dict) for v in d.storage_options.values()):
+        raise ConfigError(f"data.storage_options={d.storage_options!r} must map a protocol to its options, "
+                          "e.g. {s3: {endpoint_url: 'http://host:9000'}}")
     if not d.manifest and d.loader == "synthetic" and (d.num_classes is None or d.num_samples is None):
         raise ConfigError("data.loader=synthetic without data.manifest needs data.num_classes and data.num_samples "
                           f"(got {d.num_classes} and {d.num_samples})")
