@@ -235,3 +235,20 @@ def test_dali_stages_remote_shards_into_a_bounded_cache(dataset, tmp_path):
     assert y == local_y
     names = {s.sha256 for s in Manifest.load(dataset).shards}
     assert {p.stem for p in staged} == names
+
+
+def test_resume_mid_epoch_over_http_gives_the_remaining_batches(dataset):
+    kw = dict(rank=0, world_size=1, batch_size=3, workers=2, mode="exact", flip=False, seed=5,
+              remote=FAST)
+    with http_server(dataset) as server:
+        url = f"{server.url}/manifest.json"
+        full = [y.tolist() for _, y in build_loader("webdataset", url, **kw)]
+        first = build_loader("webdataset", url, **kw)
+        it = iter(first)
+        head = [next(it)[1].tolist() for _ in range(2)]
+        state = first.state_dict()
+        del it
+        resumed = build_loader("webdataset", url, **kw)
+        resumed.load_state_dict(state)
+        tail = [y.tolist() for _, y in resumed]
+    assert head + tail == full and len(full) == 5
