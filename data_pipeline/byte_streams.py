@@ -193,6 +193,14 @@ def _open_at(url: str, pos: int, options: RemoteOptions) -> tuple[Any, int, bool
     return f, 0, True
 
 
+DEAD_FOR_S = 60.0
+"""After a URL failed every retry, later opens in the same process try it once, for this long."""
+
+# URL -> when it last failed every retry. Per process on purpose: resampling draws a dead shard
+# again and again, and each draw would otherwise wait through the whole back-off.
+_dead_since: dict[str, float] = {}
+
+
 class ResumingReader(io.RawIOBase):
     """A read-only stream over a URL that reconnects after a failure at the byte it stopped at."""
 
@@ -204,7 +212,10 @@ class ResumingReader(io.RawIOBase):
         self.retried = 0  # reconnections after a failure, over the stream's life
         self._file: Any = None
         self._cheap_seek = False
-        self._retrying(lambda: None)  # open now: an unreachable URL is reported at open
+        dead = time.monotonic() - _dead_since.get(url, -DEAD_FOR_S) < DEAD_FOR_S
+        # Open now: an unreachable URL is reported at open (a recently dead one after one try).
+        self._retrying(lambda: None, retries=0 if dead else None)
+        _dead_since.pop(url, None)
 
     # -- connection ------------------------------------------------------------------------
     def _connect(self) -> None:
@@ -229,7 +240,8 @@ class ResumingReader(io.RawIOBase):
                 pass
             self._file = None
 
-    def _retrying(self, action: Callable[[], Any]) -> Any:
+    def _retrying(self, action: Callable[[], Any], retries: int | None = None) -> Any:
+        retries = self.options.retries if retries is None else retries
         failures = 0
         while True:
             try:
@@ -243,12 +255,13 @@ class ResumingReader(io.RawIOBase):
             except Exception as e:  # noqa: BLE001 - network errors come in many types
                 self._drop()
                 failures += 1
-                if failures > self.options.retries:
+                if failures > retries:
+                    _dead_since[self.url] = time.monotonic()
                     raise SourceUnreachable(self.url, f"{failures} attempts in a row failed at byte "
                                             f"{self.pos} (last: {_describe(e)})") from e
                 wait = self.options.delay(failures)
                 log.warning("reading %s failed at byte %d (%s); retry %d of %d in %.1f s",
-                            self.url, self.pos, _describe(e), failures, self.options.retries, wait)
+                            self.url, self.pos, _describe(e), failures, retries, wait)
                 self.retried += 1
                 self._sleep(wait)
 

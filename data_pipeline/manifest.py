@@ -138,7 +138,7 @@ class Manifest:
         }
 
     @classmethod
-    def from_json(cls, doc: Any, root: Path | None = None, where: str = "manifest") -> "Manifest":
+    def from_json(cls, doc: Any, root: Path | str | None = None, where: str = "manifest") -> "Manifest":
         """Build a manifest from a parsed ``manifest.json``; errors name ``where`` and the key."""
         if not isinstance(doc, dict):
             raise ManifestError(f"{where}: expected a JSON object, got {type(doc).__name__}")
