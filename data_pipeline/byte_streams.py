@@ -123,8 +123,14 @@ class SourceUnreachable(OSError):
         self.url, self.detail, self.missing = url, detail, missing
 
 
+class RemoteSetupError(RuntimeError):
+    """A URL this installation cannot read at all (no client library for its protocol)."""
+
+
 # Answers no retry will change: the object is not there, or we may not read it.
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+# botocore's missing-credentials errors are not OSErrors; retrying them only waits.
+_PERMANENT_NAMES = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
 
 
 def _describe(err: BaseException) -> str:
@@ -160,8 +166,18 @@ class _PipeFile:
 
 
 def _filesystem(proto: str, options: RemoteOptions) -> Any:
-    import fsspec
-    return fsspec.filesystem(proto, **options.options_for(proto))
+    try:
+        import fsspec
+        return fsspec.filesystem(proto, **options.options_for(proto))
+    except ImportError as e:
+        raise RemoteSetupError(f"reading {proto}:// locations needs a client library that is not "
+                               f"installed ({e}); `pip install shardface[remote]` brings fsspec and "
+                               "s3fs, `pip install gcsfs` reads gs://") from None
+    except ValueError as e:
+        if "protocol" not in str(e).lower():
+            raise
+        raise RemoteSetupError(f"{proto}:// is not a protocol fsspec knows ({e}): use s3://, gs://, "
+                               "http(s)://, pipe:<command> or a local path") from None
 
 
 def _open_at(url: str, pos: int, options: RemoteOptions) -> tuple[Any, int, bool]:
@@ -248,12 +264,17 @@ class ResumingReader(io.RawIOBase):
                 if self._file is None:
                     self._connect()
                 return action()
+            except RemoteSetupError:
+                raise
             except _PERMANENT as e:
                 self._drop()
                 raise SourceUnreachable(self.url, _describe(e),
                                         missing=isinstance(e, FileNotFoundError)) from e
             except Exception as e:  # noqa: BLE001 - network errors come in many types
                 self._drop()
+                if type(e).__name__ in _PERMANENT_NAMES:
+                    raise SourceUnreachable(self.url, f"{_describe(e)}: set the credentials (e.g. "
+                                            "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)") from e
                 failures += 1
                 if failures > retries:
                     _dead_since[self.url] = time.monotonic()
@@ -379,9 +400,13 @@ def _with_retries(url: str, what: str, action: Callable[[], Any], options: Remot
     while True:
         try:
             return action()
+        except RemoteSetupError:
+            raise
         except _PERMANENT as e:
             raise SourceUnreachable(url, f"{what}: {_describe(e)}") from e
         except Exception as e:  # noqa: BLE001 - network errors come in many types
+            if type(e).__name__ in _PERMANENT_NAMES:
+                raise SourceUnreachable(url, f"{what}: {_describe(e)}") from e
             failures += 1
             if failures > options.retries:
                 raise SourceUnreachable(url, f"{what}: {failures} attempts failed "

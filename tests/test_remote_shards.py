@@ -275,3 +275,22 @@ def test_a_dead_url_is_tried_once_on_later_opens(monkeypatch):
             ResumingReader(url, opts, sleep=waits.append)
     assert len(waits) == 3  # the back-off of the first open only
     assert 0.5 <= waits[0] <= 1.0 and 1.0 <= waits[1] <= 2.0 and 2.0 <= waits[2] <= 4.0
+
+
+def test_a_protocol_without_its_client_is_a_clear_error_at_once():
+    from data_pipeline.byte_streams import RemoteSetupError
+    with pytest.raises(RemoteSetupError, match=r"nosuch:// is not a protocol fsspec knows"):
+        open_stream("nosuch://bucket/x.tar", RemoteOptions(retries=3, backoff_s=10.0))
+
+
+def test_remote_verification_sets_are_fetched_into_the_cache(dataset, tmp_path):
+    root = copy_tree(dataset, tmp_path / "d")
+    (root / "lfw.bin").write_bytes(b"pairs")
+    doc = json.loads((root / "manifest.json").read_text())
+    doc["verification"] = {"lfw": "lfw.bin", "gone": "gone.bin"}
+    (root / "manifest.json").write_text(json.dumps(doc))
+    opts = RemoteOptions(retries=0, cache_dir=str(tmp_path / "cache"))
+    with http_server(root) as server:
+        paths = Manifest.load(f"{server.url}/manifest.json", opts).verification_paths()
+    assert paths["lfw"].read_bytes() == b"pairs" and tmp_path / "cache" in paths["lfw"].parents
+    assert not paths["gone"].exists()  # reported missing by its callers, like a local one
