@@ -8,7 +8,7 @@ Rows:
   ``torch.utils.data.Dataset`` with PIL and a shuffling ``DataLoader`` (the usual setup);
 - ``PIL decode floor``: a bare loop decoding the JPEG bytes already in memory, one core:
   any PIL-based loader pays at least this per image and core;
-- ``synthetic``: in-memory tensors, no decode (what the loader contract costs by itself);
+- ``random_tensors``: in-memory tensors, no decode (what the loader contract costs by itself);
 - ``webdataset, HTTP`` and ``webdataset, S3``: the same shards streamed from loopback servers
   in processes of their own (``python -m http.server``; moto's S3 server, reached through
   ``AWS_ENDPOINT_URL`` as a user's S3 is): what streaming costs the loader beside local files
@@ -225,8 +225,8 @@ def main() -> None:
                 for kind in ("webdataset", "dali") for w in (1, 2)]
         runs += [("image folder + PIL + DataLoader", w,
                   lambda w=w: folder_rate(folder, w, b, r)) for w in (1, 2)]
-        runs += [("synthetic loader (no decode)", 0,
-                  lambda: loader_rate("synthetic", manifest, 0, b, r))]
+        runs += [("random_tensors loader (no decode)", 0,
+                  lambda: loader_rate("random_tensors", manifest, 0, b, r))]
         with contextlib.ExitStack() as servers:
             if not args.no_remote:
                 for name, url in servers.enter_context(remote_copies(Path(manifest.root))):

@@ -74,8 +74,9 @@ def _check_launch(cfg, spec: LaunchSpec) -> None:
     classes = cfg.data.num_classes
     # (A remote manifest is read by the training processes; its class count is checked there.)
     if classes is None and cfg.data.manifest and Path(cfg.data.manifest).exists():
-        from data_pipeline.manifest import Manifest
-        classes = Manifest.load(cfg.data.manifest).num_classes
+        from data_pipeline.rec_dataset import open_dataset
+        # A .rec without header or property file would need every label read: not checked here.
+        classes = open_dataset(cfg.data.manifest, scan_labels=False).num_classes
     if classes is not None and classes < world:
         raise UsageError(f"{world} processes ({spec.nproc_per_node} per node x {spec.nnodes} nodes) but only "
                          f"{classes} classes: every rank must hold at least one class of the classifier")

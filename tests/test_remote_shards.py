@@ -218,7 +218,7 @@ def test_train_config_reads_a_remote_manifest(dataset):
     with http_server(dataset) as server:
         cfg = TrainConfig.load("cpu_tiny", [f"data.manifest={server.url}/manifest.json", "data.retries=2",
                                             "data.retry_backoff_s=0", "data.storage_options={s3: {anon: true}}"])
-        m = load_manifest(cfg)
+        m = load_manifest(cfg.data)
     assert m.remote.storage_options == {"s3": {"anon": True}}
     assert m.num_samples == 15 and m.remote.retries == 2 and m.is_remote
 
