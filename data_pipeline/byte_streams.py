@@ -6,7 +6,7 @@ web URL (``s3://``, ``gs://``, ``http(s)://`` and anything else fsspec knows) or
 gcsfs), configured as their users configure them (``FSSPEC_S3``, ``AWS_ENDPOINT_URL`` and
 ``AWS_*`` credentials, ...), plus :class:`RemoteOptions.storage_options` per protocol.
 
-A connection that fails mid-stream is opened again at the byte after the last one handed on
+(Writing to object stores is in :mod:`data_pipeline.remote_writes`.) A connection that fails mid-stream is opened again at the byte after the last one handed on
 (``Range: bytes=pos-`` over HTTP; a seek for object stores; a server or command that can only
 start over is read from the start and the first ``pos`` bytes dropped), so a reader sees every
 byte exactly once. After ``retries`` failed attempts in a row the stream raises
@@ -128,12 +128,13 @@ class RemoteSetupError(RuntimeError):
 
 
 # Answers no retry will change: the object is not there, or we may not read it.
-_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 # botocore's missing-credentials errors are not OSErrors; retrying them only waits.
-_PERMANENT_NAMES = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
+PERMANENT_ERROR_NAMES = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
 
 
-def _describe(err: BaseException) -> str:
+def describe_error(err: BaseException) -> str:
+    """``Type: message`` of an exception, for one-line reports."""
     return f"{type(err).__name__}: {err}".strip().rstrip(":")
 
 
@@ -165,7 +166,8 @@ class _PipeFile:
                 s.close()
 
 
-def _filesystem(proto: str, options: RemoteOptions) -> Any:
+def filesystem(proto: str, options: RemoteOptions) -> Any:
+    """The fsspec file system of ``proto`` with its options; a missing client library is a clear error."""
     try:
         import fsspec
         return fsspec.filesystem(proto, **options.options_for(proto))
@@ -185,7 +187,7 @@ def _open_at(url: str, pos: int, options: RemoteOptions) -> tuple[Any, int, bool
     proto = protocol(url)
     if proto == "pipe":
         return _PipeFile(url[len("pipe:"):]), 0, False
-    fs = _filesystem(proto, options)
+    fs = filesystem(proto, options)
     if proto in ("http", "https"):
         # One streamed GET per shard (block_size=0), resumed with a Range request; ``size``
         # given so that fsspec does not send a HEAD first (a streamed file does not use it).
@@ -266,23 +268,23 @@ class ResumingReader(io.RawIOBase):
                 return action()
             except RemoteSetupError:
                 raise
-            except _PERMANENT as e:
+            except PERMANENT_ERRORS as e:
                 self._drop()
-                raise SourceUnreachable(self.url, _describe(e),
+                raise SourceUnreachable(self.url, describe_error(e),
                                         missing=isinstance(e, FileNotFoundError)) from e
             except Exception as e:  # noqa: BLE001 - network errors come in many types
                 self._drop()
-                if type(e).__name__ in _PERMANENT_NAMES:
-                    raise SourceUnreachable(self.url, f"{_describe(e)}: set the credentials (e.g. "
+                if type(e).__name__ in PERMANENT_ERROR_NAMES:
+                    raise SourceUnreachable(self.url, f"{describe_error(e)}: set the credentials (e.g. "
                                             "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)") from e
                 failures += 1
                 if failures > retries:
                     _dead_since[self.url] = time.monotonic()
                     raise SourceUnreachable(self.url, f"{failures} attempts in a row failed at byte "
-                                            f"{self.pos} (last: {_describe(e)})") from e
+                                            f"{self.pos} (last: {describe_error(e)})") from e
                 wait = self.options.delay(failures)
                 log.warning("reading %s failed at byte %d (%s); retry %d of %d in %.1f s",
-                            self.url, self.pos, _describe(e), failures, retries, wait)
+                            self.url, self.pos, describe_error(e), failures, retries, wait)
                 self.retried += 1
                 self._sleep(wait)
 
@@ -364,7 +366,7 @@ def exists(location: str | os.PathLike, options: RemoteOptions | None = None) ->
     if protocol(url) == "pipe":
         return True
     try:
-        return bool(_filesystem(protocol(url), options or DEFAULT_OPTIONS).exists(url))
+        return bool(filesystem(protocol(url), options or DEFAULT_OPTIONS).exists(url))
     except Exception:  # noqa: BLE001 - unreachable counts as absent here
         return False
 
@@ -376,7 +378,7 @@ def size(location: str | os.PathLike, options: RemoteOptions | None = None) -> i
     url = os.fspath(location)
     if protocol(url) == "pipe":
         return None
-    value = _filesystem(protocol(url), options or DEFAULT_OPTIONS).size(url)
+    value = filesystem(protocol(url), options or DEFAULT_OPTIONS).size(url)
     return int(value) if value is not None else None
 
 
@@ -387,74 +389,10 @@ def list_names(directory: str | os.PathLike, options: RemoteOptions | None = Non
         return sorted(c.name for c in p.iterdir()) if p.is_dir() else None
     url = os.fspath(directory)
     try:
-        entries = _filesystem(protocol(url), options or DEFAULT_OPTIONS).ls(url, detail=False)
+        entries = filesystem(protocol(url), options or DEFAULT_OPTIONS).ls(url, detail=False)
     except Exception:  # noqa: BLE001 - a server without listings
         return None
     return sorted(str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries)
-
-
-# -- writing ---------------------------------------------------------------------------------------
-
-def _with_retries(url: str, what: str, action: Callable[[], Any], options: RemoteOptions) -> Any:
-    failures = 0
-    while True:
-        try:
-            return action()
-        except RemoteSetupError:
-            raise
-        except _PERMANENT as e:
-            raise SourceUnreachable(url, f"{what}: {_describe(e)}") from e
-        except Exception as e:  # noqa: BLE001 - network errors come in many types
-            if type(e).__name__ in _PERMANENT_NAMES:
-                raise SourceUnreachable(url, f"{what}: {_describe(e)}") from e
-            failures += 1
-            if failures > options.retries:
-                raise SourceUnreachable(url, f"{what}: {failures} attempts failed "
-                                        f"(last: {_describe(e)})") from e
-            log.warning("%s %s failed (%s); retry %d of %d", what, url, _describe(e), failures,
-                        options.retries)
-            time.sleep(options.delay(failures))
-
-
-def _check_writable(url: str) -> str:
-    proto = protocol(url)
-    if proto in ("http", "https", "pipe"):
-        raise ValueError(f"cannot write to {url}: {proto} locations are read-only here; write to a "
-                         "local directory or an object store (s3://, gs://)")
-    return proto
-
-
-def put_file(local: str | os.PathLike, url: str, options: RemoteOptions | None = None) -> None:
-    """Upload a local file to ``url`` (an object appears whole or not at all on object stores)."""
-    options = options or DEFAULT_OPTIONS
-    fs = _filesystem(_check_writable(url), options)
-    _with_retries(url, "uploading to", lambda: fs.put_file(os.fspath(local), url), options)
-
-
-def write_bytes(url: str, data: bytes, options: RemoteOptions | None = None) -> None:
-    """Write ``data`` as the object ``url``."""
-    options = options or DEFAULT_OPTIONS
-    fs = _filesystem(_check_writable(url), options)
-    _with_retries(url, "writing", lambda: fs.pipe_file(url, data), options)
-
-
-def remove(url: str, options: RemoteOptions | None = None) -> None:
-    """Delete the object ``url`` if it exists."""
-    options = options or DEFAULT_OPTIONS
-    fs = _filesystem(_check_writable(url), options)
-    try:
-        fs.rm_file(url)
-    except FileNotFoundError:
-        pass
-
-
-def publish_dir(local_dir: str | os.PathLike, url: str, last: str,
-                options: RemoteOptions | None = None) -> None:
-    """Upload every file of ``local_dir`` to ``url``, the file named ``last`` after all others."""
-    root = Path(local_dir)
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.relative_to(root).as_posix() != last)
-    for p in files + ([root / last] if (root / last).is_file() else []):
-        put_file(p, join(url, p.relative_to(root).as_posix()), options)
 
 
 def download(location: str, dest: Path, options: RemoteOptions | None = None) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import byte_streams
+from . import byte_streams, remote_writes
 from .byte_streams import RemoteOptions, is_url
 
 FORMAT = "shardface-shards/1"
@@ -222,7 +222,7 @@ class Manifest:
             url = os.fspath(path)
             if not url.endswith(".json"):
                 url = byte_streams.join(url, MANIFEST_NAME)
-            byte_streams.write_bytes(url, (json.dumps(self.to_json(), indent=1) + "\n").encode("utf-8"),
+            remote_writes.write_bytes(url, (json.dumps(self.to_json(), indent=1) + "\n").encode("utf-8"),
                                      self.remote)
             self.root = byte_streams.parent(url)
             return url

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import byte_streams
+from . import byte_streams, remote_writes
 from .byte_streams import RemoteOptions, is_url
 from .manifest import MANIFEST_NAME, Manifest
 
@@ -30,11 +30,11 @@ def write_dataset_to(out: str | os.PathLike, write: Callable[[Path, ShardHook], 
     url = os.fspath(out).rstrip("/")
     remote = remote or RemoteOptions()
     manifest_url = byte_streams.join(url, MANIFEST_NAME)
-    byte_streams.remove(manifest_url, remote)  # also refuses read-only protocols up front
+    remote_writes.remove(manifest_url, remote)  # also refuses read-only protocols up front
     staging = Path(tempfile.mkdtemp(prefix="shardface-upload-"))
 
     def upload_shard(path: Path) -> None:
-        byte_streams.put_file(path, byte_streams.join(url, path.name), remote)
+        remote_writes.put_file(path, byte_streams.join(url, path.name), remote)
         path.unlink()
 
     try:
@@ -42,7 +42,7 @@ def write_dataset_to(out: str | os.PathLike, write: Callable[[Path, ShardHook], 
         rest = sorted(p for p in staging.rglob("*") if p.is_file() and not p.name.startswith(".")
                       and p.name != MANIFEST_NAME)
         for p in rest + [staging / MANIFEST_NAME]:
-            byte_streams.put_file(p, byte_streams.join(url, p.relative_to(staging).as_posix()), remote)
+            remote_writes.put_file(p, byte_streams.join(url, p.relative_to(staging).as_posix()), remote)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     manifest.root, manifest.remote = url, remote

@@ -177,7 +177,7 @@ def test_inspect_over_http(dataset, tmp_path):
 
 
 def test_convert_to_s3_writes_shards_then_the_manifest(tmp_path, monkeypatch, s3):
-    from data_pipeline import byte_streams
+    from data_pipeline import remote_writes
     from data_pipeline.convert import convert
     from PIL import Image
     folder = tmp_path / "faces"
@@ -190,8 +190,8 @@ def test_convert_to_s3_writes_shards_then_the_manifest(tmp_path, monkeypatch, s3
     staging = lambda: set(Path(tempfile.gettempdir()).glob("shardface-upload-*"))  # noqa: E731
     before = staging()
     uploads = []
-    real_put = byte_streams.put_file
-    monkeypatch.setattr(byte_streams, "put_file",
+    real_put = remote_writes.put_file
+    monkeypatch.setattr(remote_writes, "put_file",
                         lambda local, url, options=None: (uploads.append(url.rsplit("/", 1)[-1]),
                                                           real_put(local, url, options)))
     import fsspec
