@@ -294,3 +294,39 @@ def test_remote_verification_sets_are_fetched_into_the_cache(dataset, tmp_path):
         paths = Manifest.load(f"{server.url}/manifest.json", opts).verification_paths()
     assert paths["lfw"].read_bytes() == b"pairs" and tmp_path / "cache" in paths["lfw"].parents
     assert not paths["gone"].exists()  # reported missing by its callers, like a local one
+
+
+def test_synth_command_writes_to_s3_with_the_manifest_last(s3, monkeypatch):
+    import fsspec
+    from data_pipeline import remote_writes
+    from launch.cli import main as shardface
+    uploads = []
+    real_put = remote_writes.put_file
+    monkeypatch.setattr(remote_writes, "put_file",
+                        lambda local, url, options=None: (uploads.append(url.rsplit("/", 1)[-1]),
+                                                          real_put(local, url, options)))
+    fsspec.filesystem("s3").mkdir("synth-out")
+    assert shardface(["data", "synth", "--out", "s3://synth-out/tiny", "--identities", "3",
+                      "--images-per-identity", "2", "--heldout-identities", "2", "--pairs", "4",
+                      "--image-size", "32", "--samples-per-shard", "4", "--workers", "1"]) == 0
+    m = Manifest.load("s3://synth-out/tiny")
+    assert m.num_samples == 6 and len(m.shards) == 2 and uploads[-1] == "manifest.json"
+    assert set(uploads) >= {s.path for s in m.shards} | {"heldout.bin"}
+
+
+@pytest.mark.parametrize("ranges", [True, False])
+def test_seeking_forward_and_back(tmp_path, ranges):
+    blob = bytes(range(251)) * 40_000  # 10 MB, 251 so that offsets show in the bytes
+    (tmp_path / "big.bin").write_bytes(blob)
+    with http_server(tmp_path, ranges=ranges) as server:
+        with open_stream(f"{server.url}/big.bin", FAST) as f:
+            assert f.read(1000) == blob[:1000]
+            f.seek(3000, 1)  # a short skip: read past on the same connection
+            assert f.read(10) == blob[4000:4010]
+            f.seek(6_000_000)  # a long one: a new request from there (where Range works)
+            assert f.read(100) == blob[6_000_000:6_000_100]
+            f.seek(10)  # back: a new request
+            assert f.read(5) == blob[10:15] and f.tell() == 15
+    # The client asks the same either way; a server without Range answers from byte 0 and
+    # the client drops what comes before the position (the bytes above are right both ways).
+    assert [r for _, r in server.requests] == ["", "bytes=6000000-", "bytes=10-"]
