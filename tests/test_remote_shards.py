@@ -330,3 +330,16 @@ def test_seeking_forward_and_back(tmp_path, ranges):
     # The client asks the same either way; a server without Range answers from byte 0 and
     # the client drops what comes before the position (the bytes above are right both ways).
     assert [r for _, r in server.requests] == ["", "bytes=6000000-", "bytes=10-"]
+
+
+def test_a_shard_cut_on_every_attempt_counts_the_samples_after_the_cut(dataset):
+    name = "train-000002.tar"  # samples 9..14
+    cut = (dataset / name).stat().st_size // 2
+    with http_server(dataset) as server:
+        server.cuts[name] = [cut] * 100  # cut at the same byte every time
+        _, y, stats = epoch_labels(f"{server.url}/manifest.json", remote=RemoteOptions(retries=2, backoff_s=0))
+    read = set(y) & set(range(9, 15))
+    lost = stats[UNREACHABLE_SHARD]
+    # The samples before the cut are read once; the rest of the shard is counted as lost.
+    assert 0 < len(read) < 6 and lost == 6 - len(read) and sum(stats.values()) == lost
+    assert read == set(range(9, 9 + len(read))) and set(range(9)) <= set(y)
