@@ -8,7 +8,11 @@ Rows:
   ``torch.utils.data.Dataset`` with PIL and a shuffling ``DataLoader`` (the usual setup);
 - ``PIL decode floor``: a bare loop decoding the JPEG bytes already in memory, one core:
   any PIL-based loader pays at least this per image and core;
-- ``random_tensors``: in-memory tensors, no decode (what the loader contract costs by itself).
+- ``random_tensors``: in-memory tensors, no decode (what the loader contract costs by itself);
+- ``webdataset, HTTP`` and ``webdataset, S3``: the same shards streamed from loopback servers
+  in processes of their own (``python -m http.server``; moto's S3 server, reached through
+  ``AWS_ENDPOINT_URL`` as a user's S3 is): what streaming costs the loader beside local files
+  (the servers' own CPU time is not counted).
 
 Each row is the median of ``--repeats`` timed epochs after one untimed epoch (worker
 start-up, DALI index files and the page cache are warm). The data is rendered with
@@ -17,15 +21,19 @@ start-up, DALI index files and the page cache are warm). The data is rendered wi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import resource
+import socket
 import statistics
+import subprocess
 import sys
 import tarfile
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -143,6 +151,54 @@ def floor_rate(jpegs: list[bytes], repeats: int) -> tuple[float, float]:
     return median_rate(epoch, len(jpegs), repeats)
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _server(argv: list[str], port: int) -> Iterator[str]:
+    """A server process on 127.0.0.1:``port`` for the block; yields its base URL."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.1):
+                break
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextlib.contextmanager
+def remote_copies(shards: Path) -> Iterator[list[tuple[str, str]]]:
+    """``[(row name, manifest URL)]`` of the shard folder served over HTTP and S3 on loopback."""
+    port = _free_port()
+    with contextlib.ExitStack() as stack:
+        http = stack.enter_context(_server([sys.executable, "-m", "http.server", "--bind", "127.0.0.1",
+                                            "-d", str(shards), str(port)], port))
+        rows = [("webdataset loader, HTTP (loopback)", f"{http}/manifest.json")]
+        try:
+            import fsspec
+            s3_port = _free_port()
+            endpoint = stack.enter_context(_server([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+                                                    "-p", str(s3_port)], s3_port))
+        except ImportError:
+            print("moto or s3fs not installed: no S3 row", flush=True)
+        else:
+            os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                              AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+            fs = fsspec.filesystem("s3")
+            fs.mkdir("bench-shards")
+            for f in sorted(shards.iterdir()):
+                if f.is_file() and not f.name.startswith("."):
+                    fs.put_file(str(f), f"s3://bench-shards/{f.name}")
+            rows.append(("webdataset loader, S3 (moto, loopback)", "s3://bench-shards/manifest.json"))
+        yield rows
+
+
 def main() -> None:
     """Run the comparison, print the table and record it in bench/RESULTS.md."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -150,6 +206,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3, help="timed epochs per row (median)")
     p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    p.add_argument("--no-remote", action="store_true", help="skip the HTTP and S3 streaming rows")
     args = p.parse_args()
     torch.set_num_threads(1)
 
@@ -170,11 +227,15 @@ def main() -> None:
                   lambda w=w: folder_rate(folder, w, b, r)) for w in (1, 2)]
         runs += [("random_tensors loader (no decode)", 0,
                   lambda: loader_rate("random_tensors", manifest, 0, b, r))]
-        for name, workers, run in runs:
-            rate, cpu = run()
-            rows.append((name, str(workers), rate, cpu))
-            print(f"{name}, workers={workers}: {rate:,.0f} img/s, {cpu:.3f} CPU ms/img",
-                  flush=True)
+        with contextlib.ExitStack() as servers:
+            if not args.no_remote:
+                for name, url in servers.enter_context(remote_copies(Path(manifest.root))):
+                    runs += [(name, w, lambda u=url, w=w: loader_rate("webdataset", u, w, b, r)) for w in (1, 2)]
+            for name, workers, run in runs:
+                rate, cpu = run()
+                rows.append((name, str(workers), rate, cpu))
+                print(f"{name}, workers={workers}: {rate:,.0f} img/s, {cpu:.3f} CPU ms/img",
+                      flush=True)
 
     headers = ["loader", "workers", "images/s", "vs PIL floor", "CPU ms/img (all processes)"]
     table = markdown_table(headers, [[n, w, f"{r:,.0f}", f"{r / floor:.2f}x", f"{c:.3f}"]
@@ -191,7 +252,8 @@ def main() -> None:
             f"{args.batch_size}, one rank, exact epochs with random flip; median of "
             f"{args.repeats} timed epochs after a warm-up epoch. CPU ms/img sums the time of "
             "every process and thread involved, which other load on the machine changes far "
-            "less than images/s. Written by `bench/data_bench.py`.")
+            "less than images/s. The HTTP and S3 rows stream the same shards from loopback servers "
+            "(their own CPU time not counted). Written by `bench/data_bench.py`.")
     write_section("Data loaders", note + "\n\n" + table)
     print("\nwrote the 'Data loaders' section of bench/RESULTS.md")
 

@@ -35,7 +35,8 @@ from .manifest import atomic_write_bytes
 from .epoch_plan import (batches_per_rank, derive_seed, even_split, group_spans, last_batch_padding,
                          shard_order, spans_between, window_permutation)
 from .loader_base import Batch, Loader
-from .tar_reader import shard_refs
+from .shard_cache import stage_shards
+from .tar_reader import ShardRef, shard_refs
 
 log = logging.getLogger("shardface.data")
 VERIFY_MODES = ("header", "decode")
@@ -97,6 +98,7 @@ class DaliLoader(Loader):
         self.barrier, self.any_rank = barrier, any_rank
         self.index_workers = index_workers
         self.verify = verify
+        self._refs, self._stage_events = self._stage(shard_refs(manifest))
         self._indexes = self._build_indexes(decode=self._wants_decode())
 
     @property
@@ -107,9 +109,31 @@ class DaliLoader(Loader):
         return last_batch_padding(self.manifest.num_samples, self.world_size, self.batch_size,
                                   self.rank)
 
+    def _stage(self, refs: list[ShardRef]) -> tuple[list[ShardRef], list[BadSample]]:
+        """Remote shards copied into the bounded local cache (DALI reads local files only).
+
+        Local rank 0 of each node downloads while the others wait, then they look the copies up.
+        """
+        if not any(r.is_remote for r in refs):
+            return refs, []
+        leader = self.barrier is None or self.local_rank == 0
+        checksums = [s.sha256 for s in self.manifest.shards]
+        staged: tuple[list[ShardRef], list[BadSample]] | None = None
+        failure: BaseException | None = None
+        if leader:
+            try:
+                staged = stage_shards(refs, checksums, self.manifest.remote)
+            except Exception as e:  # noqa: BLE001 - raised after the barrier, so no rank waits for it
+                failure = e
+        if self.barrier is not None:
+            self.barrier()
+        if failure is not None:
+            raise failure
+        return staged or stage_shards(refs, checksums, self.manifest.remote, download=False)
+
     def _marker(self) -> Path:
         """The file that says a decode failure was met: the next start verifies every decode."""
-        return index_location(shard_refs(self.manifest)[0]).with_name(DECODE_MARKER)
+        return index_location(self._refs[0]).with_name(DECODE_MARKER)
 
     def _wants_decode(self) -> bool:
         """Decode every image while indexing?  Every rank gets the same answer (``any_rank``)."""
@@ -129,7 +153,7 @@ class DaliLoader(Loader):
         failure: BaseException | None = None
         if leader:
             try:
-                indexes = index_shards(shard_refs(self.manifest), self.num_classes,
+                indexes = index_shards(self._refs, self.num_classes,
                                        self.manifest.image_size, decode=decode, workers=self.index_workers)
             except Exception as e:  # noqa: BLE001 - raised after the barrier, so no rank waits for it
                 failure = e
@@ -140,7 +164,7 @@ class DaliLoader(Loader):
         if indexes is None:
             # Current files are only read; one that no local rank 0 wrote for this file system
             # (e.g. a launcher whose local ranks do not start at 0) is built by this rank.
-            indexes = index_shards(shard_refs(self.manifest), self.num_classes,
+            indexes = index_shards(self._refs, self.num_classes,
                                    self.manifest.image_size, decode=decode, workers=self.index_workers)
         if decode and self.local_rank == 0 and self._marker().is_file():
             self._marker().unlink(missing_ok=True)
@@ -148,7 +172,10 @@ class DaliLoader(Loader):
 
     def _build_indexes(self, decode: bool) -> list[ShardIndex]:
         indexes = self._index_all(decode)
-        events: list[BadSample] = [e for ix in indexes for e in ix.skipped]
+        # A shard that could not be staged is reported by staging (with its URL), not as a missing file.
+        failed = {e.shard for e in self._stage_events}
+        events: list[BadSample] = self._stage_events + [e for ix in indexes for e in ix.skipped
+                                                        if ix.shard.name not in failed]
         if events and self.strict:
             raise events[0].error()
         # Indexing sees the whole dataset once, so its skips are counted once, not per epoch.

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from . import byte_streams
 from .manifest import Manifest
 from .progress import Progress
 from .shards import LABEL_WIDTH, SHARD_PATTERN
@@ -57,7 +58,7 @@ class SampleProblem:
 class InspectReport:
     """What ``inspect_dataset`` found; ``ok`` is True when nothing is wrong."""
 
-    path: Path
+    path: Path | str
     manifest: Manifest
     verified: bool
     deep: bool
@@ -237,9 +238,15 @@ class _Checker:
         elif (h, w) != tuple(self.report.manifest.image_size):
             self.problem(shard, key, "wrong_size", f"{h}x{w}")
 
-    def shard(self, check: ShardCheck, path: Path, sha256: str) -> None:
+    def shard(self, check: ShardCheck, path: Path | str, sha256: str) -> None:
         count = 0
-        with open(path, "rb") as f:
+        try:
+            opened = byte_streams.open_stream(path, self.report.manifest.remote)
+        except byte_streams.SourceUnreachable as e:
+            check.status = "missing" if e.missing else "unreadable"
+            check.detail = e.detail
+            return
+        with opened as f:
             reader = _HashingReader(f)
             try:
                 # Streaming mode: one sequential pass, no seeking back.
@@ -274,7 +281,7 @@ class _Checker:
 def inspect_dataset(path: str | os.PathLike, verify: bool = True, deep: bool = False,
                     progress: bool = True) -> InspectReport:
     """Check a shard directory: shard files (always), checksums/counts/labels (``verify``),
-    JPEG decoding (``deep``, implies ``verify``)."""
+    JPEG decoding (``deep``, implies ``verify``). ``path`` may be a URL (``s3://``, ``http://``)."""
     manifest = Manifest.load(path)
     verify = verify or deep
     root = manifest.root
@@ -286,16 +293,19 @@ def inspect_dataset(path: str | os.PathLike, verify: bool = True, deep: bool = F
     for info, abs_path in zip(manifest.shards, manifest.shard_paths()):
         check = ShardCheck(info.path, info.num_samples)
         report.shards.append(check)
-        if not abs_path.is_file():
+        if not verify:
+            if not byte_streams.exists(abs_path, manifest.remote):
+                check.status = "missing"
+        elif not byte_streams.is_url(abs_path) and not Path(abs_path).is_file():
             check.status = "missing"
-        elif verify:
+        else:  # a remote shard is found missing (or unreachable) when it is opened
             checker.shard(check, abs_path, info.sha256)
     if verify:
         bar.close()
         report.classes_seen = checker.classes.count()
     listed = {s.path for s in manifest.shards}
-    report.leftovers = sorted(p.name for p in root.iterdir()
-                              if SHARD_PATTERN.match(p.name) and p.name not in listed)
+    names = byte_streams.list_names(root, manifest.remote) or []  # some servers cannot list
+    report.leftovers = sorted(n for n in names if SHARD_PATTERN.match(n) and n not in listed)
     report.missing_verification = sorted(name for name, p in manifest.verification_paths().items()
                                          if not p.is_file())
     return report

@@ -10,6 +10,7 @@ import warnings
 from typing import Any, Callable
 
 from .bad_data import REASONS, BadSampleError
+from .byte_streams import RemoteOptions, is_url
 from .kinds import LOADER_ALIASES, LOADER_KINDS, MODES, LoaderKind
 from .loader_base import Loader
 from .manifest import Manifest
@@ -26,9 +27,11 @@ def build_loader(kind: str, manifest: Manifest | str | os.PathLike | None, *, ra
                  strict: bool = False, device: str = "cpu", epoch_samples: int | None = None,
                  local_rank: int | None = None, barrier: Callable[[], None] | None = None,
                  any_rank: Callable[[bool], bool] | None = None, dali_verify: str = "header",
-                 **random_tensors: Any) -> Loader:
+                 remote: RemoteOptions | None = None, **random_tensors: Any) -> Loader:
     """A loader of ``kind`` over ``manifest`` (a :class:`Manifest`, its file or its directory).
 
+    The manifest and its shards may be URLs (``s3://``, ``gs://``, ``http(s)://``, ``pipe:``),
+    read as ``remote`` says (a loaded :class:`Manifest` carries its own).
     ``manifest`` may also be an insightface RecordIO ``train.rec`` (or its folder, or a
     :class:`~data_pipeline.rec_dataset.RecDataset`): ``kind="rec"`` reads it in Python,
     ``kind="dali"`` decodes it with DALI (see :mod:`data_pipeline.rec_loader`).
@@ -75,12 +78,12 @@ def build_loader(kind: str, manifest: Manifest | str | os.PathLike | None, *, ra
     if kind == "random_tensors":
         from .tensor_loader import RandomTensorLoader
         if manifest is not None:
-            m = _load(manifest)
+            m = _load(manifest, remote)
             random_tensors = {"num_samples": m.num_samples, "num_classes": m.num_classes,
                               "image_size": m.image_size, **random_tensors}
         return RandomTensorLoader(**common, **random_tensors)
 
-    m = _load(manifest)
+    m = _load(manifest, remote)
     if kind == "rec" or isinstance(m, RecDataset):
         from .rec_loader import build_rec_loader
         return build_rec_loader(kind, m, strict=strict, **common)
@@ -97,8 +100,16 @@ def build_loader(kind: str, manifest: Manifest | str | os.PathLike | None, *, ra
                       any_rank=any_rank, verify=dali_verify, **common)
 
 
-def _load(manifest: Manifest | RecDataset | str | os.PathLike | None) -> Manifest | RecDataset:
+def _load(manifest: Manifest | RecDataset | str | os.PathLike | None,
+          remote: RemoteOptions | None = None) -> Manifest | RecDataset:
     if manifest is None:
         raise ValueError("this loader needs a manifest (a Manifest, manifest.json or its "
                          "directory, or a RecordIO train.rec); only kind='random_tensors' runs without one")
-    return manifest if isinstance(manifest, (Manifest, RecDataset)) else open_dataset(manifest)
+    if isinstance(manifest, (Manifest, RecDataset)):
+        return manifest
+    if is_url(manifest):
+        return Manifest.load(manifest, remote)
+    m = open_dataset(manifest)
+    if isinstance(m, Manifest) and remote is not None:
+        m.remote = remote
+    return m

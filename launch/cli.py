@@ -30,7 +30,10 @@ def _cmd_data_synth(a: argparse.Namespace) -> int:
                   image_size=a.image_size, difficulty=a.difficulty, seed=a.seed)
     # Options left unset take the generator's own defaults.
     cfg = SynthConfig(**{k: v for k, v in chosen.items() if v is not None})
-    manifest = make_synthetic_dataset(cfg, a.out, samples_per_shard=a.samples_per_shard, workers=a.workers)
+    from data_pipeline.remote_output import write_dataset_to
+    # To a URL: written into a local staging folder, then uploaded (the manifest last).
+    manifest = write_dataset_to(a.out, lambda out, _: make_synthetic_dataset(
+        cfg, out, samples_per_shard=a.samples_per_shard, workers=a.workers))
     print(f"wrote {manifest.num_samples} images of {manifest.num_classes} identities in "
           f"{len(manifest.shards)} shards to {a.out} (held-out pairs and contact_sheet.png beside them)")
     return 0
@@ -69,6 +72,7 @@ def _check_launch(cfg, spec: LaunchSpec) -> None:
                              "(or device=auto), or install a CUDA build of torch")
     world = spec.nproc_per_node * spec.nnodes
     classes = cfg.data.num_classes
+    # (A remote manifest is read by the training processes; its class count is checked there.)
     if classes is None and cfg.data.manifest and Path(cfg.data.manifest).exists():
         from data_pipeline.rec_dataset import open_dataset
         # A .rec without header or property file would need every label read: not checked here.
@@ -189,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="make, convert and check WebDataset shards").add_subparsers(
         dest="data_command", required=True, metavar="DATA_COMMAND")
     s = data.add_parser("synth", help="generate synthetic faces: training shards + held-out pairs")
-    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--out", required=True, help="output directory or URL (s3://bucket/prefix, gs://...)")
     s.add_argument("--identities", type=int, default=1000, help="training identities")
     s.add_argument("--images-per-identity", type=int, default=20)
     s.add_argument("--heldout-identities", type=int, default=200, help="identities never seen in training")
@@ -203,13 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     c = data.add_parser("convert", help="insightface .rec/.idx or an image folder → shards")
     c.add_argument("--from", dest="source", choices=["recordio", "folder"], required=True)
     c.add_argument("src", help="train.rec (with train.idx beside it) or a folder root/<identity>/<image>")
-    c.add_argument("--out", required=True)
+    c.add_argument("--out", required=True, help="output directory or URL (s3://bucket/prefix, gs://...): "
+                   "shards are uploaded as they are written, the manifest last")
     c.add_argument("--samples-per-shard", type=int, default=10000)
     c.add_argument("--seed", type=int, default=0, help="seed of the global shuffle")
     c.add_argument("--workers", type=int, default=1)
     c.set_defaults(func=_cmd_data_convert)
     i = data.add_parser("inspect", help="summarise a manifest and check its shards")
-    i.add_argument("path", help="dataset directory or manifest.json")
+    i.add_argument("path", help="dataset directory or manifest.json, local or a URL (http(s)://, s3://, gs://)")
     i.add_argument("--deep", action="store_true", help="also decode every JPEG")
     i.add_argument("--no-verify", action="store_true", help="skip checksums")
     i.set_defaults(func=_cmd_data_inspect)

@@ -83,6 +83,10 @@ def load_manifest(data: DataConfig) -> Optional[Any]:
     """The dataset manifest, or None when the config names none (random tensors)."""
     if not data.manifest:
         return None
+    from data_pipeline.byte_streams import is_url
+    from data_pipeline.manifest import Manifest
+    if is_url(data.manifest):  # s3://, gs://, http(s)://: read through fsspec with retries
+        return Manifest.load(data.manifest, remote_options(data))
     from data_pipeline.rec_dataset import find_rec, open_dataset
     path = Path(data.manifest)
     if find_rec(path) is not None:  # insightface RecordIO, read directly
@@ -92,7 +96,17 @@ def load_manifest(data: DataConfig) -> Optional[Any]:
     if not path.is_file():
         raise FileNotFoundError(f"data.manifest={data.manifest!r} does not exist: give the manifest.json "
                                 "written by `shardface data synth|convert` (or its folder), or a train.rec")
-    return open_dataset(path)
+    manifest = open_dataset(path)
+    if isinstance(manifest, Manifest):  # its shards may be URLs
+        manifest.remote = remote_options(data)
+    return manifest
+
+
+def remote_options(d: DataConfig) -> Any:
+    """How remote manifests and shards are read (``data.retries``, ``data.storage_options``...)."""
+    from data_pipeline.byte_streams import RemoteOptions
+    return RemoteOptions(retries=d.retries, backoff_s=d.retry_backoff_s, storage_options=dict(d.storage_options),
+                         cache_dir=d.cache_dir, cache_gb=d.cache_gb)
 
 
 def build_data(d: DataConfig, ctx: DistContext, manifest: Optional[Any], seed: int) -> Any:

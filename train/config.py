@@ -54,7 +54,7 @@ class DataConfig(Section):
     ALIASES = {"loader": LOADER_ALIASES}
 
     manifest: str = ""
-    """Path of the dataset's manifest.json (data shards, class count, verification sets), or of an insightface train.rec (or its folder) to train from RecordIO directly."""
+    """Path or URL (s3://, gs://, http(s)://) of the dataset's manifest.json (data shards, class count, verification sets), or of an insightface train.rec (or its folder) to train from RecordIO directly."""
     loader: LoaderKind = "webdataset"
     """Loader kind: webdataset (tar shards, PIL), dali (NVIDIA DALI; shards or a .rec), rec (a .rec read in Python, PIL) or random_tensors (random in-memory images and labels; the former name synthetic is deprecated)."""
     batch_size: int = 128
@@ -71,6 +71,16 @@ class DataConfig(Section):
     """Random horizontal flip of training images."""
     strict: bool = False
     """Stop on an undecodable sample instead of skipping and counting it."""
+    retries: int = 5
+    """Remote data (URLs): failed attempts in a row, opening or reading, before a shard counts as unreachable (skipped and counted as unreachable_shard; an error with strict)."""
+    retry_backoff_s: float = 1.0
+    """Remote data: first wait before a retry, doubled after each failure (at most 30 s)."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """Remote data: fsspec client options per protocol, e.g. {s3: {endpoint_url: "http://host:9000"}}; credentials are best left to the client's own settings (AWS_* variables, ~/.aws)."""
+    cache_dir: str = ""
+    """Remote data: local folder for staged copies (loader=dali, verification sets); empty: ~/.cache/shardface/remote."""
+    cache_gb: float = 50.0
+    """Remote data: bound on the staged copies in cache_dir, in GiB (loader=dali refuses a remote dataset larger than this)."""
     dali_verify: Literal["header", "decode"] = "header"
     """loader=dali: what indexing checks per image, header (fast) or decode (every image decoded once with PIL)."""
     epoch_samples: Optional[int] = None
@@ -89,6 +99,14 @@ class DataConfig(Section):
         self.at_least("epoch_samples", 1)
         self.at_least("num_classes", 1)
         self.at_least("num_samples", 1)
+        self.at_least("retries", 0)
+        self.at_least("retry_backoff_s", 0.0)
+        if not self.cache_gb > 0:
+            raise ConfigError(f"data.cache_gb={self.cache_gb} must be positive (GiB of staged remote shards)")
+        if not isinstance(self.storage_options, dict) or \
+                not all(isinstance(v, dict) for v in self.storage_options.values()):
+            raise ConfigError(f"data.storage_options={self.storage_options!r} must map a protocol to its options, "
+                              "e.g. {s3: {endpoint_url: 'http://host:9000'}}")
         if self.epoch_samples is not None and self.mode == "exact":
             raise ConfigError(f"data.epoch_samples={self.epoch_samples} applies to data.mode=resampled only: "
                               "an exact epoch is the whole dataset; drop it or use data.mode=resampled")
