@@ -24,7 +24,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .augment import Augment
 from .bad_data import BadSample
+from .dali_augment import dali_augment
 from .dali_index import LABEL_WIDTH, ShardIndex, index_location, index_shards
 from .manifest import atomic_write_bytes
 from .epoch_plan import batches_per_rank, derive_seed, last_batch_padding, shard_order
@@ -64,7 +66,7 @@ class DaliLoader(Loader):
                  device: str, epoch_samples: int | None, local_rank: int | None = None,
                  barrier: Callable[[], None] | None = None, any_rank: Callable[[bool], bool] | None = None,
                  verify: str = "header",
-                 index_workers: int | None = None) -> None:
+                 index_workers: int | None = None, augment: Augment | None = None) -> None:
         _import_dali()
         if verify not in VERIFY_MODES:
             raise ValueError(f"verify={verify!r} is not one of {', '.join(VERIFY_MODES)}: 'header' checks "
@@ -84,6 +86,7 @@ class DaliLoader(Loader):
         self.manifest = manifest
         self.threads = max(1, workers)
         self.shuffle_buffer, self.flip, self.strict = shuffle_buffer, flip, strict
+        self.augment = augment or Augment()
         # Without a barrier every rank indexes for itself (one process, or ranks that cannot
         # meet): the writes are atomic, so ranks that race only repeat work.
         self.local_rank = rank if local_rank is None else local_rank
@@ -174,6 +177,9 @@ class DaliLoader(Loader):
                 name="reader")
             images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu",
                                        output_type=types.RGB)
+            if self.augment.active:
+                import nvidia.dali.math as dmath
+                images = dali_augment(images, self.augment, self.manifest.image_size, fn, types, dmath)
             mirror = fn.random.coin_flip(probability=0.5) if self.flip else 0
             # (x / 255 - 0.5) / 0.5 == (x - 127.5) / 127.5
             images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
+from .augment import Augment
 from .bad_data import REASONS, BadSampleError
 from .loader_base import MODES, Loader
 from .manifest import Manifest
@@ -23,7 +24,7 @@ def build_loader(kind: str, manifest: Manifest | str | os.PathLike | None, *, ra
                  strict: bool = False, device: str = "cpu", epoch_samples: int | None = None,
                  local_rank: int | None = None, barrier: Callable[[], None] | None = None,
                  any_rank: Callable[[bool], bool] | None = None, dali_verify: str = "header",
-                 **synthetic: Any) -> Loader:
+                 augment: Augment | None = None, **synthetic: Any) -> Loader:
     """A loader of ``kind`` over ``manifest`` (a :class:`Manifest`, its file or its directory).
 
     ``mode="resampled"``: ``epoch_samples`` (default: the manifest's count) samples per epoch
@@ -36,6 +37,9 @@ def build_loader(kind: str, manifest: Manifest | str | os.PathLike | None, *, ra
     node write the index files while the others wait; ``any_rank(flag)`` (a collective OR)
     makes the ranks agree on ``dali_verify`` (``header`` or ``decode``, see
     :mod:`data_pipeline.dali_loader`).
+
+    ``augment`` (webdataset and DALI): the per-sample transforms and their probabilities
+    (:class:`data_pipeline.augment.Augment`; None: none, only ``flip``).
     """
     if kind not in KINDS:
         raise ValueError(f"loader kind {kind!r} is unknown: choose one of {', '.join(KINDS)}")
@@ -77,10 +81,10 @@ def build_loader(kind: str, manifest: Manifest | str | os.PathLike | None, *, ra
                          f"{world_size}: an exact epoch needs at least one sample per rank")
     if kind == "webdataset":
         from .wds_loader import WebDatasetLoader
-        return WebDatasetLoader(m, shuffle_buffer=shuffle_buffer, strict=strict, **common)
+        return WebDatasetLoader(m, shuffle_buffer=shuffle_buffer, strict=strict, augment=augment, **common)
     from .dali_loader import DaliLoader
     return DaliLoader(m, shuffle_buffer=shuffle_buffer, strict=strict, local_rank=local_rank, barrier=barrier,
-                      any_rank=any_rank, verify=dali_verify, **common)
+                      any_rank=any_rank, verify=dali_verify, augment=augment, **common)
 
 
 def _load(manifest: Manifest | str | os.PathLike | None) -> Manifest:

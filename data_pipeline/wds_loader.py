@@ -1,7 +1,7 @@
 """WebDataset shards through a torch DataLoader: PIL decode in worker processes."""
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -9,7 +9,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from train.faults import worker_switch
 
-from .bad_data import BadSample, SkipLog, decode_jpeg, log
+from .augment import Augment, SampleTransform
+from .bad_data import BadSample, SkipLog, log
+from .decode import decode_into, default_decoder
 from .epoch_plan import batches_per_rank, derive_seed, last_batch_padding, worker_batches
 from .loader_base import Batch, Loader, to_model_input
 from .sample_streams import exact_stream, resampled_stream
@@ -19,6 +21,8 @@ MAX_WORKER_RESTARTS = 3
 """Loader-worker deaths per epoch recovered inside the rank before the error is raised."""
 
 FLIP_TAG = 0x464C
+Transform = Callable[..., np.ndarray]
+"""``transform(image, *, epoch, shard, key)``: a decoded uint8 ``[H, W, 3]`` sample, changed or not."""
 WORKERS_TAG = 0x574B
 
 
@@ -28,13 +32,15 @@ class _RankEpoch(IterableDataset):
     def __init__(self, shards: list[ShardRef], *, num_classes: int, image_size: tuple[int, int],
                  mode: str, seed: int, epoch: int, rank: int, world_size: int, batch_size: int,
                  num_batches: int, workers: int, start: int, buffer_size: int, flip: bool,
-                 strict: bool) -> None:
+                 strict: bool, transform: Transform | None = None, decoder: str = "pil") -> None:
         super().__init__()
         self.shards, self.num_classes, self.image_size = shards, num_classes, image_size
         self.mode, self.seed, self.epoch = mode, seed, epoch
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.num_batches, self.workers, self.start = num_batches, workers, start
         self.buffer_size, self.flip, self.strict = buffer_size, flip, strict
+        # The per-sample hook, decode -> transform -> batch slot (None: images as decoded).
+        self.transform, self.decoder = transform, decoder
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, list[BadSample]]]:
         """Yields ``(uint8 images [B, H, W, 3], labels, batch index, skip events)``."""
@@ -64,33 +70,44 @@ class _RankEpoch(IterableDataset):
 
     def _decode(self, chunk: list[RawSample], stream: Iterator[RawSample], j: int,
                 log: SkipLog) -> tuple[torch.Tensor, torch.Tensor]:
-        arrays: list[np.ndarray] = []
-        labels: list[int] = []
+        h, w = self.image_size
+        images = torch.empty((self.batch_size, h, w, 3), dtype=torch.uint8)
+        if get_worker_info() is not None:
+            # Decoded straight into shared memory: handing the batch to the training
+            # process then moves a handle, not another copy of the pixels.
+            images.share_memory_()
+        out = images.numpy()
+        labels = np.empty(self.batch_size, dtype=np.int64)
+        good = 0
         for sample in chunk:
-            self._add(sample, arrays, labels, log)
-        while not arrays:
+            good += self._add(sample, out[good], labels, good, log)
+        while not good:
             # A batch made only of undecodable images: read on until one decodes.
-            self._add(next(stream), arrays, labels, log)
-        good = len(arrays)
+            good += self._add(next(stream), out[0], labels, 0, log)
         # Slots of undecodable images take repeats of the batch's good ones, so that the
         # batch keeps its size and the samples after it stay where a resume expects them.
-        for k in range(self.batch_size - good):
-            arrays.append(arrays[k % good])
-            labels.append(labels[k % good])
+        for k in range(good, self.batch_size):
+            out[k] = out[k % good]
+            labels[k] = labels[k % good]
         if self.flip:
             rng = np.random.default_rng(derive_seed(self.seed, self.epoch, self.rank, j, FLIP_TAG))
             flips = rng.random(self.batch_size) < 0.5
-            arrays = [a[:, ::-1] if f else a for a, f in zip(arrays, flips)]
-        return torch.from_numpy(np.stack(arrays)), torch.tensor(labels, dtype=torch.int64)
+            out[flips] = out[flips, :, ::-1]
+        return images, torch.from_numpy(labels)
 
-    def _add(self, sample: RawSample, arrays: list[np.ndarray], labels: list[int],
-             log: SkipLog) -> None:
-        decoded = decode_jpeg(sample.jpg, self.image_size)
-        if isinstance(decoded, tuple):
-            log.add(BadSample(decoded[0], sample.shard, sample.key, decoded[1]))
-        else:
-            arrays.append(decoded)
-            labels.append(sample.label)
+    def _add(self, sample: RawSample, slot: np.ndarray, labels: np.ndarray, k: int,
+             log: SkipLog) -> int:
+        """Decode ``sample`` into ``slot`` (and its label at ``labels[k]``): 1, or 0 if it is bad."""
+        bad = decode_into(sample.jpg, slot, self.decoder)
+        if bad is not None:
+            log.add(BadSample(bad[0], sample.shard, sample.key, bad[1]))
+            return 0
+        if self.transform is not None:
+            augmented = self.transform(slot, epoch=self.epoch, shard=sample.shard, key=sample.key)
+            if augmented is not slot:
+                slot[...] = augmented
+        labels[k] = sample.label
+        return 1
 
 
 class WebDatasetLoader(Loader):
@@ -100,7 +117,8 @@ class WebDatasetLoader(Loader):
 
     def __init__(self, manifest, *, rank: int, world_size: int, batch_size: int, workers: int,
                  seed: int, mode: str, shuffle_buffer: int, flip: bool, strict: bool,
-                 device: str, epoch_samples: int | None) -> None:
+                 device: str, epoch_samples: int | None, augment: Augment | None = None,
+                 decoder: str | None = None) -> None:
         num_batches = batches_per_rank(mode, manifest.num_samples, world_size, batch_size, epoch_samples)
         super().__init__(num_classes=manifest.num_classes, num_batches=num_batches, rank=rank,
                          world_size=world_size, batch_size=batch_size, seed=seed, mode=mode,
@@ -110,6 +128,9 @@ class WebDatasetLoader(Loader):
         self.shards = shard_refs(manifest)
         self.workers, self.shuffle_buffer = workers, shuffle_buffer
         self.flip, self.strict, self.device = flip, strict, torch.device(device)
+        self.augment = augment or Augment()
+        self.transform = SampleTransform(self.augment, seed) if self.augment.active else None
+        self.decoder = decoder or default_decoder()
 
     @property
     def last_batch_padding(self) -> int:
@@ -146,7 +167,7 @@ class WebDatasetLoader(Loader):
             mode=self.mode, seed=self.seed, epoch=epoch, rank=self.rank,
             world_size=self.world_size, batch_size=self.batch_size, num_batches=len(self),
             workers=max(1, self.workers), start=start, buffer_size=self.shuffle_buffer,
-            flip=self.flip, strict=self.strict)
+            flip=self.flip, strict=self.strict, transform=self.transform, decoder=self.decoder)
         cuda = self.device.type == "cuda"
         if self.workers == 0:
             source = iter(dataset)

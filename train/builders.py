@@ -101,6 +101,9 @@ def build_data(cfg: TrainConfig, ctx: DistContext, manifest: Optional[Any]) -> A
                                   workers=d.workers, seed=cfg.seed, mode=d.mode, shuffle_buffer=d.shuffle_buffer,
                                   flip=d.flip, strict=d.strict, device=str(ctx.device),
                                   epoch_samples=d.epoch_samples)
+    if d.loader in ("webdataset", "dali"):
+        from data_pipeline.augment import Augment
+        kwargs["augment"] = Augment.from_config(d)
     if d.loader == "dali":
         # Index files are written once per node (local rank 0) while the other ranks wait.
         kwargs.update(local_rank=ctx.local_rank, barrier=ctx.barrier, any_rank=ctx.any_rank,

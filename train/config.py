@@ -52,6 +52,18 @@ class DataConfig:
     """Samples held in the shuffle buffer of the webdataset loader."""
     flip: bool = True
     """Random horizontal flip of training images."""
+    aug_crop: float = 0.0
+    """Probability per sample of a random resized crop (64-100% of the area, aspect 3/4-4/3, resized back); 0: off."""
+    aug_lowres: float = 0.0
+    """Probability per sample of a low-resolution resize (down to 50-80% of the side and back up, as insightface's dali_aug); 0: off."""
+    aug_blur: float = 0.0
+    """Probability per sample of a Gaussian blur (sigma 0.5-1.5 px); 0: off."""
+    aug_color: float = 0.0
+    """Probability per sample of a brightness, contrast and saturation jitter (each factor 0.8-1.2); 0: off."""
+    aug_gray: float = 0.0
+    """Probability per sample of conversion to grayscale (BT.601 luma in all three channels); 0: off."""
+    aug_erase: float = 0.0
+    """Probability per sample of random erasing: a mid-gray rectangle over 2-20% of the area (occlusion); 0: off."""
     strict: bool = False
     """Stop on an undecodable sample instead of skipping and counting it."""
     dali_verify: str = "header"

@@ -37,6 +37,10 @@ def check_config(cfg: "TrainConfig") -> None:
     _at_least("data.epoch_samples", d.epoch_samples, 1)
     _at_least("data.num_classes", d.num_classes, 1)
     _at_least("data.num_samples", d.num_samples, 1)
+    for name in ("crop", "lowres", "blur", "color", "gray", "erase"):
+        prob = getattr(d, f"aug_{name}")
+        if not 0.0 <= prob <= 1.0:
+            raise ConfigError(f"data.aug_{name}={prob} is not a probability in [0, 1] (0 turns it off)")
     if not d.manifest and d.loader == "synthetic" and (d.num_classes is None or d.num_samples is None):
         raise ConfigError("data.loader=synthetic without data.manifest needs data.num_classes and data.num_samples "
                           f"(got {d.num_classes} and {d.num_samples})")
