@@ -3,11 +3,13 @@
 Rows:
 
 - ``webdataset`` and ``dali`` (CPU decode): ``build_loader(..., mode="exact")`` over the
-  shards, one rank, random flip on: what training gets;
+  shards, one rank, random flip on: what training gets (the webdataset loader decodes with
+  simplejpeg where it is installed; the ``PIL decode`` row forces PIL);
 - ``image folder``: the same JPEGs as files ``root/<label>/<key>.jpg`` read by a plain
   ``torch.utils.data.Dataset`` with PIL and a shuffling ``DataLoader`` (the usual setup);
 - ``PIL decode floor``: a bare loop decoding the JPEG bytes already in memory, one core:
-  any PIL-based loader pays at least this per image and core;
+  any PIL-based loader pays at least this per image and core; ``simplejpeg decode floor``:
+  the same with simplejpeg (into a reused array);
 - ``synthetic``: in-memory tensors, no decode (what the loader contract costs by itself).
 
 Each row is the median of ``--repeats`` timed epochs after one untimed epoch (worker
@@ -66,7 +68,7 @@ def make_data(root: Path, images: int) -> tuple[Manifest, list[bytes], Path]:
                       images_per_identity=per_identity, heldout_identities=0, heldout_pairs=0,
                       image_size=(112, 112))
     manifest = write_shards(SyntheticFaces(cfg), root / "shards", samples_per_shard=500,
-                            workers=2, progress=True)
+                            workers=1, progress=True)
     folder = root / "folder"
     jpegs: list[bytes] = []
     for path in manifest.shard_paths():
@@ -84,12 +86,36 @@ def make_data(root: Path, images: int) -> tuple[Manifest, list[bytes], Path]:
     return manifest, jpegs, folder
 
 
+def _live_descendants_seconds() -> float:
+    """CPU seconds of this process's descendants still running (Linux ``/proc``; else 0)."""
+    parent: dict[int, int] = {}
+    times: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        parent[int(entry)] = int(fields[1])
+        times[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    ours, total = {os.getpid()}, 0.0
+    for pid in sorted(parent):  # children have larger pids, except after pid wrap-around
+        if parent[pid] in ours:
+            ours.add(pid)
+            total += times[pid]
+    return total
+
+
 def _cpu_seconds() -> float:
-    # Loader worker processes are reaped at the end of each epoch, so their time is in
-    # RUSAGE_CHILDREN by then; DALI's threads are in RUSAGE_SELF.
+    # Loader workers that ended are in RUSAGE_CHILDREN once reaped; workers still alive
+    # (reaped later, or kept across epochs) are read from /proc; DALI's threads are in
+    # RUSAGE_SELF.
     own = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime + _live_descendants_seconds()
 
 
 def median_rate(epoch, count: int, repeats: int) -> tuple[float, float]:
@@ -108,11 +134,13 @@ def median_rate(epoch, count: int, repeats: int) -> tuple[float, float]:
     return count / statistics.median(times), 1e3 * statistics.median(cpu) / count
 
 
-def loader_rate(kind: str, manifest, workers: int, batch: int, repeats: int
-                ) -> tuple[float, float]:
+def loader_rate(kind: str, manifest, workers: int, batch: int, repeats: int,
+                decoder: str | None = None) -> tuple[float, float]:
     """images/s of one exact epoch of ``build_loader(kind, ...)`` on one rank."""
     loader = build_loader(kind, manifest, rank=0, world_size=1, batch_size=batch, workers=workers,
                           mode="exact")
+    if decoder is not None:
+        loader.decoder = decoder
 
     def epoch() -> None:
         for _ in loader:
@@ -143,6 +171,21 @@ def floor_rate(jpegs: list[bytes], repeats: int) -> tuple[float, float]:
     return median_rate(epoch, len(jpegs), repeats)
 
 
+def simplejpeg_floor_rate(jpegs: list[bytes], repeats: int) -> tuple[float, float] | None:
+    """images/s of a bare simplejpeg decode loop into one reused array (None: not installed)."""
+    try:
+        import simplejpeg
+    except ImportError:
+        return None
+    out = np.empty((112, 112, 3), np.uint8)
+
+    def epoch() -> None:
+        for data in jpegs:
+            simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out)
+
+    return median_rate(epoch, len(jpegs), repeats)
+
+
 def main() -> None:
     """Run the comparison, print the table and record it in bench/RESULTS.md."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -163,9 +206,14 @@ def main() -> None:
         rows: list[tuple[str, str, float, float]] = [
             ("PIL decode floor (bytes in memory)", "1 (loop)", floor, floor_cpu)]
         print(f"PIL decode floor: {floor:,.0f} img/s, {floor_cpu:.3f} CPU ms/img", flush=True)
+        fast = simplejpeg_floor_rate(jpegs, args.repeats)
+        if fast is not None:
+            rows.append(("simplejpeg decode floor (bytes in memory)", "1 (loop)", *fast))
         b, r = args.batch_size, args.repeats
         runs = [(f"{kind} loader", w, lambda k=kind, w=w: loader_rate(k, manifest, w, b, r))
                 for kind in ("webdataset", "dali") for w in (1, 2)]
+        runs += [("webdataset loader, PIL decode", w,
+                  lambda w=w: loader_rate("webdataset", manifest, w, b, r, decoder="pil")) for w in (1, 2)]
         runs += [("image folder + PIL + DataLoader", w,
                   lambda w=w: folder_rate(folder, w, b, r)) for w in (1, 2)]
         runs += [("synthetic loader (no decode)", 0,
