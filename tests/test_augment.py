@@ -276,3 +276,32 @@ def test_dali_augmentation_is_deterministic_for_the_seed_and_thread_count(datase
     assert all(np.array_equal(a[i], b[i]) for i in range(N))
     c = by_label(dali(dataset, threads=1, **aug), e=1)
     assert sum(not np.array_equal(a[i], c[i]) for i in range(N)) > N // 4
+
+
+def test_figure_has_a_row_per_transform_and_shows_them(tmp_path):
+    from data_pipeline.augment_figure import augment_grid, main
+    sheet = np.asarray(augment_grid(faces=2, label_width=10, gap=0))
+    rows = 2 + len(NAMES)  # decoded, one per transform, all mixed
+    assert sheet.shape == (rows * 112, 10 + 2 * 112, 3)
+    tiles = [sheet[r * 112:(r + 1) * 112, 10:122] for r in range(rows)]
+    assert all(not np.array_equal(tiles[0], t) for t in tiles[1:-1])
+    main([str(tmp_path / "a.png"), "--faces", "1"])
+    assert Image.open(tmp_path / "a.png").size == (90 + 114, rows * 114)
+
+
+def test_member_names_split_as_webdataset_does():
+    from webdataset.tariterators import base_plus_ext
+
+    from data_pipeline.tar_members import split_name
+    names = ["a.jpg", "d/a.jpg", "d/k.seg.png", "a/.b.c", "x/y/z.tar.gz", ".hidden", "noext", "a.",
+             "d.x/y.z", "d.x/yz", "", "/a.b", "a//b.c", "a/b/", "..a", "a/..b"]
+    assert [split_name(n) for n in names] == [base_plus_ext(n) for n in names]
+
+
+def test_config_switches_reach_the_loader_settings_and_are_checked():
+    from train.config import ConfigError, TrainConfig
+    cfg = TrainConfig.load("cpu_tiny", ["data.aug_blur=0.25", "data.aug_erase=1"])
+    assert Augment.from_config(cfg.data) == Augment(blur=0.25, erase=1.0)
+    assert not Augment.from_config(TrainConfig.load("cpu_tiny").data).active
+    with pytest.raises(ConfigError, match=r"data.aug_gray=1.5 is not a probability in \[0, 1\]"):
+        TrainConfig.load("cpu_tiny", ["data.aug_gray=1.5"])
