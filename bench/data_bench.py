@@ -10,7 +10,7 @@ Rows:
 - ``PIL decode floor``: a bare loop decoding the JPEG bytes already in memory, one core:
   any PIL-based loader pays at least this per image and core; ``simplejpeg decode floor``:
   the same with simplejpeg (into a reused array);
-- ``synthetic``: in-memory tensors, no decode (what the loader contract costs by itself).
+- ``random_tensors``: in-memory tensors, no decode (what the loader contract costs by itself).
 
 Each row is the median of ``--repeats`` timed epochs after one untimed epoch (worker
 start-up, DALI index files and the page cache are warm). The data is rendered with
@@ -140,7 +140,7 @@ def loader_rate(kind: str, manifest, workers: int, batch: int, repeats: int,
     loader = build_loader(kind, manifest, rank=0, world_size=1, batch_size=batch, workers=workers,
                           mode="exact")
     if decoder is not None:
-        loader.decoder = decoder
+        loader.decoder = loader._dataset.decoder = decoder
 
     def epoch() -> None:
         for _ in loader:
@@ -218,8 +218,8 @@ def main() -> None:
                   lambda w=w: loader_rate("webdataset", manifest, w, b, r, decoder="pil")) for w in (1, 2)]
         runs += [("image folder + PIL + DataLoader", w,
                   lambda w=w: folder_rate(folder, w, b, r)) for w in (1, 2)]
-        runs += [("synthetic loader (no decode)", 0,
-                  lambda: loader_rate("synthetic", manifest, 0, b, r))]
+        runs += [("random_tensors loader (no decode)", 0,
+                  lambda: loader_rate("random_tensors", manifest, 0, b, r))]
         for name, workers, run in runs:
             rate, cpu = run()
             rows.append((name, str(workers), rate, cpu))

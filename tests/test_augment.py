@@ -303,5 +303,5 @@ def test_config_switches_reach_the_loader_settings_and_are_checked():
     cfg = TrainConfig.load("cpu_tiny", ["data.aug_blur=0.25", "data.aug_erase=1"])
     assert Augment.from_config(cfg.data) == Augment(blur=0.25, erase=1.0)
     assert not Augment.from_config(TrainConfig.load("cpu_tiny").data).active
-    with pytest.raises(ConfigError, match=r"data.aug_gray=1.5 is not a probability in \[0, 1\]"):
+    with pytest.raises(ConfigError, match=r"data.aug_gray=1.5 must be in \[0, 1\]: a probability"):
         TrainConfig.load("cpu_tiny", ["data.aug_gray=1.5"])
