@@ -269,14 +269,21 @@ class DaliLoader(Loader):
         _, _, _, DALIGenericIterator = _import_dali()
         folder = Path(tempfile.mkdtemp(prefix="shardface-dali-view-"))
         try:
-            pipe = self._pipeline(epoch, start, folder)
+            # Augmentation draws come from DALI's random ops, a sequence over the pipeline's
+            # batches: a resumed epoch augments as the uninterrupted one only if its pipeline
+            # starts at batch 0 too (the batches before the resume point are made and dropped).
+            first = 0 if self.augment.active else start
+            pipe = self._pipeline(epoch, first, folder)
             if start:
-                log.info("DALI loader: resuming epoch %d at batch %d of %d (reading from there)",
-                         epoch, start, len(self))
+                log.info("DALI loader: resuming epoch %d at batch %d of %d (%s)", epoch, start, len(self),
+                         "re-running the batches before it, for the augmentation draws" if first == 0
+                         else "reading from there")
             it = DALIGenericIterator([pipe], ["images", "cls"], size=-1, auto_reset=False)
             try:
-                for _ in range(start, len(self)):
+                for j in range(first, len(self)):
                     out = next(it)[0]
+                    if j < start:
+                        continue
                     labels = labels_from_digits(out["cls"].cpu()).to(self.device)
                     yield out["images"], labels
             finally:

@@ -305,3 +305,19 @@ def test_config_switches_reach_the_loader_settings_and_are_checked():
     assert not Augment.from_config(TrainConfig.load("cpu_tiny").data).active
     with pytest.raises(ConfigError, match=r"data.aug_gray=1.5 must be in \[0, 1\]: a probability"):
         TrainConfig.load("cpu_tiny", ["data.aug_gray=1.5"])
+
+
+def test_dali_resume_with_augmentation_gives_the_uninterrupted_batches(dataset):
+    aug = dict(crop=0.5, color=0.5, erase=0.5)
+    loader = dali(dataset, **aug)
+    whole = [(x.clone(), y.clone()) for x, y in loader]
+    loader = dali(dataset, **aug)
+    it = iter(loader)
+    next(it), next(it)
+    state = loader.state_dict()
+    again = dali(dataset, **aug)
+    again.load_state_dict(state)
+    rest = [(x.clone(), y.clone()) for x, y in again]
+    assert len(rest) == len(whole) - 2
+    for (a, la), (b, lb) in zip(whole[2:], rest):
+        assert torch.equal(la, lb) and torch.equal(a, b)
