@@ -20,6 +20,7 @@ import hashlib
 import math
 import random
 from dataclasses import dataclass, fields
+from typing import Protocol
 
 import numpy as np
 from PIL import Image
@@ -88,28 +89,43 @@ def sample_rng(seed: int, epoch: int, shard: str, key: str) -> random.Random:
     return random.Random(int.from_bytes(digest, "little"))
 
 
-def _log_uniform(rng: random.Random, lo: float, hi: float) -> float:
-    return math.exp(rng.uniform(math.log(lo), math.log(hi)))
+class Rng(Protocol):
+    """What the transforms draw from: ``random()`` in [0, 1) (``random.Random`` or numpy's ``Generator``)."""
+
+    def random(self) -> float: ...
 
 
-def crop_box(rng: random.Random, h: int, w: int) -> tuple[float, float, float, float]:
+def _uniform(rng: Rng, lo: float, hi: float) -> float:
+    return lo + (hi - lo) * float(rng.random())
+
+
+def _randint(rng: Rng, lo: int, hi: int) -> int:
+    """An integer in ``[lo, hi]``."""
+    return min(hi, lo + int(float(rng.random()) * (hi - lo + 1)))
+
+
+def _log_uniform(rng: Rng, lo: float, hi: float) -> float:
+    return math.exp(_uniform(rng, math.log(lo), math.log(hi)))
+
+
+def crop_box(rng: Rng, h: int, w: int) -> tuple[float, float, float, float]:
     """``(x0, y0, x1, y1)`` of a random resized crop inside an ``h x w`` image."""
-    area = rng.uniform(*CROP_AREA) * h * w
+    area = _uniform(rng, *CROP_AREA) * h * w
     ratio = _log_uniform(rng, *CROP_RATIO)
     cw = min(float(w), math.sqrt(area * ratio))
     ch = min(float(h), math.sqrt(area / ratio))
-    x0 = rng.uniform(0.0, w - cw)
-    y0 = rng.uniform(0.0, h - ch)
+    x0 = _uniform(rng, 0.0, w - cw)
+    y0 = _uniform(rng, 0.0, h - ch)
     return x0, y0, x0 + cw, y0 + ch
 
 
-def erase_box(rng: random.Random, h: int, w: int) -> tuple[int, int, int, int]:
+def erase_box(rng: Rng, h: int, w: int) -> tuple[int, int, int, int]:
     """``(y0, x0, eh, ew)`` of a random erasing rectangle inside an ``h x w`` image."""
-    area = rng.uniform(*ERASE_AREA) * h * w
+    area = _uniform(rng, *ERASE_AREA) * h * w
     ratio = _log_uniform(rng, *ERASE_RATIO)
     eh = min(h, max(1, round(math.sqrt(area * ratio))))
     ew = min(w, max(1, round(math.sqrt(area / ratio))))
-    return rng.randint(0, h - eh), rng.randint(0, w - ew), eh, ew
+    return _randint(rng, 0, h - eh), _randint(rng, 0, w - ew), eh, ew
 
 
 def gaussian_kernel(sigma: float) -> np.ndarray:
@@ -147,26 +163,33 @@ def _saturate(x: np.ndarray, factor: float) -> np.ndarray:
 class SampleTransform:
     """``transform(image, epoch=, shard=, key=)``: one decoded uint8 ``[H, W, 3]`` sample augmented.
 
-    Returns the input array itself when no transform fires, so switched-off augmentation
-    leaves every byte as decoded.
+    ``transform.apply(image, rng)`` does the same with the caller's generator (a loader whose
+    batches are a function of their index seeds one per batch slot). Either returns the input
+    array itself when no transform fires, so switched-off augmentation leaves every byte as
+    decoded.
     """
 
     def __init__(self, augment: Augment, seed: int) -> None:
         self.augment, self.seed = augment, seed
 
     def __call__(self, image: np.ndarray, *, epoch: int, shard: str, key: str) -> np.ndarray:
+        if not self.augment.active:
+            return image
+        return self.apply(image, sample_rng(self.seed, epoch, shard, key))
+
+    def apply(self, image: np.ndarray, rng: Rng) -> np.ndarray:
+        """``image`` augmented with the draws of ``rng``."""
         a = self.augment
         if not a.active:
             return image
-        rng = sample_rng(self.seed, epoch, shard, key)
         # Every draw is made whether or not its transform fires, so that switching one
         # transform on or off leaves the others' draws for a sample unchanged.
         draws = {f.name: rng.random() for f in fields(a)}
         h, w = image.shape[:2]
         box = crop_box(rng, h, w)
-        side = rng.uniform(*LOWRES_SIDE)
-        sigma = rng.uniform(*BLUR_SIGMA)
-        jitter = (rng.uniform(*BRIGHTNESS), rng.uniform(*CONTRAST), rng.uniform(*SATURATION))
+        side = _uniform(rng, *LOWRES_SIDE)
+        sigma = _uniform(rng, *BLUR_SIGMA)
+        jitter = (_uniform(rng, *BRIGHTNESS), _uniform(rng, *CONTRAST), _uniform(rng, *SATURATION))
         erase = erase_box(rng, h, w)
         fire = {name: draws[name] < getattr(a, name) for name in draws}
 

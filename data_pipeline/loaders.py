@@ -87,7 +87,7 @@ def build_loader(kind: str, manifest: Manifest | str | os.PathLike | None, *, ra
     m = _load(manifest)
     if kind == "rec" or isinstance(m, RecDataset):
         from .rec_loader import build_rec_loader
-        return build_rec_loader(kind, m, strict=strict, **common)
+        return build_rec_loader(kind, m, strict=strict, augment=augment, **common)
     if m.num_samples < 1 or not m.shards:
         raise ValueError(f"the manifest at {m.root} lists no samples: nothing to load")
     if mode == "exact" and m.num_samples < world_size:

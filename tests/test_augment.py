@@ -321,3 +321,23 @@ def test_dali_resume_with_augmentation_gives_the_uninterrupted_batches(dataset):
     assert len(rest) == len(whole) - 2
     for (a, la), (b, lb) in zip(whole[2:], rest):
         assert torch.equal(la, lb) and torch.equal(a, b)
+
+
+def test_rec_loader_takes_the_same_transforms_through_its_hook(tmp_path):
+    from data_pipeline.recordio import write_recordio
+    data = [(make_jpeg(i, SIZE), i % 4) for i in range(24)]
+    write_recordio(tmp_path / "train.rec", data, num_classes=4, label_arrays=True)
+    kw = dict(rank=0, world_size=1, batch_size=8, mode="exact", seed=3, flip=False)
+
+    def images(loader, e=0):
+        loader.set_epoch(e)
+        return np.concatenate([as_uint8(x) for x, _ in loader])
+
+    plain = images(build_loader("rec", tmp_path, workers=0, **kw))
+    gray = images(build_loader("rec", tmp_path, workers=0, augment=Augment(gray=0.5), **kw))
+    equal = [(g == g[..., :1]).all() for g in gray]
+    changed = [not np.array_equal(g, p) for g, p in zip(gray, plain)]
+    assert equal == changed and 4 < sum(equal) < 20
+    assert np.array_equal(images(build_loader("rec", tmp_path, workers=0, augment=Augment(gray=0.5), **kw)), gray)
+    with pytest.raises(ValueError, match="not available in the DALI reader of a .rec"):
+        build_loader("dali", tmp_path, workers=1, augment=Augment(blur=0.5), **kw)

@@ -102,7 +102,7 @@ def build_data(d: DataConfig, ctx: DistContext, manifest: Optional[Any], seed: i
                                   workers=d.workers, seed=seed, mode=d.mode, shuffle_buffer=d.shuffle_buffer,
                                   flip=d.flip, strict=d.strict, device=str(ctx.device),
                                   epoch_samples=d.epoch_samples)
-    if d.loader in ("webdataset", "dali"):
+    if d.loader in ("webdataset", "dali", "rec"):
         from data_pipeline.augment import Augment
         kwargs["augment"] = Augment.from_config(d)
     if d.loader == "dali":
