@@ -244,8 +244,8 @@ def main() -> None:
             "every process and thread involved, which other load on the machine changes far "
             "less than images/s; `CPU vs PIL floor` is its ratio to the PIL decode loop's. "
             "The webdataset loader decodes with simplejpeg where it is installed (the `PIL "
-            "decode` rows force PIL); its DataLoader workers start anew each epoch, and their "
-            "start-up is in the figures. Written by `bench/data_bench.py`.")
+            "decode` rows force PIL); its DataLoader workers live across epochs (started in "
+            "the warm-up epoch). Written by `bench/data_bench.py`.")
     write_section("Data loaders", note + "\n\n" + table)
     print("\nwrote the 'Data loaders' section of bench/RESULTS.md")
 
