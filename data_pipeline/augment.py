@@ -75,7 +75,7 @@ class Augment:
         return any(getattr(self, f.name) > 0 for f in fields(self))
 
     @classmethod
-    def from_config(cls, data_config) -> "Augment":
+    def from_config(cls, data_config) -> Augment:
         """From ``DataConfig``'s ``aug_*`` fields."""
         return cls(**{f.name: float(getattr(data_config, f"aug_{f.name}")) for f in fields(cls)})
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from shard_helpers import make_jpeg, write_dataset
 
 from data_pipeline import augment as A
 from data_pipeline.augment import Augment, SampleTransform
@@ -16,7 +17,6 @@ from data_pipeline.decode import decode_into
 from data_pipeline.epoch_plan import derive_seed
 from data_pipeline.loaders import build_loader
 from data_pipeline.wds_loader import FLIP_TAG
-from shard_helpers import make_jpeg, write_dataset
 
 SIZE = 32
 N = 48
@@ -201,7 +201,7 @@ def test_each_switch_changes_loader_output_at_its_rate(dataset, name):
 
 
 def test_loader_augmentation_is_the_same_for_any_worker_count_and_resume(dataset):
-    aug = dict(crop=0.5, blur=0.5, color=0.5, gray=0.3, erase=0.5, lowres=0.3)
+    aug = {"crop": 0.5, "blur": 0.5, "color": 0.5, "gray": 0.3, "erase": 0.5, "lowres": 0.3}
     one = by_label(wds(dataset, workers=0, **aug), e=2)
     two = by_label(wds(dataset, workers=2, **aug), e=2)
     assert sorted(one) == sorted(two) == list(range(N))
@@ -270,7 +270,7 @@ def test_dali_switches_change_the_samples_they_should(dataset):
 
 
 def test_dali_augmentation_is_deterministic_for_the_seed_and_thread_count(dataset):
-    aug = dict(crop=0.5, blur=0.5, color=0.5, erase=0.5)
+    aug = {"crop": 0.5, "blur": 0.5, "color": 0.5, "erase": 0.5}
     a = by_label(dali(dataset, threads=1, **aug))
     b = by_label(dali(dataset, threads=2, **aug))
     assert all(np.array_equal(a[i], b[i]) for i in range(N))
@@ -308,7 +308,7 @@ def test_config_switches_reach_the_loader_settings_and_are_checked():
 
 
 def test_dali_resume_with_augmentation_gives_the_uninterrupted_batches(dataset):
-    aug = dict(crop=0.5, color=0.5, erase=0.5)
+    aug = {"crop": 0.5, "color": 0.5, "erase": 0.5}
     loader = dali(dataset, **aug)
     whole = [(x.clone(), y.clone()) for x, y in loader]
     loader = dali(dataset, **aug)
@@ -327,7 +327,7 @@ def test_rec_loader_takes_the_same_transforms_through_its_hook(tmp_path):
     from data_pipeline.recordio import write_recordio
     data = [(make_jpeg(i, SIZE), i % 4) for i in range(24)]
     write_recordio(tmp_path / "train.rec", data, num_classes=4, label_arrays=True)
-    kw = dict(rank=0, world_size=1, batch_size=8, mode="exact", seed=3, flip=False)
+    kw = {"rank": 0, "world_size": 1, "batch_size": 8, "mode": "exact", "seed": 3, "flip": False}
 
     def images(loader, e=0):
         loader.set_epoch(e)
