@@ -3,8 +3,8 @@
 The set follows insightface's ``dali_aug`` (low-resolution resize, Gaussian blur, colour
 jitter, grayscale) plus a random resized crop and random erasing (occlusion). Every
 transform is off (probability 0) by default. The loaders decode an image and hand it to a
-:class:`SampleTransform` (``decode -> transform -> batch``); the DALI loader builds the
-same operations as DALI ops (:mod:`data_pipeline.dali_loader`) from the same constants.
+:class:`SampleTransform` (``decode -> transform -> batch``); the DALI loader runs the same
+operations as DALI ops (:mod:`data_pipeline.dali_augment`) with the same :class:`Draws`.
 
 Determinism: what happens to a sample is drawn from a generator seeded with
 ``(seed, epoch, shard name, sample key)``, so it depends neither on the order the samples
@@ -160,6 +160,18 @@ def _saturate(x: np.ndarray, factor: float) -> np.ndarray:
     return y[..., None] + factor * (x - y[..., None])
 
 
+@dataclass(frozen=True)
+class Draws:
+    """One sample's augmentation: which transforms fire and their parameters."""
+
+    fire: dict[str, bool]
+    box: tuple[float, float, float, float]  # crop (x0, y0, x1, y1) in pixels
+    side: float                             # low-resolution side fraction
+    sigma: float                            # blur sigma in pixels
+    jitter: tuple[float, float, float]      # brightness, contrast, saturation factors
+    erase: tuple[int, int, int, int]        # erased (y0, x0, height, width) in pixels
+
+
 class SampleTransform:
     """``transform(image, epoch=, shard=, key=)``: one decoded uint8 ``[H, W, 3]`` sample augmented.
 
@@ -177,21 +189,32 @@ class SampleTransform:
             return image
         return self.apply(image, sample_rng(self.seed, epoch, shard, key))
 
-    def apply(self, image: np.ndarray, rng: Rng) -> np.ndarray:
-        """``image`` augmented with the draws of ``rng``."""
-        a = self.augment
-        if not a.active:
-            return image
-        # Every draw is made whether or not its transform fires, so that switching one
-        # transform on or off leaves the others' draws for a sample unchanged.
-        draws = {f.name: rng.random() for f in fields(a)}
-        h, w = image.shape[:2]
+    def draw(self, rng: Rng, h: int, w: int) -> "Draws":
+        """What happens to one ``h x w`` sample: the draws of ``rng``, in a fixed order.
+
+        Every draw is made whether or not its transform fires, so that switching one
+        transform on or off leaves the others' draws for a sample unchanged.
+        """
+        coins = {f.name: rng.random() for f in fields(self.augment)}
         box = crop_box(rng, h, w)
         side = _uniform(rng, *LOWRES_SIDE)
         sigma = _uniform(rng, *BLUR_SIGMA)
         jitter = (_uniform(rng, *BRIGHTNESS), _uniform(rng, *CONTRAST), _uniform(rng, *SATURATION))
         erase = erase_box(rng, h, w)
-        fire = {name: draws[name] < getattr(a, name) for name in draws}
+        fire = {name: coins[name] < getattr(self.augment, name) for name in coins}
+        return Draws(fire, box, side, sigma, jitter, erase)
+
+    def draw_sample(self, *, epoch: int, shard: str, key: str, h: int, w: int) -> "Draws":
+        """:meth:`draw` with the generator of sample ``(shard, key)`` in ``epoch``."""
+        return self.draw(sample_rng(self.seed, epoch, shard, key), h, w)
+
+    def apply(self, image: np.ndarray, rng: Rng) -> np.ndarray:
+        """``image`` augmented with the draws of ``rng``."""
+        if not self.augment.active:
+            return image
+        h, w = image.shape[:2]
+        d = self.draw(rng, h, w)
+        fire, box, side, sigma, jitter, erase = d.fire, d.box, d.side, d.sigma, d.jitter, d.erase
 
         out = image
         if fire["crop"]:

@@ -29,14 +29,15 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from .augment import Augment
+from .augment import Augment, SampleTransform
 from .bad_data import BadSample
-from .dali_augment import dali_augment
+from .dali_augment import dali_augment, draw_inputs, needed_inputs
 from .dali_index import LABEL_WIDTH, ShardIndex, index_location, index_shards
 from .manifest import atomic_write_bytes
 from .epoch_plan import (batches_per_rank, derive_seed, even_split, group_spans, last_batch_padding,
                          shard_order, spans_between, window_permutation)
 from .loader_base import Batch, Loader
+from .tar_members import split_name
 from .tar_reader import shard_refs
 
 log = logging.getLogger("shardface.data")
@@ -231,12 +232,40 @@ class DaliLoader(Loader):
             k = run_end
         return paths, index_paths
 
+    def _draws_source(self, epoch: int, entries: list[tuple[int, int]], names: tuple[str, ...]
+                      ) -> Callable[[Any], list]:
+        """The ``external_source`` callback of the augmentation draws of each batch.
+
+        A sample's draws are the webdataset loader's: keyed by ``(seed, epoch, shard name,
+        sample key)``, the key read from the index line that lists the sample.
+        """
+        lines: dict[int, list[str]] = {}
+        keys: list[tuple[str, str]] = []
+        for shard, i in entries:
+            if shard not in lines:
+                lines[shard] = self._indexes[shard].index_path.read_text().splitlines()[1:]
+            tokens = lines[shard][i].split()
+            name = next(tokens[t + 3] for t in range(0, len(tokens), 4) if tokens[t] == "jpg")
+            keys.append((self._indexes[shard].shard.name, str(split_name(name)[0])))
+        transform = SampleTransform(self.augment, self.seed)
+        h, w = self.manifest.image_size
+        b = self.batch_size
+
+        def source(info: Any) -> list:
+            lo = info.iteration * b
+            draws = [transform.draw_sample(epoch=epoch, shard=shard, key=key, h=h, w=w)
+                     for shard, key in keys[lo:lo + b]]
+            return draw_inputs(draws, h, w, names)
+
+        return source
+
     def _pipeline(self, epoch: int, start: int, folder: Path) -> Any:
         fn, types, Pipeline, _ = _import_dali()
         gpu = self.device.type == "cuda"
         device_id = (self.device.index if self.device.index is not None
                      else torch.cuda.current_device()) if gpu else None
-        paths, index_paths = self._view_indexes(self._entries(epoch, start), folder)
+        entries = self._entries(epoch, start)
+        paths, index_paths = self._view_indexes(entries, folder)
         seed = derive_seed(self.seed, epoch, self.rank) % (2 ** 31)
         batch_size, rank = self.batch_size, self.rank
 
@@ -256,8 +285,11 @@ class DaliLoader(Loader):
             images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu",
                                        output_type=types.RGB)
             if self.augment.active:
-                import nvidia.dali.math as dmath
-                images = dali_augment(images, self.augment, self.manifest.image_size, fn, types, dmath)
+                names = needed_inputs(self.augment)
+                draws = fn.external_source(source=self._draws_source(epoch, entries, names),
+                                           num_outputs=len(names), batch=True, batch_info=True)
+                images = dali_augment(images, self.augment, self.manifest.image_size,
+                                      dict(zip(names, draws)), fn, types)
             mirror = fn.external_source(source=flips, batch=True, batch_info=True) if self.flip else 0
             # (x / 255 - 0.5) / 0.5 == (x - 127.5) / 127.5
             images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
@@ -269,21 +301,14 @@ class DaliLoader(Loader):
         _, _, _, DALIGenericIterator = _import_dali()
         folder = Path(tempfile.mkdtemp(prefix="shardface-dali-view-"))
         try:
-            # Augmentation draws come from DALI's random ops, a sequence over the pipeline's
-            # batches: a resumed epoch augments as the uninterrupted one only if its pipeline
-            # starts at batch 0 too (the batches before the resume point are made and dropped).
-            first = 0 if self.augment.active else start
-            pipe = self._pipeline(epoch, first, folder)
+            pipe = self._pipeline(epoch, start, folder)
             if start:
-                log.info("DALI loader: resuming epoch %d at batch %d of %d (%s)", epoch, start, len(self),
-                         "re-running the batches before it, for the augmentation draws" if first == 0
-                         else "reading from there")
+                log.info("DALI loader: resuming epoch %d at batch %d of %d (reading from there)",
+                         epoch, start, len(self))
             it = DALIGenericIterator([pipe], ["images", "cls"], size=-1, auto_reset=False)
             try:
-                for j in range(first, len(self)):
+                for _ in range(start, len(self)):
                     out = next(it)[0]
-                    if j < start:
-                        continue
                     labels = labels_from_digits(out["cls"].cpu()).to(self.device)
                     yield out["images"], labels
             finally:

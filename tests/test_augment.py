@@ -341,3 +341,20 @@ def test_rec_loader_takes_the_same_transforms_through_its_hook(tmp_path):
     assert np.array_equal(images(build_loader("rec", tmp_path, workers=0, augment=Augment(gray=0.5), **kw)), gray)
     with pytest.raises(ValueError, match="not available in the DALI reader of a .rec"):
         build_loader("dali", tmp_path, workers=1, augment=Augment(blur=0.5), **kw)
+
+
+def test_dali_and_webdataset_augment_the_same_samples_the_same_way(dataset):
+    # The draws are keyed by (seed, epoch, shard, key) in both loaders.
+    aug = {"gray": 0.5, "erase": 0.5}
+    w = by_label(wds(dataset, **aug), e=1)
+    d = by_label(dali(dataset, **aug), e=1)
+    plain = by_label(wds(dataset))
+    for i in range(N):
+        erased_w = (w[i] == A.ERASE_FILL).all(-1) & (plain[i] != A.ERASE_FILL).any(-1)
+        erased_d = (d[i] == A.ERASE_FILL).all(-1) & (plain[i] != A.ERASE_FILL).any(-1)
+        assert erased_w.any() == erased_d.any()
+        assert (erased_w != erased_d).sum() <= 2 * SIZE  # the same rectangle, up to a pixel row
+        gray_w = (np.abs(w[i].astype(int) - w[i][..., :1]) <= 1).all()
+        gray_d = (np.abs(d[i].astype(int) - d[i][..., :1]) <= 1).all()
+        assert gray_w == gray_d
+        assert np.abs(w[i].astype(int) - d[i]).mean() < 2
