@@ -189,7 +189,7 @@ class SampleTransform:
             return image
         return self.apply(image, sample_rng(self.seed, epoch, shard, key))
 
-    def draw(self, rng: Rng, h: int, w: int) -> "Draws":
+    def draw(self, rng: Rng, h: int, w: int) -> Draws:
         """What happens to one ``h x w`` sample: the draws of ``rng``, in a fixed order.
 
         Every draw is made whether or not its transform fires, so that switching one
@@ -204,7 +204,7 @@ class SampleTransform:
         fire = {name: coins[name] < getattr(self.augment, name) for name in coins}
         return Draws(fire, box, side, sigma, jitter, erase)
 
-    def draw_sample(self, *, epoch: int, shard: str, key: str, h: int, w: int) -> "Draws":
+    def draw_sample(self, *, epoch: int, shard: str, key: str, h: int, w: int) -> Draws:
         """:meth:`draw` with the generator of sample ``(shard, key)`` in ``epoch``."""
         return self.draw(sample_rng(self.seed, epoch, shard, key), h, w)
 
