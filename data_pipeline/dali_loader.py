@@ -29,13 +29,16 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from .augment import Augment, SampleTransform
 from .bad_data import BadSample
+from .dali_augment import dali_augment, draw_inputs, needed_inputs
 from .dali_index import LABEL_WIDTH, ShardIndex, index_location, index_shards
 from .manifest import atomic_write_bytes
 from .epoch_plan import (batches_per_rank, derive_seed, even_split, group_spans, last_batch_padding,
                          shard_order, spans_between, window_permutation)
 from .loader_base import Batch, Loader
 from .shard_cache import stage_shards
+from .tar_members import split_name
 from .tar_reader import ShardRef, shard_refs
 
 log = logging.getLogger("shardface.data")
@@ -72,7 +75,7 @@ class DaliLoader(Loader):
                  device: str, epoch_samples: int | None, local_rank: int | None = None,
                  barrier: Callable[[], None] | None = None, any_rank: Callable[[bool], bool] | None = None,
                  verify: str = "header",
-                 index_workers: int | None = None) -> None:
+                 index_workers: int | None = None, augment: Augment | None = None) -> None:
         _import_dali()
         if verify not in VERIFY_MODES:
             raise ValueError(f"verify={verify!r} is not one of {', '.join(VERIFY_MODES)}: 'header' checks "
@@ -92,6 +95,7 @@ class DaliLoader(Loader):
         self.manifest = manifest
         self.threads = max(1, workers)
         self.shuffle_buffer, self.flip, self.strict = shuffle_buffer, flip, strict
+        self.augment = augment or Augment()
         # Without a barrier every rank indexes for itself (one process, or ranks that cannot
         # meet): the writes are atomic, so ranks that race only repeat work.
         self.local_rank = rank if local_rank is None else local_rank
@@ -255,12 +259,40 @@ class DaliLoader(Loader):
             k = run_end
         return paths, index_paths
 
+    def _draws_source(self, epoch: int, entries: list[tuple[int, int]], names: tuple[str, ...]
+                      ) -> Callable[[Any], list]:
+        """The ``external_source`` callback of the augmentation draws of each batch.
+
+        A sample's draws are the webdataset loader's: keyed by ``(seed, epoch, shard name,
+        sample key)``, the key read from the index line that lists the sample.
+        """
+        lines: dict[int, list[str]] = {}
+        keys: list[tuple[str, str]] = []
+        for shard, i in entries:
+            if shard not in lines:
+                lines[shard] = self._indexes[shard].index_path.read_text().splitlines()[1:]
+            tokens = lines[shard][i].split()
+            name = next(tokens[t + 3] for t in range(0, len(tokens), 4) if tokens[t] == "jpg")
+            keys.append((self._indexes[shard].shard.name, str(split_name(name)[0])))
+        transform = SampleTransform(self.augment, self.seed)
+        h, w = self.manifest.image_size
+        b = self.batch_size
+
+        def source(info: Any) -> list:
+            lo = info.iteration * b
+            draws = [transform.draw_sample(epoch=epoch, shard=shard, key=key, h=h, w=w)
+                     for shard, key in keys[lo:lo + b]]
+            return draw_inputs(draws, h, w, names)
+
+        return source
+
     def _pipeline(self, epoch: int, start: int, folder: Path) -> Any:
         fn, types, Pipeline, _ = _import_dali()
         gpu = self.device.type == "cuda"
         device_id = (self.device.index if self.device.index is not None
                      else torch.cuda.current_device()) if gpu else None
-        paths, index_paths = self._view_indexes(self._entries(epoch, start), folder)
+        entries = self._entries(epoch, start)
+        paths, index_paths = self._view_indexes(entries, folder)
         seed = derive_seed(self.seed, epoch, self.rank) % (2 ** 31)
         batch_size, rank = self.batch_size, self.rank
 
@@ -279,6 +311,12 @@ class DaliLoader(Loader):
                 random_shuffle=False, missing_component_behavior="error", name="reader")
             images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu",
                                        output_type=types.RGB)
+            if self.augment.active:
+                names = needed_inputs(self.augment)
+                draws = fn.external_source(source=self._draws_source(epoch, entries, names),
+                                           num_outputs=len(names), batch=True, batch_info=True)
+                images = dali_augment(images, self.augment, self.manifest.image_size,
+                                      dict(zip(names, draws)), fn, types)
             mirror = fn.external_source(source=flips, batch=True, batch_info=True) if self.flip else 0
             # (x / 255 - 0.5) / 0.5 == (x - 127.5) / 127.5
             images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",

@@ -5,13 +5,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from webdataset.tariterators import base_plus_ext
 
 from .bad_data import (BAD_LABEL, MISSING_CLS, MISSING_JPG, MISSING_SHARD, TRUNCATED_SHARD,
                        UNREACHABLE_SHARD, BadSample, SkipLog, parse_label)
 # open_shard: every read of a data shard opens it there (local path or URL), re-exported here.
 from .byte_streams import RemoteOptions, SourceUnreachable, is_url, open_shard  # noqa: F401
-from .tar_members import NotPlainTar, library_members, plain_members
+from .tar_members import NotPlainTar, library_members, plain_members, split_name
 
 
 @dataclass(frozen=True)
@@ -65,7 +64,7 @@ class _Positions:
     def select(self, fname: str) -> bool:
         # Called for every member before its data is read, so members outside
         # [start, stop) are skipped without being copied into memory.
-        key, _ = base_plus_ext(fname)
+        key, _ = split_name(fname)
         if key is None:
             return False
         if key != self.key:
@@ -85,7 +84,7 @@ class _Groups:
         self.done = start  # positions before this one are settled (yielded or reported)
 
     def add(self, fname: str, data: bytes) -> Iterator[RawSample]:
-        key, ext = base_plus_ext(fname)
+        key, ext = split_name(fname)
         if key != self.key:
             yield from self.close()
             self.key = key

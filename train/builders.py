@@ -116,6 +116,9 @@ def build_data(d: DataConfig, ctx: DistContext, manifest: Optional[Any], seed: i
                                   workers=d.workers, seed=seed, mode=d.mode, shuffle_buffer=d.shuffle_buffer,
                                   flip=d.flip, strict=d.strict, device=str(ctx.device),
                                   epoch_samples=d.epoch_samples)
+    if d.loader in ("webdataset", "dali", "rec"):
+        from data_pipeline.augment import Augment
+        kwargs["augment"] = Augment.from_config(d)
     if d.loader == "dali":
         # Index files are written once per node (local rank 0) while the other ranks wait.
         kwargs.update(local_rank=ctx.local_rank, barrier=ctx.barrier, any_rank=ctx.any_rank,

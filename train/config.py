@@ -69,6 +69,18 @@ class DataConfig(Section):
     """Least samples per shuffle window (shards read whole and permuted together; a shard this big is one window); 0 or 1: no shuffle."""
     flip: bool = True
     """Random horizontal flip of training images."""
+    aug_crop: float = 0.0
+    """Probability per sample of a random resized crop (64-100% of the area, aspect 3/4-4/3, resized back); 0: off."""
+    aug_lowres: float = 0.0
+    """Probability per sample of a low-resolution resize (down to 50-80% of the side and back up, as insightface's dali_aug); 0: off."""
+    aug_blur: float = 0.0
+    """Probability per sample of a Gaussian blur (sigma 0.5-1.5 px); 0: off."""
+    aug_color: float = 0.0
+    """Probability per sample of a brightness, contrast and saturation jitter (each factor 0.8-1.2); 0: off."""
+    aug_gray: float = 0.0
+    """Probability per sample of conversion to grayscale (BT.601 luma in all three channels); 0: off."""
+    aug_erase: float = 0.0
+    """Probability per sample of random erasing: a mid-gray rectangle over 2-20% of the area (occlusion); 0: off."""
     strict: bool = False
     """Stop on an undecodable sample instead of skipping and counting it."""
     retries: int = 5
@@ -107,6 +119,8 @@ class DataConfig(Section):
                 not all(isinstance(v, dict) for v in self.storage_options.values()):
             raise ConfigError(f"data.storage_options={self.storage_options!r} must map a protocol to its options, "
                               "e.g. {s3: {endpoint_url: 'http://host:9000'}}")
+        for name in ("crop", "lowres", "blur", "color", "gray", "erase"):
+            self.within(f"aug_{name}", 0.0, 1.0, hint="a probability per sample; 0 turns it off")
         if self.epoch_samples is not None and self.mode == "exact":
             raise ConfigError(f"data.epoch_samples={self.epoch_samples} applies to data.mode=resampled only: "
                               "an exact epoch is the whole dataset; drop it or use data.mode=resampled")
