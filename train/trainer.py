@@ -12,7 +12,7 @@ from typing import Any, Iterator, Optional
 
 from torch import nn
 
-from .builders import (apply_precision_settings, build_backbone_module, build_data, build_head, build_loggers, build_metric, load_manifest,
+from .builders import (apply_precision_settings, build_backbone_module, check_image_size, build_data, build_head, build_loggers, build_metric, load_manifest,
                        rank_seed, resolve_num_classes, seed_everything, set_deterministic)
 from .checkpoint import CheckpointManager, checkpoint_name
 from .components import ClassifierState, LoaderState, RngState, RunnerState, ScheduleState
@@ -51,6 +51,7 @@ class Trainer:
         apply_precision_settings(cfg.precision, ctx.device)
         seed_everything(cfg.seed)
         self.manifest = load_manifest(cfg.data)
+        check_image_size(cfg.data, self.manifest)
         self.loader = loader if loader is not None else build_data(cfg.data, ctx, self.manifest, cfg.seed)
         self.num_classes = resolve_num_classes(cfg.data, self.manifest, self.loader)
         o = cfg.optim
