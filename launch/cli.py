@@ -24,6 +24,7 @@ class UsageError(Exception):
 # --------------------------------------------------------------------------- data
 def _cmd_data_synth(a: argparse.Namespace) -> int:
     from data_pipeline.synthetic import SynthConfig
+    from data_pipeline.progress import quantity
     from data_pipeline.synthetic_dataset import make_synthetic_dataset
     chosen = dict(num_identities=a.identities, images_per_identity=a.images_per_identity,
                   heldout_identities=a.heldout_identities, heldout_pairs=a.pairs,
@@ -32,7 +33,7 @@ def _cmd_data_synth(a: argparse.Namespace) -> int:
     cfg = SynthConfig(**{k: v for k, v in chosen.items() if v is not None})
     manifest = make_synthetic_dataset(cfg, a.out, samples_per_shard=a.samples_per_shard, workers=a.workers)
     print(f"wrote {manifest.num_samples} images of {manifest.num_classes} identities in "
-          f"{len(manifest.shards)} shards to {a.out} (held-out pairs and contact_sheet.png beside them)")
+          f"{quantity(len(manifest.shards), 'shard')} to {a.out} (held-out pairs and contact_sheet.png beside them)")
     return 0
 
 
@@ -40,10 +41,11 @@ def _cmd_data_convert(a: argparse.Namespace) -> int:
     if not Path(a.src).exists():
         raise UsageError(f"input {a.src} does not exist")
     from data_pipeline.convert import convert
+    from data_pipeline.progress import quantity
     manifest = convert(a.source, a.src, a.out, samples_per_shard=a.samples_per_shard, seed=a.seed,
                        workers=a.workers)
     print(f"wrote {manifest.num_samples} images of {manifest.num_classes} classes in "
-          f"{len(manifest.shards)} shards to {a.out}")
+          f"{quantity(len(manifest.shards), 'shard')} to {a.out}")
     return 0
 
 
@@ -114,6 +116,9 @@ def _cmd_train(a: argparse.Namespace) -> int:
         with failure_file() as (env, read_failure):
             if a.debug:
                 env["SHARDFACE_DEBUG"] = "1"
+            # torchrun sets 1 thread per worker when unset, with a banner saying so; the same choice as the
+            # demo's (the cores shared by this node's workers), made here, keeps it quiet.
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // spec.nproc_per_node)))
             code = Supervisor(cmd, cfg.preempt.signals, cfg.preempt.grace_s, folder,
                               Path(cfg.output_dir) / "summary.json", env=env).run()
             if code not in (0, 130, PREEMPTED_EXIT_CODE):
@@ -326,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of the ``shardface`` console script."""
+    from train.quiet import quiet_libraries
+    quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = args.debug or os.environ.get("SHARDFACE_DEBUG") == "1"

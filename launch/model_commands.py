@@ -1,7 +1,6 @@
 """What the CLI does with a trained model: evaluate on .bin sets, export to ONNX, embed a folder."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 

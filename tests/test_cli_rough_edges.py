@@ -55,3 +55,129 @@ def model_and_bins(tmp_path_factory):
         write_bin(root / f"{name}.bin", jpegs, [k % 2 == 0 for k in range(20)])
         bins.append(root / f"{name}.bin")
     return path, bins
+
+
+def cli(capsys, *args):
+    """``shardface ARGS`` in this process (parser, commands and error handling as installed): (code, out, err)."""
+    from launch.cli import main
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def one_line(code, err) -> str:
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 2, err
+    assert "Traceback" not in err and lines and lines[-1].startswith("shardface: error:"), err
+    return lines[-1]
+
+
+RANDOM_DATA = ["--set", "data.loader=random_tensors", "--set", "data.manifest=", "--set", "data.num_classes=10",
+               "--set", "data.num_samples=16"]
+
+
+# ---------------------------------------------------------------- checks made at start
+def test_mistakes_are_found_at_start_with_the_setting_to_change(tmp_path, capsys, model_and_bins):
+    from shard_helpers import write_dataset
+    model, (first, _) = model_and_bins
+    write_dataset(tmp_path / "d56", [4], num_classes=4, size=56)
+    line = one_line(*cli(capsys, "train", "--set", f"data.manifest={tmp_path / 'd56'}", "--set", "data.image_size=112",
+                         "--set", f"output_dir={tmp_path / 'run'}")[::2])
+    assert "data.image_size=112" in line and "56x56" in line and "set data.image_size=56" in line
+    assert not (tmp_path / "run").exists(), "nothing may start before the check"
+
+    line = one_line(*cli(capsys, "train", *RANDOM_DATA, "--set", "loss.margin_options.m=abc")[::2])
+    assert "loss.margin_options.m='abc' must be a number" in line
+
+    jpeg = tmp_path / "face.jpg"
+    jpeg.write_bytes(make_jpeg(0, 32))
+    line = one_line(*cli(capsys, "train", "--set", f"data.manifest={jpeg}")[::2])
+    assert "is a JPEG image, not a manifest" in line
+
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("data:\n  batch_size: 4\n optim: {lr: 1}\n")
+    assert "line 3, column 2" in one_line(*cli(capsys, "train", "--config", str(bad_yaml))[::2])
+
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"\x08\x08\x12\x07pytorch")
+    line = one_line(*cli(capsys, "eval", "--model", str(onnx), "--bin", str(first))[::2])
+    assert "is an ONNX model" in line and "model.pt" in line
+
+    code, out, err = cli(capsys, "eval", "--model", str(model), "--bin", str(first), str(tmp_path / "nope.bin"))
+    assert "nope.bin does not exist" in one_line(code, err)
+    assert "first:" not in out, "the missing set is found before the first one is evaluated"
+
+    code, out, err = cli(capsys, "eval-ijb", "--features", str(tmp_path / "f.npy"), "--faces", str(tmp_path / "x.txt"),
+                         "--pairs", str(tmp_path / "p.txt"))
+    assert "face list" in one_line(code, err) and "does not exist" in err
+
+
+# ---------------------------------------------------------------- output
+def test_eval_writes_strict_json_and_prints_one_number_format(tmp_path, capsys, model_and_bins):
+    model, bins = model_and_bins
+    code, out, _ = cli(capsys, "eval", "--model", str(model), "--bin", *map(str, bins), "--out", str(tmp_path))
+    assert code == 0
+    results = strict_json(tmp_path / "results.json")
+    assert set(results) == {"first", "second"}
+    first = results["first"]
+    assert first["num_pairs"] == 20 and isinstance(first["num_pairs"], int)
+    assert 0.0 <= first["accuracy"] <= 1.0, "JSON keeps fractions"
+    assert first["tar@far=1e-03"] is None, "20 pairs cannot measure FAR 1e-3: null, not NaN"
+    line = next(line for line in out.splitlines() if line.startswith("first:"))
+    assert f"accuracy {100 * first['accuracy']:.2f}%" in line and "num_pairs 20," in line and "n/a" in line
+
+
+def test_embed_shows_one_progress_bar(tmp_path, capsys, model_and_bins):
+    from PIL import Image
+    model, _ = model_and_bins
+    folder = tmp_path / "faces"
+    for i in range(9):
+        (folder / f"id{i % 3}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((56, 56, 3), 20 * i, np.uint8)).save(folder / f"id{i % 3}" / f"{i}.jpg")
+    code, out, err = cli(capsys, "embed", "--model", str(model), "--images", str(folder),
+                         "--out", str(tmp_path / "e.npy"), "--batch-size", "2")
+    assert code == 0 and np.load(tmp_path / "e.npy").shape == (9, 16)
+    bars = [line for line in (out + err).splitlines() if "embedding" in line]
+    assert len(bars) == 1 and "9/9" in bars[0], out + err
+
+
+def test_training_output_reads_as_numbers_people_use(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", *RANDOM_DATA, "--set", "model.backbone=mobilefacenet_tiny", "--set", "data.image_size=32",
+            "--set", "model.embedding_size=8", "--set", "data.batch_size=4", "--set", "max_steps=3",
+            "--set", "log.every_steps=1", "--set", "eval.bins=[]", "--set", "checkpoint.export=false",
+            "--set", "checkpoint.every_steps=0", "--no-wandb", "--set", f"output_dir={run}"]
+    code, out, _ = cli(capsys, *args)
+    assert code == 0
+    assert "single process" in out and "(none)" not in out
+    loss_text = out.split("final loss ")[1].split(",")[0]
+    assert len(loss_text.split(".")[1]) == 4, out
+    summary = strict_json(run / "summary.json")
+    assert summary["samples_per_s"] > 0 and summary["train_s"] <= summary["wall_s"]
+
+    code, out, _ = cli(capsys, *args, "--set", "checkpoint.resume=latest")
+    assert code == 0
+    assert "already finished" in out and f"final loss {loss_text}" in out, out
+    assert "eval step" not in out and strict_json(run / "summary.json")["steps_this_run"] == 0
+
+
+def test_throughput_leaves_out_paused_time():
+    import time
+
+    from train.loggers import Throughput
+    meter = Throughput(total_steps=10)
+    with meter.paused():
+        time.sleep(0.2)
+    meter.add(100)
+    report = meter.report(1)
+    assert meter.paused_s >= 0.2
+    # Without the pause the window is >= 0.2 s long: 100 samples could not exceed 500/s.
+    assert report["samples_per_s"] > 500
+
+
+def test_counts_and_inspect_messages_read_as_english(tmp_path, capsys):
+    from shard_helpers import write_dataset
+    write_dataset(tmp_path / "d", [3], num_classes=3, size=16)
+    code, out, _ = cli(capsys, "data", "inspect", "--no-verify", str(tmp_path / "d"))
+    assert code == 0 and "1 shard of" in out and "1 shards" not in out
+    assert "verify=" not in out and "not verified" in out

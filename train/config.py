@@ -109,7 +109,7 @@ class ModelConfig(Section):
     PATH = "model"
 
     backbone: str = "iresnet50"
-    """Backbone name from train.backbones (iresnet18/34/50/100/200, mobilefacenet, vit_t/s/b, iresnet_tiny, ...)."""
+    """Backbone name from train.backbones (iresnet18/34/50/100/200, mobilefacenet, vit_t/s/b, iresnet_tiny, ...; aliases r18/r34/r50/r100/r200, mbf)."""
     embedding_size: int = 512
     """Width D of the embedding."""
     dropout: float = 0.0
