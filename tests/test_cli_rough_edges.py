@@ -181,3 +181,171 @@ def test_counts_and_inspect_messages_read_as_english(tmp_path, capsys):
     code, out, _ = cli(capsys, "data", "inspect", "--no-verify", str(tmp_path / "d"))
     assert code == 0 and "1 shard of" in out and "1 shards" not in out
     assert "verify=" not in out and "not verified" in out
+
+
+# ---------------------------------------------------------------- noise
+def test_library_noise_is_filtered_but_ours_is_not(tmp_path, capsys, monkeypatch, caplog):
+    import logging
+    import warnings
+
+    import launch.supervise
+    seen = {}
+
+    class FakeSupervisor:
+        def __init__(self, cmd, *args, env=None, **kw):
+            seen["cmd"], seen["env"] = cmd, env
+
+        def run(self):
+            return 0
+
+    monkeypatch.setattr(launch.supervise, "Supervisor", FakeSupervisor)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    code, out, _ = cli(capsys, "train", "--nproc-per-node", "2", *RANDOM_DATA, "--no-wandb")
+    assert code == 0 and "--nproc_per_node=2" in seen["cmd"]
+    assert int(seen["env"]["OMP_NUM_THREADS"]) >= 1, "set for the workers, so torchrun prints no banner"
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        from train.quiet import quiet_libraries
+        quiet_libraries.__globals__["_installed"] = False
+        quiet_libraries()  # after simplefilter: the filters must take precedence
+        warnings.warn("`torch.distributed.all_gather_into_tensor` is deprecated. Please use x", FutureWarning)
+        warnings.warn("This DataLoader will create 8 worker processes in total. Our suggested max ...", UserWarning)
+        warnings.warn("shardface: something of ours", UserWarning)
+    assert [str(w.message) for w in caught] == ["shardface: something of ours"]
+    with caplog.at_level(logging.INFO):
+        logging.getLogger("DeepSpeed").warning("**** You are using ZeRO with an untested optimizer, proceed ****")
+        logging.getLogger("DeepSpeed").info("Setting ds_accelerator to cpu (auto detect)")
+        logging.getLogger("DeepSpeed").warning("a real DeepSpeed problem")
+    assert [r.getMessage() for r in caplog.records] == ["a real DeepSpeed problem"]
+
+
+def test_wandb_runs_without_its_console_summary(tmp_path, monkeypatch):
+    import wandb
+
+    from train.loggers import WandbLogger
+    calls = {}
+    monkeypatch.setattr(wandb, "init", lambda **kw: calls.update(kw))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    WandbLogger("p", "r", tmp_path, {})
+    assert calls["settings"].quiet and calls["settings"].silent
+
+
+# ---------------------------------------------------------------- docs and command line agree
+def test_synth_defaults_have_one_source(capsys):
+    import dataclasses
+    import re
+
+    from data_pipeline.synthetic import SynthConfig
+    from launch.cli import build_parser
+    synth = build_parser()._subparsers._group_actions[0].choices["data"]._subparsers._group_actions[0].choices["synth"]
+    defaults = {a.dest: a.default for a in synth._actions}
+    cfg = SynthConfig()
+    assert (defaults["identities"], defaults["images_per_identity"], defaults["heldout_identities"],
+            defaults["pairs"], defaults["difficulty"], defaults["seed"]) == (
+        cfg.num_identities, cfg.images_per_identity, cfg.heldout_identities, cfg.heldout_pairs, cfg.difficulty,
+        cfg.seed)
+    doc = (REPO / "docs" / "synthetic.md").read_text()
+    table = dict(re.findall(r"^\| `(\w+)` \| ([^|]+?) \|", doc, re.M))
+    for f in dataclasses.fields(SynthConfig):
+        shown = str(getattr(cfg, f.name)) if f.name != "image_size" else str(cfg.image_size)
+        assert table[f.name] == shown, f"docs/synthetic.md says {f.name}={table[f.name]}, SynthConfig {shown}"
+    assert "samples_per_shard=10000" in doc and defaults["samples_per_shard"] == 10000
+    code = _help(capsys, "data", "synth")
+    assert f"(default: {cfg.images_per_identity})" in code
+
+
+def _help(capsys, *command):
+    from launch.cli import main
+    with pytest.raises(SystemExit) as stop:
+        main([*command, "--help"])
+    assert stop.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_help_texts_show_their_defaults(capsys):
+    assert "(default: 256)" in _help(capsys, "eval")
+    assert "(default: 1)" in _help(capsys, "train")  # --nproc-per-node
+    assert "(default: runs/demo)" in _help(capsys, "demo")
+    assert "--flipped" in _help(capsys, "eval-ijb") and "--face-scores" in _help(capsys, "eval-ijb")
+
+
+def test_train_options_work_where_users_put_them(tmp_path, capsys, monkeypatch):
+    import yaml
+
+    from train.config import ConfigError
+    code, out, _ = cli(capsys, "train", "--print-config", "--set", "optim.lr=0.07")
+    assert code == 0 and yaml.safe_load(out)["optim"]["lr"] == 0.07
+    from launch.cli import main
+    with pytest.raises(ConfigError):  # --debug after the subcommand: the traceback, not one line
+        main(["train", "--debug", "--config", "no_such_preset"])
+    # The README's DeepSpeed JSON resolves from any folder (it is package data beside the code).
+    monkeypatch.chdir(tmp_path)
+    from train.parallel import resolve_deepspeed_config
+    assert resolve_deepspeed_config("launch/deepspeed_zero2.json") == REPO / "launch" / "deepspeed_zero2.json"
+    with pytest.raises(FileNotFoundError, match="parallel.deepspeed_config='nope.json'"):
+        resolve_deepspeed_config("nope.json")
+    assert "shardface demo --quick" in (REPO / "README.md").read_text()
+
+
+def test_bench_writes_where_the_user_says(tmp_path, capsys, monkeypatch):
+    import launch.cli
+    seen = {}
+    monkeypatch.setattr(launch.cli.subprocess, "call", lambda cmd, env: seen.update(cmd=cmd, env=env) or 0)
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = cli(capsys, "bench", "data", "--no-write")
+    assert code == 0 and seen["cmd"][-1] == "--no-write"
+    assert seen["env"]["SHARDFACE_BENCH_RESULTS"] == str(tmp_path / "bench_results.md")
+    monkeypatch.setenv("SHARDFACE_BENCH_RESULTS", seen["env"]["SHARDFACE_BENCH_RESULTS"])
+    from bench.results import write_section
+    before = (REPO / "bench" / "RESULTS.md").read_text()
+    write_section("Check", "a table")
+    assert "## Check" in (tmp_path / "bench_results.md").read_text()
+    assert (REPO / "bench" / "RESULTS.md").read_text() == before
+
+
+def test_eval_ijb_takes_flips_and_detector_scores(tmp_path, capsys):
+    from test_ijb import write_protocol
+
+    from train.evaluation.ijb import evaluate_ijb
+    features, faces, pairs = write_protocol(tmp_path, [0.05 * k for k in range(1, 11)], [0.95, 0.7, 0.46, 0.32])
+    rng = np.random.default_rng(0)
+    flipped = features + rng.normal(0, 1.0, features.shape)
+    scores = rng.uniform(0.5, 1.0, len(features))
+    np.save(tmp_path / "f.npy", features)
+    np.save(tmp_path / "flip.npy", flipped)
+    (tmp_path / "scores.txt").write_text("".join(f"{i}.jpg 1 2 3 {float(s)!r}\n" for i, s in enumerate(scores)))
+    code, out, _ = cli(capsys, "eval-ijb", "--features", str(tmp_path / "f.npy"), "--faces", str(faces),
+                       "--pairs", str(pairs), "--flipped", str(tmp_path / "flip.npy"),
+                       "--face-scores", str(tmp_path / "scores.txt"), "--out", str(tmp_path / "ijb.json"))
+    assert code == 0 and "TAR (%)" in out
+    expected = evaluate_ijb(features, faces, pairs, flipped=flipped, face_scores=scores)
+    got = strict_json(tmp_path / "ijb.json")
+    assert got["auc"] == pytest.approx(expected["auc"]) and got["num_pairs"] == 14
+    assert got["tar@far=1e-01"] == pytest.approx(expected["tar@far=1e-01"])
+    plain = evaluate_ijb(features, faces, pairs)
+    assert plain["auc"] != pytest.approx(expected["auc"]), "the flips must reach the scoring"
+    (tmp_path / "short.txt").write_text("0.jpg 0.9\n")
+    code, _, err = cli(capsys, "eval-ijb", "--features", str(tmp_path / "f.npy"), "--faces", str(faces),
+                       "--pairs", str(pairs), "--face-scores", str(tmp_path / "short.txt"))
+    assert "has 1 scores for the face list's 15 faces" in one_line(code, err)
+
+
+def test_backbone_aliases_and_set_names(tmp_path):
+    from data_pipeline.synthetic import SynthConfig
+    from data_pipeline.synthetic_dataset import make_synthetic_dataset
+    from train.backbones import build_backbone, canonical_backbone
+    from train.config import TrainConfig
+    from train.validation import verification_sets
+    assert [canonical_backbone(n) for n in ("r18", "r50", "r100", "mbf", "vit_t")] == [
+        "iresnet18", "iresnet50", "iresnet100", "mobilefacenet", "vit_t"]
+    alias, full = build_backbone("mbf", embedding_size=8), build_backbone("mobilefacenet", embedding_size=8)
+    assert sum(p.numel() for p in alias.parameters()) == sum(p.numel() for p in full.parameters())
+    with pytest.raises(ValueError, match="or an alias: r18=iresnet18"):
+        build_backbone("r9")
+    cfg = SynthConfig(num_identities=2, images_per_identity=2, heldout_identities=2, heldout_pairs=2, image_size=32)
+    manifest = make_synthetic_dataset(cfg, tmp_path / "d", workers=1)
+    named = verification_sets(TrainConfig.load(None, ["data.loader=random_tensors", "data.num_classes=2",
+                                                      "data.num_samples=4", "max_steps=1"]), manifest)
+    (name, path), = named.items()
+    assert name == path.stem, "training logs a set under the name `eval --bin` gives it"

@@ -66,7 +66,7 @@ def _check_type(name: str, key: str, value: Any, default: Any) -> None:
         raise MarginOptionError(key, f"{key}={value!r} must be {wanted} (default {default!r}) for margin {name!r}")
 
 
-class MarginOptionError(TypeError):
+class MarginOptionError(ValueError, TypeError):
     """A margin parameter of the wrong type; ``key`` names the parameter."""
 
     def __init__(self, key: str, message: str) -> None:
