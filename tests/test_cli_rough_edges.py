@@ -81,8 +81,12 @@ def test_mistakes_are_found_at_start_with_the_setting_to_change(tmp_path, capsys
     from shard_helpers import write_dataset
     model, (first, _) = model_and_bins
     write_dataset(tmp_path / "d56", [4], num_classes=4, size=56)
-    line = one_line(*cli(capsys, "train", "--set", f"data.manifest={tmp_path / 'd56'}", "--set", "data.image_size=112",
-                         "--set", f"output_dir={tmp_path / 'run'}")[::2])
+    # In a fresh process, as a user runs it (W&B on): exit 2, one line, and no run folder or W&B run.
+    result = shardface("train", "--set", f"data.manifest={tmp_path / 'd56'}", "--set", "data.image_size=112",
+                       "--set", f"output_dir={tmp_path / 'run'}", "--set", "log.wandb=true",
+                       env={"WANDB_MODE": "offline"})
+    line = last_error(result)
+    assert result.returncode == 2
     assert "data.image_size=112" in line and "56x56" in line and "set data.image_size=56" in line
     assert not (tmp_path / "run").exists(), "nothing may start before the check"
 

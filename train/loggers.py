@@ -70,7 +70,8 @@ class ConsoleLogger(Logger):
         m = metrics
         parts = [f"step {step}/{self.total}", f"loss {m['loss']:.4f}"]
         if "accuracy" in m:
-            parts.append(f"acc {m['accuracy']:.3f}")
+            from train.evaluation.report import format_value
+            parts.append(f"acc {format_value('accuracy', m['accuracy'])}")  # a percentage, as everywhere on screen
         parts.append(f"lr {m['lr']:.3g}")
         if "samples_per_s" in m:
             parts.append(f"{m['samples_per_s']:.1f} samples/s")

@@ -24,6 +24,7 @@ WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
 LOG_LINES: dict[str, tuple[str, ...]] = {
     "DeepSpeed": (
         r"Setting ds_accelerator to",  # the accelerator it found by itself: the start-up line names the device
+        r"Setting accelerator to CPU",  # the same on a machine without GPU (as a warning)
         r"untested optimizer",  # our SGD/AdamW under ZeRO are trained in tests/test_trainer.py; the generated config allows them
     ),
 }
