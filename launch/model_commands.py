@@ -73,8 +73,9 @@ def export_model(model_path: str | Path, onnx_path: str | Path, check: bool = Tr
 
 
 def embed_images(model_path: str | Path, images: str | Path, out: str | Path,
-                 batch_size: int = 128) -> tuple[Path, Path]:
-    """Embeddings of every image under ``images`` into ``out`` (.npy) with the file names beside it."""
+                 batch_size: int = 128, flip: bool = True) -> tuple[Path, Path]:
+    """Embeddings of every image under ``images`` into ``out`` (.npy) with the file names beside it;
+    ``flip`` adds the mirrored image's embedding; rows are L2-normalised."""
     from train.export import embed_folder, load_embedding_model
 
     if not Path(images).is_dir():
@@ -89,7 +90,7 @@ def embed_images(model_path: str | Path, images: str | Path, out: str | Path,
             bar = Progress(f"embedding {images}", total)
         bar.update(done - bar.done)
 
-    array, names = embed_folder(model, images, out, batch_size=batch_size, progress=progress)
+    array, names = embed_folder(model, images, out, batch_size=batch_size, flip=flip, progress=progress)
     if bar is not None:
         bar.close()
     print(f"wrote {array} and {names}")

@@ -341,9 +341,13 @@ def test_backbone_aliases_and_set_names(tmp_path):
     from train.backbones import build_backbone, canonical_backbone
     from train.config import TrainConfig
     from train.validation import verification_sets
+    from train.backbones import ALIASES
+    from train.insightface import CORRESPONDENCES
     assert [canonical_backbone(n) for n in ("r18", "r50", "r100", "mbf", "vit_t")] == [
-        "iresnet18", "iresnet50", "iresnet100", "mobilefacenet", "vit_t"]
-    alias, full = build_backbone("mbf", embedding_size=8), build_backbone("mobilefacenet", embedding_size=8)
+        "iresnet18", "iresnet50", "iresnet100", "mobilefacenet_mbf", "vit_t"]
+    for short, ours in ALIASES.items():  # the same network their weights import into
+        assert CORRESPONDENCES[short].ours == ours, short
+    alias, full = build_backbone("mbf", embedding_size=8), build_backbone("mobilefacenet_mbf", embedding_size=8)
     assert sum(p.numel() for p in alias.parameters()) == sum(p.numel() for p in full.parameters())
     with pytest.raises(ValueError, match="or an alias: r18=iresnet18"):
         build_backbone("r9")

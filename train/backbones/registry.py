@@ -11,8 +11,9 @@ BackboneBuilder = Callable[..., nn.Module]
 _BUILDERS: dict[str, BackboneBuilder] = {}
 
 ALIASES: dict[str, str] = {"r18": "iresnet18", "r34": "iresnet34", "r50": "iresnet50", "r100": "iresnet100",
-                           "r200": "iresnet200", "mbf": "mobilefacenet"}
-"""The short names of insightface's arcface_torch, accepted wherever a backbone name is."""
+                           "r200": "iresnet200", "mbf": "mobilefacenet_mbf"}
+"""The short names of insightface's arcface_torch, accepted wherever a backbone name is; each is the
+backbone its weights import into (``train.insightface.CORRESPONDENCES``, checked by the tests)."""
 
 
 def canonical_backbone(name: str) -> str:
