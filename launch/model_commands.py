@@ -62,6 +62,7 @@ def export_model(model_path: str | Path, onnx_path: str | Path, check: bool = Tr
     """ONNX export (dynamic batch) of a saved model, checked against PyTorch with onnxruntime."""
     from train.export import check_onnx_parity, export_onnx, load_embedding_model
 
+    check_model_file(model_path)
     model = load_embedding_model(resolve_model(model_path))
     path = export_onnx(model.backbone, onnx_path, image_size=model.image_size)
     if check:
@@ -80,6 +81,7 @@ def embed_images(model_path: str | Path, images: str | Path, out: str | Path,
 
     if not Path(images).is_dir():
         raise FileNotFoundError(f"image folder {images} does not exist")
+    check_model_file(model_path)
     model = load_embedding_model(resolve_model(model_path))
     from data_pipeline.progress import Progress
     bar: Optional[Progress] = None

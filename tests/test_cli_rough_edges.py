@@ -106,6 +106,8 @@ def test_mistakes_are_found_at_start_with_the_setting_to_change(tmp_path, capsys
     onnx.write_bytes(b"\x08\x08\x12\x07pytorch")
     line = one_line(*cli(capsys, "eval", "--model", str(onnx), "--bin", str(first))[::2])
     assert "is an ONNX model" in line and "model.pt" in line
+    line = one_line(*cli(capsys, "export", "--model", str(onnx), "--onnx", str(tmp_path / "again.onnx"))[::2])
+    assert "is an ONNX model" in line
 
     code, out, err = cli(capsys, "eval", "--model", str(model), "--bin", str(first), str(tmp_path / "nope.bin"))
     assert "nope.bin does not exist" in one_line(code, err)
