@@ -12,8 +12,8 @@ from typing import Any, Iterator, Optional
 
 from torch import nn
 
-from .builders import (apply_precision_settings, build_backbone_module, check_image_size, build_data, build_head, build_loggers, build_metric, load_manifest,
-                       rank_seed, resolve_num_classes, seed_everything, set_deterministic)
+from .builders import (apply_precision_settings, build_backbone_module, build_data, build_head, build_loggers, build_metric, load_manifest,
+                       check_image_size, rank_seed, resolve_num_classes, seed_everything, set_deterministic)
 from .checkpoint import CheckpointManager, checkpoint_name
 from .components import ClassifierState, LoaderState, RngState, RunnerState, ScheduleState
 from .config import TrainConfig
@@ -269,6 +269,8 @@ class Trainer:
         cfg = self.cfg
         folder = self._start()
         if folder is not None and self.step >= self.total_steps:
+            if preemption is not None:
+                preemption.uninstall()
             return self._already_finished(folder)
         end = self.total_steps if stop_at_step is None else min(stop_at_step, self.total_steps)
         start_step, t_start = self.step, time.perf_counter()
