@@ -132,8 +132,18 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- model use
 def _cmd_eval(a: argparse.Namespace) -> int:
-    from launch.model_commands import evaluate_model
-    evaluate_model(a.model, a.bin, out_dir=a.out, batch_size=a.batch_size)
+    if not a.bin and not a.identification:
+        raise UsageError("nothing to evaluate: give --bin SETS (verification) and/or --identification DATA_DIR")
+    if (a.distractors is not None or a.distractor_features) and not a.identification:
+        raise UsageError("--distractors and --distractor-features belong to --identification DATA_DIR")
+    if a.bin:
+        from launch.model_commands import evaluate_model
+        evaluate_model(a.model, a.bin, out_dir=a.out, batch_size=a.batch_size)
+    if a.identification:
+        from launch.model_commands import identify_model
+        identify_model(a.model, a.identification, out_dir=a.out, distractors=a.distractors,
+                       probes_per_identity=a.probes_per_identity, distractor_features=a.distractor_features,
+                       batch_size=a.batch_size)
     return 0
 
 
@@ -273,10 +283,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_launch_options(t)
     t.set_defaults(func=_cmd_train)
 
-    e = _command(sub, "eval", help="verification accuracy, TAR@FAR and ROC of a saved model")
+    e = _command(sub, "eval", help="verification (TAR@FAR, ROC) and 1:N identification of a saved model")
     e.add_argument("--model", required=True, help="embedding model file or checkpoint directory")
-    e.add_argument("--bin", nargs="+", required=True, help="insightface .bin verification sets")
-    e.add_argument("--out", default=None, help="where to write results.json and roc.png (default: eval/ beside the model)")
+    e.add_argument("--bin", nargs="+", default=None, help="insightface .bin verification sets")
+    e.add_argument("--identification", metavar="DATA_DIR", default=None,
+                   help="1:N: search the held-out identities of a `data synth` set among distractors")
+    e.add_argument("--distractors", type=int, nargs="+", default=None, metavar="N",
+                   help="gallery distractor counts for --identification (default 0 10 100 1000)")
+    e.add_argument("--probes-per-identity", type=int, default=3, help="probe images per held-out identity")
+    e.add_argument("--distractor-features", default=None,
+                   help=".npy of distractor embeddings (e.g. `shardface embed` of a photo folder) instead of rendered ones")
+    e.add_argument("--out", default=None, help="where to write results.json, roc.png and the identification plots "
+                                               "(default: eval/ beside the model)")
     e.add_argument("--batch-size", type=int, default=256, help="images per forward")
     e.set_defaults(func=_cmd_eval)
 

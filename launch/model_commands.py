@@ -1,6 +1,8 @@
 """What the CLI does with a trained model: evaluate on .bin sets, export to ONNX, embed a folder."""
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -56,6 +58,41 @@ def evaluate_model(model_path: str | Path, bins: list[str], out_dir: Optional[st
     roc = plot_roc(results, out / "roc.png")
     print(f"results: {out / 'results.json'}; ROC: {roc}")
     return results
+
+
+def identify_model(model_path: str | Path, data_dir: str | Path, out_dir: str | Path | None = None,
+                   distractors: list[int] | None = None, probes_per_identity: int = 3,
+                   distractor_features: str | Path | None = None, batch_size: int = 256) -> dict:
+    """Distractor identification on a synthetic set's held-out identities; writes identification.json and plots."""
+    import numpy as np
+
+    from train.evaluation.distractors import DEFAULT_SIZES, curve_table, plot_cmc, plot_rank1_vs_distractors
+    from train.evaluation.synthetic_identification import evaluate_synthetic_identification, load_synth_config
+    from train.export import load_embedding_model
+
+    cfg = load_synth_config(data_dir)
+    model = load_embedding_model(resolve_model(model_path))
+    pool = None
+    if distractor_features is not None:
+        if not Path(distractor_features).is_file():
+            raise FileNotFoundError(f"distractor features {distractor_features} do not exist")
+        pool = np.load(distractor_features, mmap_mode="r")
+    sizes = list(DEFAULT_SIZES if distractors is None else distractors)
+    curve = evaluate_synthetic_identification(model, cfg, sizes, probes_per_identity=probes_per_identity,
+                                              distractor_features=pool, batch_size=batch_size,
+                                              workers=os.cpu_count() or 1)
+    print(f"{curve['num_enrolled']} held-out identities enrolled, {curve['num_probes']} probes")
+    print(curve_table(curve))
+    out = Path(out_dir) if out_dir else resolve_model(model_path).parent / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    record = {k: v for k, v in curve.items() if k != "cmc"}
+    record["cmc"] = {str(n): [float(x) for x in c] for n, c in curve["cmc"].items()}
+    (out / "identification.json").write_text(json.dumps(record, indent=2))
+    name = Path(resolve_model(model_path)).parent.name or "model"
+    rank1 = plot_rank1_vs_distractors({name: curve}, out / "rank1_vs_distractors.png")
+    cmc_png = plot_cmc({f"{n} distractors": c for n, c in curve["cmc"].items()}, out / "cmc.png")
+    print(f"results: {out / 'identification.json'}; plots: {rank1}, {cmc_png}")
+    return curve
 
 
 def export_model(model_path: str | Path, onnx_path: str | Path, check: bool = True) -> Path:
