@@ -60,10 +60,10 @@ def cache_dir() -> Path:
 
 def index_location(shard: ShardRef) -> Path:
     """Where the shard's index file is (beside the shard, or in the cache when that is read-only)."""
-    here = shard.path.with_name(shard.path.name.rsplit(".tar", 1)[0] + ".dali.idx")
-    if os.access(shard.path.parent, os.W_OK):
+    here = Path(shard.path).with_name(Path(shard.path).name.rsplit(".tar", 1)[0] + ".dali.idx")
+    if os.access(Path(shard.path).parent, os.W_OK):
         return here
-    tag = hashlib.sha256(str(shard.path.resolve()).encode()).hexdigest()[:16]
+    tag = hashlib.sha256(str(Path(shard.path).resolve()).encode()).hexdigest()[:16]
     return cache_dir() / tag / here.name
 
 
@@ -92,11 +92,11 @@ def _scan(shard: ShardRef, num_classes: int, image_size: tuple[int, int], decode
     """Index lines of the shard's good samples, and the bad ones."""
     lines: list[str] = []
     bad: list[BadSample] = []
-    if not shard.path.is_file():
+    if not Path(shard.path).is_file():
         return lines, [BadSample(MISSING_SHARD, shard.name, "#0", f"{shard.path} does not exist; "
                                  "copy the shard back or rewrite the manifest",
                                  count=shard.num_samples)]
-    file_size = shard.path.stat().st_size
+    file_size = Path(shard.path).stat().st_size
     seen = 0
     key: str | None = None
     group: dict[str, tarfile.TarInfo] = {}
@@ -167,11 +167,11 @@ def _cached(shard: ShardRef, idx: Path, num_classes: int, image_size: tuple[int,
             decode: bool) -> ShardIndex | None:
     """The shard's index when the files beside it are current for these settings, else None."""
     meta_path = idx.with_suffix(".json")
-    if not (shard.path.is_file() and meta_path.is_file() and idx.is_file()):
+    if not (Path(shard.path).is_file() and meta_path.is_file() and idx.is_file()):
         return None
     try:
         meta = json.loads(meta_path.read_text())
-        if (meta.get("format") == INDEX_FORMAT and meta.get("tar") == _stamp(shard.path)
+        if (meta.get("format") == INDEX_FORMAT and meta.get("tar") == _stamp(Path(shard.path))
                 and meta.get("num_classes") == num_classes
                 and meta.get("image_size") == list(image_size)
                 and (meta.get("decode_verified") or not decode)):
@@ -185,7 +185,7 @@ def _cached(shard: ShardRef, idx: Path, num_classes: int, image_size: tuple[int,
 def _build(shard: ShardRef, idx: Path, num_classes: int, image_size: tuple[int, int],
            decode: bool) -> ShardIndex:
     """Scan the shard and write its index and sidecar (atomically: a reader never sees half a file)."""
-    stamp = _stamp(shard.path) if shard.path.is_file() else None
+    stamp = _stamp(Path(shard.path)) if Path(shard.path).is_file() else None
     lines, bad = _scan(shard, num_classes, image_size, decode)
     if stamp is not None:
         idx.parent.mkdir(parents=True, exist_ok=True)
@@ -252,12 +252,20 @@ def main(argv: list[str] | None = None) -> int:
     from .manifest import Manifest
     from .tar_reader import shard_refs
     p = argparse.ArgumentParser(description="Write the DALI index files of a dataset's shards.")
-    p.add_argument("manifest", help="manifest.json or its directory")
+    p.add_argument("manifest",
+                   help="manifest.json or its directory (a URL: the shards are staged into the local cache)")
     p.add_argument("--decode", action="store_true", help="decode every image with PIL (data.dali_verify=decode)")
     p.add_argument("--workers", type=int, default=None, help="indexing threads (default: one per core)")
     args = p.parse_args(argv)
     m = Manifest.load(args.manifest)
-    indexes = index_shards(shard_refs(m), m.num_classes, m.image_size, decode=args.decode, workers=args.workers)
+    refs = shard_refs(m)
+    if any(r.is_remote for r in refs):
+        # DALI reads the staged copies of remote shards: stage them (the bounded cache) first.
+        from .shard_cache import stage_shards
+        refs, failed = stage_shards(refs, [s.sha256 for s in m.shards], m.remote)
+        for e in failed:
+            print(f"not staged: {e.message()}")
+    indexes = index_shards(refs, m.num_classes, m.image_size, decode=args.decode, workers=args.workers)
     skipped = sum(e.count for ix in indexes for e in ix.skipped)
     print(f"{len(indexes)} shards indexed: {sum(ix.num_listed for ix in indexes)} samples listed, {skipped} left out")
     return 0
