@@ -96,6 +96,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
     from train.preemption import PREEMPTED_EXIT_CODE
     cfg = TrainConfig.load(a.config, overrides)
     _check_launch(cfg, spec)
+    from train.run_folder import check_run_folder
+    check_run_folder(cfg)  # before torchrun starts or anything is written
     train_args = ["--config", a.config] + [x for item in overrides for x in ("--set", item)]
     if spec.needs_torchrun and not under_torchrun():
         from .supervise import Supervisor, supervised_command

@@ -397,6 +397,8 @@ class TrainConfig(Section):
 
     output_dir: str = "runs/default"
     """Run folder: config.yaml, checkpoints, evaluation plots, export."""
+    overwrite: bool = False
+    """Start a new run in an output_dir that holds an earlier run (its checkpoints and model.pt are removed first); false: such a start is refused unless checkpoint.resume is set."""
     seed: int = 0
     """Seed of everything random (weights, sampling, data order); a run is deterministic given seed and world size."""
     max_steps: int = 0
