@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -110,6 +111,11 @@ def _is_power_of_ten(n: int) -> bool:
     return n == 1
 
 
+def pil_message(err: Exception) -> str:
+    """PIL's message without the ``<_io.BytesIO object at 0x...>`` it names an in-memory file by."""
+    return re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(err))
+
+
 def parse_label(raw: bytes, num_classes: int) -> int | str:
     """The label in a ``.cls`` payload, or a string saying why it is unusable."""
     text = raw.strip()
@@ -130,7 +136,7 @@ def decode_jpeg(data: bytes, image_size: tuple[int, int]) -> np.ndarray | tuple[
                 return CORRUPT_JPEG, f"not a JPEG (PIL reads it as {im.format})"
             arr = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on damaged data
-        return CORRUPT_JPEG, f"cannot decode ({type(e).__name__}: {e})"
+        return CORRUPT_JPEG, f"cannot decode ({type(e).__name__}: {pil_message(e)})"
     if arr.shape[:2] != tuple(image_size):
         return WRONG_SIZE, (f"image is {arr.shape[0]}x{arr.shape[1]}, the manifest says "
                             f"{image_size[0]}x{image_size[1]}")
