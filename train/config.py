@@ -71,6 +71,8 @@ class DataConfig(Section):
     """Random horizontal flip of training images."""
     strict: bool = False
     """Stop on an undecodable sample instead of skipping and counting it."""
+    max_bad_fraction: float = 0.1
+    """Stop the run when more than this fraction of the samples read were bad (skipped), judged from the 100th sample on; 1: never stop."""
     dali_verify: Literal["header", "decode"] = "header"
     """loader=dali: what indexing checks per image, header (fast) or decode (every image decoded once with PIL)."""
     epoch_samples: Optional[int] = None
@@ -89,6 +91,7 @@ class DataConfig(Section):
         self.at_least("epoch_samples", 1)
         self.at_least("num_classes", 1)
         self.at_least("num_samples", 1)
+        self.within("max_bad_fraction", 0.0, 1.0)
         if self.epoch_samples is not None and self.mode == "exact":
             raise ConfigError(f"data.epoch_samples={self.epoch_samples} applies to data.mode=resampled only: "
                               "an exact epoch is the whole dataset; drop it or use data.mode=resampled")
