@@ -144,6 +144,9 @@ def build_backbone_module(m: ModelConfig, image_size: int, device: torch.device)
         module = build_backbone(m.backbone, **backbone_options(m, image_size))
     except (ValueError, TypeError) as err:
         raise ConfigError(f"model.backbone={m.backbone!r}: {err}") from err
+    if m.init_from:
+        from .init_from import load_init_weights
+        load_init_weights(module, m.init_from, m.backbone)
     module = module.to(device)
     if m.channels_last:
         module = module.to(memory_format=torch.channels_last)
@@ -169,7 +172,8 @@ def build_head(cfg: TrainConfig, ctx: DistContext, num_classes: int) -> nn.Modul
     head = PartialFC(cfg.model.embedding_size, num_classes, margin, sample_rate=lo.sample_rate,
                      group=ctx.group, seed=seed, param_dtype=HEAD_DTYPES[lo.head_dtype],
                      check_inputs=lo.check_inputs, compute_dtype=CLASSIFIER_DTYPES[precision],
-                     tf32=precision == "tf32", min_sample=cfg.data.batch_size * ctx.world_size)
+                     tf32=precision == "tf32", min_sample=cfg.data.batch_size * ctx.world_size,
+                     interclass_filtering_threshold=lo.interclass_filtering_threshold)
     return head.to(ctx.device)
 
 

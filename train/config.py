@@ -66,7 +66,7 @@ class DataConfig(Section):
     image_size: int = 112
     """Side of the square input images in pixels."""
     shuffle_buffer: int = 1000
-    """Samples held in the shuffle buffer of the webdataset loader."""
+    """Least samples per shuffle window (shards read whole and permuted together; a shard this big is one window); 0 or 1: no shuffle."""
     flip: bool = True
     """Random horizontal flip of training images."""
     strict: bool = False
@@ -125,6 +125,8 @@ class ModelConfig(Section):
     """Recompute activations in backward to save memory (backbones that support it)."""
     options: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for the backbone builder."""
+    init_from: str = ""
+    """Embedding model file (model.pt of a run, or written by `shardface import insightface`) whose backbone weights start training (fine-tuning; the classifier starts fresh); a resumed checkpoint takes precedence. Empty: random initialisation."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -156,6 +158,8 @@ class LossConfig(Section):
     """Overrides of the metric loss's parameters."""
     classifier: bool = True
     """Train with the margin classifier's loss; false: the metric loss alone (its shard is built but never used)."""
+    interclass_filtering_threshold: float = 0.0
+    """A negative class whose cosine with a sample exceeds this leaves the sample's softmax (its cosine set to 0, no gradient), as insightface's setting of the same name (0.4 in their WebFace12M conflict recipe); 0: off."""
     check_inputs: Literal["deferred", "strict", "off"] = "deferred"
     """Label-range and finiteness checks of the global batch: deferred (device flags read with the step's one host read; the error names the step, sample and rank), strict (at once, one host read per forward) or off."""
 
@@ -163,6 +167,8 @@ class LossConfig(Section):
         super().__post_init__()
         self.within("sample_rate", 0.0, 1.0, low_open=True, hint="the fraction of each rank's classes sampled per step")
         self.at_least("metric_weight", 0.0)
+        self.within("interclass_filtering_threshold", 0.0, 1.0,
+                    hint="a cosine above which negatives are filtered (e.g. 0.4; 0 = off)")
         if self.metric_loss != "none" and self.metric_weight == 0.0:
             raise ConfigError(f"loss.metric_loss={self.metric_loss!r} with loss.metric_weight=0 has no effect: "
                               "set loss.metric_weight > 0 or loss.metric_loss=none")
@@ -201,6 +207,8 @@ class OptimConfig(Section):
     """Power of the polynomial decay."""
     min_lr_ratio: float = 0.0
     """Floor of the decay as a fraction of the peak learning rate."""
+    row_decay: Literal["sampled", "lazy_dense"] = "sampled"
+    """Weight decay of classifier rows not sampled in a step (loss.sample_rate < 1): sampled (a row decays, like it moves, only in steps that sample it; the default, so that a class's row changes only when data about it is seen) or lazy_dense (the decay dense SGD would have applied over the missed steps, lr schedule included, is applied when the row is next sampled: exact for momentum 0, the momentum itself is not carried over missed steps)."""
     grad_accum: int = 1
     """Micro-steps whose gradients are accumulated into one optimiser step (loss averaged over them)."""
     clip_grad_norm: float = 0.0

@@ -178,7 +178,7 @@ class Trainer:
             f"steps {self.total_steps} ({self.steps_per_epoch} per epoch, "
             f"{self.total_steps / self.steps_per_epoch:.2f} epochs); "
             f"lr {self.lr:.4g} backbone / {self.head_lr:.4g} classifier (peak, {cfg.optim.schedule}, "
-            f"warm-up {cfg.optim.warmup_steps})",
+            f"warm-up {cfg.optim.warmup_steps}; {self._lr_scaling()})",
             f"classes {self.num_classes}: {head.num_local} on rank {ctx.rank} (~{self.num_classes / ctx.world_size:.0f}"
             f" per rank), sampled per step {getattr(head, 'num_sample', head.num_local)}; "
             f"{bytes_per_class} bytes/class ({cfg.loss.head_dtype}, {cfg.optim.name})",
@@ -186,6 +186,14 @@ class Trainer:
         if self.resumed_from:
             lines.append(f"resumed from {self.resumed_from} at step {self.step}")
         return "\n".join(lines)
+
+    def _lr_scaling(self) -> str:
+        """How the peak learning rate was derived: the linear scaling by optim.reference_batch, or none."""
+        o = self.cfg.optim
+        if o.reference_batch <= 0:
+            return "optim.lr as given, optim.reference_batch=0: no batch scaling"
+        return (f"effective lr = optim.lr {o.lr:g} x samples/step {self.samples_per_step} / "
+                f"optim.reference_batch {o.reference_batch}")
 
     def _record(self, result: StepResult) -> None:
         self.step += 1
