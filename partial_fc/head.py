@@ -34,6 +34,7 @@ from .checks import check_global_batch, check_mode, input_report
 from .cosine import cosine_logits, row_norms
 from .comm import ProcessGroup, gather_batch, gather_sizes, rank_and_world
 from .generator_state import portable_state, restore_state
+from .margin_softmax import margin_cross_entropy
 from .margins.base import Margin, MarginInput
 from .rows import Workspace, gather_rows
 from .sharding import class_range
@@ -261,10 +262,15 @@ class PartialFC(nn.Module):
 
         inp = MarginInput(cos=cos, target=target, feature_norm=feature_norm, weight_norm=weight_norm,
                           bias=chosen.bias, group=self.group)
-        logits = self.margin(inp).float()
-        if accuracy:
+        fused = margin_cross_entropy(self.margin, inp, accuracy)
+        if fused is not None:
+            # s·cos margins: margin and softmax share one [N, c] buffer (partial_fc.margin_softmax).
+            loss, self.accuracy = fused
+        elif accuracy:
+            logits = self.margin(inp).float()
             loss, self.accuracy = sharded_cross_entropy_and_accuracy(logits, target, cos.detach(), self.group)
         else:
+            logits = self.margin(inp).float()
             loss = sharded_cross_entropy(logits, target, self.group)
             self.accuracy = torch.full((), float("nan"), device=logits.device)
         extra = self.margin.extra_loss(inp)
