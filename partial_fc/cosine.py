@@ -8,10 +8,16 @@ would allocate several [N, c] and [c, D] temporaries):
     g' = g / ‖w_j‖
     ∂L/∂unit = g' @ rows
     ∂L/∂w_j  = (g'ᵀ @ unit)_j − w_j · Σ_i g'_ij cos_ij / ‖w_j‖
+
+The correction term is a pass over three [c, D] tensors, more memory traffic than any
+[N, c] step when N < D.  A caller that updates the rows block by block can take it
+instead as its per-row coefficient (:class:`RowCorrection`) and apply it while each
+block is in cache; ``partial_fc.optim`` does.
 """
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
@@ -58,10 +64,42 @@ def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, tf32: bool) -> tor
     return (a @ b).float()
 
 
+@dataclass
+class RowCorrection:
+    """The part of the rows' gradient that the backward left out: ``− coef_j · w_j``.
+
+    ``rows`` are the [c, D] rows of the forward; ``coef`` [c] is set by the backward.  The
+    true gradient of row j is ``grad_j − coef_j · rows_j``.
+    """
+
+    rows: torch.Tensor
+    coef: Optional[torch.Tensor] = None
+
+    def apply_(self, grad: torch.Tensor) -> torch.Tensor:
+        """Complete ``grad`` (shaped like ``rows``) in place, once; later calls change nothing."""
+        if self.coef is not None:
+            grad.addcmul_(self.rows.to(grad.dtype), self.coef.unsqueeze(1), value=-1.0)
+            self.coef = None
+        return grad
+
+
+def _column_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[c] ``Σ_i a_ij b_ij`` of two [N, c] tensors, in column blocks small enough for the cache."""
+    width = max(1, (1 << 16) // max(1, a.shape[0]))
+    out = torch.empty(a.shape[1], dtype=a.dtype, device=a.device)
+    tmp = torch.empty(a.shape[0], min(width, a.shape[1]), dtype=a.dtype, device=a.device)
+    for lo in range(0, a.shape[1], width):
+        hi = min(a.shape[1], lo + width)
+        part = torch.mul(a[:, lo:hi], b[:, lo:hi], out=tmp[:, :hi - lo])
+        torch.sum(part, dim=0, out=out[lo:hi])
+    return out
+
+
 class _CosineLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, unit: torch.Tensor, rows: torch.Tensor, norms: torch.Tensor,
-                dtype: Optional[torch.dtype], tf32: bool):
+                dtype: Optional[torch.dtype], tf32: bool, grad_in_place: bool,
+                correction: Optional[RowCorrection]):
         dtype = _matmul_dtype(unit.device.type, dtype)
         inv_norm = norms.reciprocal()
         cos = _mm(unit, rows.t(), dtype, tf32).float()
@@ -69,7 +107,7 @@ class _CosineLogits(torch.autograd.Function):
         # Rounding (bf16 products especially) can step outside [-1, 1]; the clamp is not
         # differentiated: the gradient is that of the unclamped cosine.
         cos.clamp_(-1.0, 1.0)
-        ctx.dtype, ctx.tf32 = dtype, tf32
+        ctx.dtype, ctx.tf32, ctx.grad_in_place, ctx.correction = dtype, tf32, grad_in_place, correction
         ctx.save_for_backward(unit, rows, inv_norm, cos)
         return cos
 
@@ -77,30 +115,44 @@ class _CosineLogits(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         unit, rows, inv_norm, cos = ctx.saved_tensors
         dtype, tf32 = ctx.dtype, ctx.tf32
-        g = grad.float() * inv_norm
+        if ctx.grad_in_place and grad.dtype == torch.float32 and grad.is_contiguous():
+            g = grad.mul_(inv_norm)
+        else:
+            g = grad.float() * inv_norm
         grad_unit = grad_rows = None
         if ctx.needs_input_grad[0]:
             grad_unit = _mm(g, rows, dtype, tf32).to(unit.dtype)
         if ctx.needs_input_grad[1]:
             # The correction term stays float32: it is a per-row scalar times the row.
-            coef = torch.einsum("ij,ij->j", g, cos).mul_(inv_norm)
+            coef = _column_dot(g, cos).mul_(inv_norm)
             grad_rows = _mm(g.t(), unit, dtype, tf32).float()
-            grad_rows.addcmul_(rows.float(), coef.unsqueeze(1), value=-1.0)
+            if ctx.correction is not None:
+                ctx.correction.coef = coef  # applied by the caller, block by block
+            else:
+                grad_rows.addcmul_(rows.float(), coef.unsqueeze(1), value=-1.0)
             grad_rows = grad_rows.to(rows.dtype)
-        return grad_unit, grad_rows, None, None, None
+        ctx.correction = None
+        return grad_unit, grad_rows, None, None, None, None, None
 
 
 def cosine_logits(unit: torch.Tensor, rows: torch.Tensor, norms: Optional[torch.Tensor] = None,
-                  dtype: Optional[torch.dtype] = None, tf32: bool = False) -> torch.Tensor:
+                  dtype: Optional[torch.dtype] = None, tf32: bool = False, grad_in_place: bool = False,
+                  correction: Optional[RowCorrection] = None) -> torch.Tensor:
     """[N, c] float32 cosine of unit features [N, D] with rows [c, D] (any norm).
 
     ``norms``: the rows' :func:`row_norms` when the caller has them already (one pass over
     the rows fewer); computed here otherwise.  ``dtype``: the GEMMs' compute dtype, forward
     and backward (float32, bfloat16 or float16; products in it, sums in float32); None: the
     autocast dtype when autocast is on, float32 otherwise.  ``tf32``: float32 GEMMs may use
-    TF32 tensor cores (CUDA only; restored after each GEMM).
+    TF32 tensor cores (CUDA only; restored after each GEMM).  ``grad_in_place``: the
+    gradient reaching the cosines is a buffer nobody else reads (the fused margin softmax's)
+    and may be overwritten.  ``correction``: leave the rows' ``− coef·w`` term out of their
+    gradient and hand its coefficients to this :class:`RowCorrection` (float32 rows only).
     """
-    return _CosineLogits.apply(unit, rows, row_norms(rows) if norms is None else norms, dtype, tf32)
+    if correction is not None and rows.dtype != torch.float32:
+        raise ValueError(f"a deferred row correction needs float32 rows, got {rows.dtype}")
+    return _CosineLogits.apply(unit, rows, row_norms(rows) if norms is None else norms, dtype, tf32,
+                               bool(grad_in_place), correction)
 
 
 def row_norms(rows: torch.Tensor) -> torch.Tensor:

@@ -75,12 +75,12 @@ class _RowOptimizer(torch.optim.Optimizer):
     def step(self, closure=None, grad_scale: float = 1.0):  # noqa: D401 - torch signature
         """Update the sampled rows; ``grad_scale`` multiplies the gradients first (1/loss scale)."""
         loss = closure() if closure is not None else None
-        index, w_grad, b_grad = self.head.row_grads()
+        index, w_grad, coef, b_grad = self.head.pending_row_grads()
         if w_grad is None:
             return loss
         group = self.param_groups[0]
         gathered = self.head.gathered_weight_rows()
-        for p, grad, rows in zip(group["params"], (w_grad, b_grad), (gathered, None)):
+        for p, grad, rows, correction in zip(group["params"], (w_grad, b_grad), (gathered, None), (coef, None)):
             if grad is None:
                 continue
             # The gradient buffers are discarded after the step, so they are updated in place.
@@ -92,17 +92,19 @@ class _RowOptimizer(torch.optim.Optimizer):
                     grad.mul_(grad_scale)
                 self._update({"param": p.detach(), **{n: state[n] for n in self.state_names}}, grad, group)
             else:
-                self._sparse_update(p.detach(), state, index, grad, rows, group, grad_scale)
+                self._sparse_update(p.detach(), state, index, grad, rows, group, grad_scale, correction)
         return loss
 
     def _sparse_update(self, param: torch.Tensor, state: dict, index: Optional[torch.Tensor],
                        grad: torch.Tensor, rows: Optional[torch.Tensor], group: dict,
-                       grad_scale: float) -> None:
+                       grad_scale: float, coef: Optional[torch.Tensor] = None) -> None:
         """Gather, update and write back the chosen rows of ``param`` and its state, block by block.
 
         ``rows``: the float32 copy of the chosen weight rows made by the forward (None:
         gathered here).  Each block of rows is gathered, updated and written back while it
-        is in cache, so weight and state cross memory once each way.
+        is in cache, so weight and state cross memory once each way.  ``coef`` [rows, centres]:
+        the gradient's deferred ``− coef·w`` term (``PartialFC.pending_row_grads``), applied to
+        each block before its update.
         """
         n = grad.shape[0]
         width = grad[0].numel() if grad.dim() > 1 else 1
@@ -126,6 +128,10 @@ class _RowOptimizer(torch.optim.Optimizer):
                 src = source[sl] if index is None else source
                 block[name] = gather_rows(src, part, ws.get(name, shape, torch.float32, dev), ws)
             g = grad[sl]
+            if coef is not None:
+                w = block["param"]
+                g.view(count, coef.shape[1], -1).addcmul_(w.view(count, coef.shape[1], -1),
+                                                          coef[sl].unsqueeze(2), value=-1.0)
             if grad_scale != 1.0:
                 g.mul_(grad_scale)
             self._update(block, g, group)
