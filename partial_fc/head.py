@@ -55,6 +55,8 @@ class _Chosen:
     bias: Optional[torch.Tensor]
     correction: Optional[RowCorrection] = None
     """The ``− coef·w`` term left out of ``weight.grad`` (None: the gradient is complete)."""
+    norms: Optional[torch.Tensor] = None
+    """‖w‖ of the rows, computed by the gather (None: not yet computed)."""
 
 
 class PartialFC(nn.Module):
@@ -214,13 +216,15 @@ class PartialFC(nn.Module):
         workspace = self._row_workspace()
         out = (workspace.get("rows", shape, torch.float32, weight.device) if first
                else torch.empty(shape, dtype=torch.float32, device=weight.device))
-        w = gather_rows(weight, index, out, workspace).detach().requires_grad_(self.training)
+        # One centre per class: the row norms come out of the gather, block by block.
+        norms = torch.empty(shape[0], dtype=torch.float32, device=weight.device) if self.num_centers == 1 else None
+        w = gather_rows(weight, index, out, workspace, norms=norms).detach().requires_grad_(self.training)
         self._gathered = (w, self.weight._version) if first else None
         b = None
         if self.bias is not None:
             b = self.bias.detach() if index is None else self.bias.detach()[index]
             b = b.float().requires_grad_(self.training)
-        return _Chosen(index, w, b)
+        return _Chosen(index, w, b, norms=None if norms is None else norms.clamp_min_(_NORM_EPS))
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor,
                 sizes: Optional[Sequence[int]] = None, accuracy: bool = True) -> torch.Tensor:
@@ -246,6 +250,9 @@ class PartialFC(nn.Module):
             self._reports.append((input_report(features.detach(), labels, self.num_classes), sizes))
 
         index, target = self._choose_rows(labels)
+        # The first training forward of a step keeps its [N, c] and [c, D] buffers between
+        # steps (as its copy of the rows, see _leaves); any other forward allocates.
+        workspace = self._row_workspace() if self.training and torch.is_grad_enabled() and not self._chosen else None
         chosen = self._leaves(index)
         if self.training and torch.is_grad_enabled():
             self._chosen.append(chosen)
@@ -253,14 +260,15 @@ class PartialFC(nn.Module):
         feature_norm = features.norm(dim=1, keepdim=True).clamp_min(_NORM_EPS)
         unit = features / feature_norm
         rows = chosen.weight.view(-1, self.embedding_size)  # [c·K, D]
-        norms = row_norms(rows)
+        norms = chosen.norms if chosen.norms is not None else row_norms(rows)
         fused = self.margin.logit_scale() is not None
         if chosen.weight is not self.weight and self.training and torch.is_grad_enabled():
             # The rows are this forward's own copy: the row optimiser applies the gradient's
             # −coef·w term block by block, while it holds each block in cache anyway.
             chosen.correction = RowCorrection(rows.detach())
         cos = cosine_logits(unit, rows, norms, self.compute_dtype, self.tf32,
-                            grad_in_place=fused and self.num_centers == 1, correction=chosen.correction)
+                            grad_in_place=fused and self.num_centers == 1, correction=chosen.correction,
+                            workspace=workspace)
         # Only margins on un-normalised rows (softmax, L-Softmax) differentiate through ‖w‖.
         weight_norm = rows.norm(dim=1).clamp_min(_NORM_EPS) if self.margin.uses_weight_norm else norms
         if self.num_centers > 1:
@@ -270,7 +278,7 @@ class PartialFC(nn.Module):
 
         inp = MarginInput(cos=cos, target=target, feature_norm=feature_norm, weight_norm=weight_norm,
                           bias=chosen.bias, group=self.group)
-        fused = margin_cross_entropy(self.margin, inp, accuracy) if fused else None
+        fused = margin_cross_entropy(self.margin, inp, accuracy, workspace) if fused else None
         if fused is not None:
             # s·cos margins: margin and softmax share one [N, c] buffer (partial_fc.margin_softmax).
             loss, self.accuracy = fused

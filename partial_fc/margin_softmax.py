@@ -20,7 +20,9 @@ from typing import Optional
 import torch
 
 from .comm import ProcessGroup, all_reduce
+from .cosine import row_blocks
 from .margins.base import Margin, MarginInput
+from .rows import Workspace
 
 
 class _ScaledMarginCrossEntropy(torch.autograd.Function):
@@ -28,7 +30,8 @@ class _ScaledMarginCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cos: torch.Tensor, feature_norm: torch.Tensor, target: torch.Tensor,
-                margin: Margin, scale: float, inp: MarginInput, group: ProcessGroup, with_accuracy: bool):
+                margin: Margin, scale: float, inp: MarginInput, group: ProcessGroup, with_accuracy: bool,
+                workspace: Optional[Workspace]):
         has = target >= 0
         idx = target.clamp(min=0).unsqueeze(1)
         zero = torch.zeros((), dtype=cos.dtype, device=cos.device)
@@ -43,17 +46,26 @@ class _ScaledMarginCrossEntropy(torch.autograd.Function):
         t_here = torch.where(has, t.detach(), zero)
 
         # One buffer: s·cos, the target column replaced (rows held elsewhere keep s·cos_t).
-        buf = torch.mul(cos, scale)
-        buf.scatter_(1, idx, torch.where(has, t_here, cos_t * scale).unsqueeze(1))
-        row_max = buf.amax(dim=1)  # amax: no indices
-        if with_accuracy:
-            maxima = torch.stack([row_max, cos.amax(dim=1)])
-            all_reduce(maxima, "max", group)
-            row_max, best = maxima[0], maxima[1]
-        else:
-            all_reduce(row_max, "max", group)
-        buf.sub_(row_max.unsqueeze(1)).exp_()
-        parts = [buf.sum(dim=1), t_here]
+        # Each pass runs block by block over rows, so the block is in cache for all its steps.
+        buf = (torch.empty_like(cos) if workspace is None
+               else workspace.get("margin_softmax", tuple(cos.shape), cos.dtype, cos.device))
+        put = torch.where(has, t_here, cos_t * scale).unsqueeze(1)
+        maxima = torch.empty((2 if with_accuracy else 1, cos.shape[0]), dtype=cos.dtype, device=cos.device)
+        blocks = row_blocks(tuple(cos.shape))
+        for sl in blocks:
+            part = torch.mul(cos[sl], scale, out=buf[sl])
+            part.scatter_(1, idx[sl], put[sl])
+            torch.amax(part, dim=1, out=maxima[0, sl])  # amax: no indices
+            if with_accuracy:
+                torch.amax(cos[sl], dim=1, out=maxima[1, sl])
+        all_reduce(maxima, "max", group)
+        row_max = maxima[0]
+        best = maxima[1] if with_accuracy else None
+        sum_exp_here = torch.empty_like(row_max)
+        for sl in blocks:
+            part = buf[sl].sub_(row_max[sl].unsqueeze(1)).exp_()
+            torch.sum(part, dim=1, out=sum_exp_here[sl])
+        parts = [sum_exp_here, t_here]
         if with_accuracy:
             parts.append(torch.where(has, cos_t, zero))
         sums = all_reduce(torch.stack(parts), "sum", group)
@@ -87,17 +99,18 @@ class _ScaledMarginCrossEntropy(torch.autograd.Function):
         grad.scatter_(1, idx, torch.where(has, grad_cos_t, grad.gather(1, idx).squeeze(1)).unsqueeze(1))
         grad_norm = grads[1] if len(grads) > 1 else None
         ctx.t = ctx.leaves = None
-        return grad, grad_norm, None, None, None, None, None, None
+        return grad, grad_norm, None, None, None, None, None, None, None
 
 
-def margin_cross_entropy(margin: Margin, inp: MarginInput,
-                         accuracy: bool = False) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+def margin_cross_entropy(margin: Margin, inp: MarginInput, accuracy: bool = False,
+                         workspace: Optional[Workspace] = None) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """(mean loss of the global batch, top-1 accuracy or NaN) for a margin of the scaled form.
 
     Returns None when ``margin`` is not of that form (:meth:`Margin.logit_scale` is None):
     the caller then runs the margin module and :func:`partial_fc.softmax.sharded_cross_entropy`.
     The accuracy ranks ``inp.cos``, as :func:`partial_fc.softmax.sharded_cross_entropy_and_accuracy`
-    does.  The backward may run once (its buffer is reused in place).
+    does.  The backward may run once (its buffer is reused in place).  ``workspace``: keeps
+    that [N, c] buffer between steps (as :func:`partial_fc.cosine.cosine_logits`'s).
     """
     scale = margin.logit_scale()
     if scale is None:
@@ -105,7 +118,7 @@ def margin_cross_entropy(margin: Margin, inp: MarginInput,
     if inp.cos.dtype != torch.float32 and inp.cos.dtype != torch.float64:
         raise TypeError(f"cosines must be float32 or float64 for a stable softmax, got {inp.cos.dtype}")
     loss, acc = _ScaledMarginCrossEntropy.apply(inp.cos, inp.feature_norm, inp.target, margin, float(scale),
-                                                inp, inp.group, bool(accuracy))
+                                                inp, inp.group, bool(accuracy), workspace)
     return loss, acc
 
 

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from .head import PartialFC
-from .rows import Workspace, blocks, gather_rows, round_to_bf16_, rounding_noise
+from .rows import Workspace, blocks, copy_rows_, gather_rows, round_to_bf16_, rounding_noise
 
 
 def _stochastic_round_bf16(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -146,7 +146,7 @@ class _RowOptimizer(torch.optim.Optimizer):
                 if index is None:
                     target[sl].copy_(value)
                 else:
-                    target.index_copy_(0, part, value.to(target.dtype))
+                    copy_rows_(target, part, value.to(target.dtype))
 
     @property
     def _workspace(self) -> Workspace:
