@@ -8,7 +8,7 @@ Rows:
   ``torch.utils.data.Dataset`` with PIL and a shuffling ``DataLoader`` (the usual setup);
 - ``PIL decode floor``: a bare loop decoding the JPEG bytes already in memory, one core:
   any PIL-based loader pays at least this per image and core;
-- ``synthetic``: in-memory tensors, no decode (what the loader contract costs by itself).
+- ``random_tensors``: in-memory tensors, no decode (what the loader contract costs by itself).
 
 Each row is the median of ``--repeats`` timed epochs after one untimed epoch (worker
 start-up, DALI index files and the page cache are warm). The data is rendered with
@@ -168,8 +168,8 @@ def main() -> None:
                 for kind in ("webdataset", "dali") for w in (1, 2)]
         runs += [("image folder + PIL + DataLoader", w,
                   lambda w=w: folder_rate(folder, w, b, r)) for w in (1, 2)]
-        runs += [("synthetic loader (no decode)", 0,
-                  lambda: loader_rate("synthetic", manifest, 0, b, r))]
+        runs += [("random_tensors loader (no decode)", 0,
+                  lambda: loader_rate("random_tensors", manifest, 0, b, r))]
         for name, workers, run in runs:
             rate, cpu = run()
             rows.append((name, str(workers), rate, cpu))

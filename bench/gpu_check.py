@@ -274,7 +274,7 @@ def _train_step(run: Run, net, head, head_opt, images, labels) -> Callable[[], N
     from train.step import TrainStep
     cfg = TrainConfig.load("cpu_tiny", ["precision.dtype=bf16", "optim.clip_grad_norm=5.0"])
     ctx = DistContext(0, 1, 0, run.device, None, "none")
-    runner = DDPRunner(net, cfg, ctx, lr=0.1)
+    runner = DDPRunner(net, ctx, 0.1, optim=cfg.optim, precision=cfg.precision, parallel=cfg.parallel)
     step = TrainStep(runner, head, head_opt, ctx, grad_accum=1, clip_grad_norm=5.0,
                      channels_last=run.device.type == "cuda")
     batches = itertools.repeat((images, labels))

@@ -30,7 +30,7 @@ from bench.results import machine_description, markdown_table, write_section  # 
 def _config(args, out_dir: str, precision: str):
     from train.config import TrainConfig
     return TrainConfig.load(None, [
-        f"output_dir={out_dir}", "max_steps=1000", "device=cpu", "data.loader=synthetic",
+        f"output_dir={out_dir}", "max_steps=1000", "device=cpu", "data.loader=random_tensors",
         f"data.num_classes={args.classes}", f"data.num_samples={args.batch * 8}", f"data.batch_size={args.batch}",
         f"data.image_size={args.image_size}", f"model.backbone={args.backbone}",
         f"model.embedding_size={args.dim}", f"loss.sample_rate={args.rate}", f"precision.dtype={precision}",
@@ -75,7 +75,8 @@ def _worker(rank: int, args, precision: str, port: int, out) -> None:
 
         from train.builders import build_backbone_module
         torch.manual_seed(0)
-        runner = DDPRunner(build_backbone_module(cfg, ctx.device), cfg, ctx, lr=0.1)
+        runner = DDPRunner(build_backbone_module(cfg.model, cfg.data.image_size, ctx.device), ctx, 0.1,
+                           optim=cfg.optim, precision=cfg.precision, parallel=cfg.parallel)
 
         def backbone_step() -> None:
             emb = runner.forward(images)

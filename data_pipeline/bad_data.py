@@ -19,8 +19,9 @@ MISSING_CLS = "missing_cls"
 BAD_LABEL = "bad_label"
 TRUNCATED_SHARD = "truncated_shard"
 MISSING_SHARD = "missing_shard"
+CORRUPT_RECORD = "corrupt_record"  # a RecordIO record whose framing or header is damaged
 REASONS = (CORRUPT_JPEG, WRONG_SIZE, MISSING_JPG, MISSING_CLS, BAD_LABEL, TRUNCATED_SHARD,
-           MISSING_SHARD)
+           MISSING_SHARD, CORRUPT_RECORD)
 
 # Warnings for one reason: the first few in full, then one line at each power of ten.
 FULL_WARNINGS_PER_REASON = 5

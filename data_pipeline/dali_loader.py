@@ -1,11 +1,13 @@
-"""NVIDIA DALI loader: ``fn.readers.webdataset`` sharded by rank, JPEG decode on GPU or CPU.
+"""NVIDIA DALI loader: ``fn.readers.webdataset`` over this rank's samples, JPEG decode on GPU or CPU.
 
-Each epoch builds a pipeline over the data shards in the epoch's order (the one the
-webdataset loader uses, so both give a rank the same samples in exact mode). DALI splits the
-listed samples into ``world_size`` contiguous parts and this rank reads part ``rank``;
-``pad_last_batch`` repeats its last sample to fill the final batch. The pipeline's stream is
-cut at ``len(loader)`` batches, equal on all ranks. Resuming mid-epoch runs the pipeline over
-the consumed batches again (decoded, then dropped), which costs time, not correctness.
+Each epoch puts the data shards in the epoch's order (the one the webdataset loader uses)
+and gives rank ``r`` the same contiguous piece of the listed samples as that loader, so in
+exact mode both give a rank the same samples. The piece is shuffled in windows
+(:mod:`data_pipeline.epoch_plan`) and written as index files in that order, one per run of
+samples of one shard, into a temporary folder: DALI reads the members an index names in the
+index's order. A resume lists only the samples from the resume point on, so the reader
+opens no consumed shard and starts mid-shard at the right sample; flips are seeded by the
+batch index, so the resumed batches equal the uninterrupted run's.
 
 At scale (many ranks, many shards) the index files are written once per node: local rank 0
 builds them, in parallel over shards, while the other ranks wait at ``barrier``; then they
@@ -19,20 +21,25 @@ one rank while the others wait in a collective would only end in the collective'
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 
 from .bad_data import BadSample
 from .dali_index import LABEL_WIDTH, ShardIndex, index_location, index_shards
 from .manifest import atomic_write_bytes
-from .epoch_plan import batches_per_rank, derive_seed, last_batch_padding, shard_order
+from .epoch_plan import (batches_per_rank, derive_seed, even_split, group_spans, last_batch_padding,
+                         shard_order, spans_between, window_permutation)
 from .loader_base import Batch, Loader
 from .tar_reader import shard_refs
 
 log = logging.getLogger("shardface.data")
 VERIFY_MODES = ("header", "decode")
+FLIP_TAG, WINDOW_TAG = 0x464C, 0x4457
 DECODE_MARKER = "dali-decode-required"
 _DIGIT_WEIGHTS = torch.tensor([10 ** k for k in range(LABEL_WIDTH - 1, -1, -1)], dtype=torch.int64)
 
@@ -152,29 +159,100 @@ class DaliLoader(Loader):
                                f"under {self.manifest.root}; check the shard directory")
         return indexes
 
-    def _pipeline(self, epoch: int) -> Any:
+    def _entries(self, epoch: int, start: int) -> list[tuple[int, int]]:
+        """``(shard, listed sample)`` of every sample of batches ``start, ..., len-1`` of ``epoch``.
+
+        The rank's samples are its piece of the shards in the epoch's order (counted by the
+        index, which leaves bad samples out), in shuffle windows of at least
+        ``shuffle_buffer`` samples, each in a permutation of its own. Exact mode repeats the
+        last one to fill the last batch; resampled mode goes round the piece again (a new
+        permutation each round) until the epoch's batches are full.
+        """
+        sizes = [ix.num_listed for ix in self._indexes]
+        order = shard_order(len(sizes), self.seed, epoch)
+        lo, hi = even_split(sum(sizes), self.world_size, self.rank)
+        n_rank = hi - lo
+        if n_rank == 0:
+            raise RuntimeError(f"rank {self.rank} has no samples to read: the indexes list "
+                               f"{sum(sizes)} good samples for {self.world_size} ranks")
+        spans = spans_between(order, sizes, lo, hi)
+        begin, end = start * self.batch_size, len(self) * self.batch_size
+        out: list[tuple[int, int]] = []
+        last: tuple[int, int] | None = None
+        pos = 0
+        for round_ in range(1 if self.mode == "exact" else -(-end // n_rank)):
+            windows = list(group_spans(spans, self.shuffle_buffer)) if self.shuffle_buffer > 1 \
+                else [[span] for span in spans]
+            for k, window in enumerate(windows):
+                size = sum(span.stop - span.start for span in window)
+                final = round_ == 0 and k == len(windows) - 1 and self.mode == "exact"
+                if pos + size <= begin and not final:
+                    pos += size  # consumed before a resume: never listed, never opened
+                    continue
+                items = [(span.shard, i) for span in window for i in range(span.start, span.stop)]
+                if self.shuffle_buffer > 1:
+                    seed = derive_seed(self.seed, epoch, self.rank, round_, k, WINDOW_TAG)
+                    items = [items[i] for i in window_permutation(size, seed)]
+                last = items[-1]
+                out += items[max(0, begin - pos):max(0, end - pos)]
+                pos += size
+                if pos >= end:
+                    return out
+        assert last is not None
+        # Exact mode: the padding of the last batch repeats the rank's last sample.
+        out += [last] * (end - max(pos, begin))
+        return out
+
+    def _view_indexes(self, entries: list[tuple[int, int]], folder: Path) -> tuple[list[str], list[str]]:
+        """Tar paths and index files that list ``entries`` in their order, one per run of a shard.
+
+        DALI reads the members an index names in the index's order, so the reader starts at
+        the resume point and its order is this loader's shuffle.
+        """
+        lines: dict[int, list[str]] = {}
+        paths: list[str] = []
+        index_paths: list[str] = []
+        k = 0
+        while k < len(entries):
+            shard = entries[k][0]
+            run_end = k
+            while run_end < len(entries) and entries[run_end][0] == shard:
+                run_end += 1
+            if shard not in lines:
+                lines[shard] = self._indexes[shard].index_path.read_text().splitlines()[1:]
+            view = folder / f"{len(paths):06d}.idx"
+            view.write_text(f"v1.2 {run_end - k}\n" + "".join(
+                lines[shard][i] + "\n" for _, i in entries[k:run_end]))
+            paths.append(str(self._indexes[shard].shard.path))
+            index_paths.append(str(view))
+            k = run_end
+        return paths, index_paths
+
+    def _pipeline(self, epoch: int, start: int, folder: Path) -> Any:
         fn, types, Pipeline, _ = _import_dali()
         gpu = self.device.type == "cuda"
         device_id = (self.device.index if self.device.index is not None
                      else torch.cuda.current_device()) if gpu else None
-        order = [self._indexes[i] for i in shard_order(len(self._indexes), self.seed, epoch)]
-        order = [ix for ix in order if ix.num_listed > 0]
+        paths, index_paths = self._view_indexes(self._entries(epoch, start), folder)
         seed = derive_seed(self.seed, epoch, self.rank) % (2 ** 31)
-        shuffle = self.shuffle_buffer > 1
-        pipe = Pipeline(batch_size=self.batch_size, num_threads=self.threads, device_id=device_id,
+        batch_size, rank = self.batch_size, self.rank
+
+        def flips(info: Any) -> list[np.ndarray]:
+            # Seeded by the batch index, so a resumed pipeline flips as the uninterrupted one.
+            j = start + info.iteration
+            coins = np.random.default_rng(derive_seed(self.seed, epoch, rank, j, FLIP_TAG)).random(batch_size)
+            return [np.array(c < 0.5, dtype=np.int32) for c in coins]
+
+        pipe = Pipeline(batch_size=batch_size, num_threads=self.threads, device_id=device_id,
                         seed=seed, prefetch_queue_depth=2)
         with pipe:
             jpegs, cls = fn.readers.webdataset(
-                paths=[str(ix.shard.path) for ix in order],
-                index_paths=[str(ix.index_path) for ix in order],
+                paths=paths, index_paths=index_paths,
                 ext=["jpg", "cls"], dtypes=[types.UINT8, types.UINT8],
-                shard_id=self.rank, num_shards=self.world_size, stick_to_shard=True,
-                random_shuffle=shuffle, initial_fill=max(1, self.shuffle_buffer),
-                pad_last_batch=self.mode == "exact", missing_component_behavior="error",
-                name="reader")
+                random_shuffle=False, missing_component_behavior="error", name="reader")
             images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu",
                                        output_type=types.RGB)
-            mirror = fn.random.coin_flip(probability=0.5) if self.flip else 0
+            mirror = fn.external_source(source=flips, batch=True, batch_info=True) if self.flip else 0
             # (x / 255 - 0.5) / 0.5 == (x - 127.5) / 127.5
             images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
                                               mean=[127.5] * 3, std=[127.5] * 3, mirror=mirror)
@@ -183,20 +261,22 @@ class DaliLoader(Loader):
 
     def _run(self, epoch: int, start: int) -> Iterator[Batch]:
         _, _, _, DALIGenericIterator = _import_dali()
-        pipe = self._pipeline(epoch)
-        if start:
-            log.info("DALI loader: resuming epoch %d at batch %d of %d (re-running the batches "
-                     "before it)", epoch, start, len(self))
-        it = DALIGenericIterator([pipe], ["images", "cls"], size=-1, auto_reset=False)
+        folder = Path(tempfile.mkdtemp(prefix="shardface-dali-view-"))
         try:
-            for j in range(len(self)):
-                out = next(it)[0]
-                if j < start:
-                    continue
-                labels = labels_from_digits(out["cls"].cpu()).to(self.device)
-                yield out["images"], labels
+            pipe = self._pipeline(epoch, start, folder)
+            if start:
+                log.info("DALI loader: resuming epoch %d at batch %d of %d (reading from there)",
+                         epoch, start, len(self))
+            it = DALIGenericIterator([pipe], ["images", "cls"], size=-1, auto_reset=False)
+            try:
+                for _ in range(start, len(self)):
+                    out = next(it)[0]
+                    labels = labels_from_digits(out["cls"].cpu()).to(self.device)
+                    yield out["images"], labels
+            finally:
+                del it, pipe
         finally:
-            del it, pipe
+            shutil.rmtree(folder, ignore_errors=True)
 
     def _iter_epoch(self, epoch: int, start: int) -> Iterator[Batch]:
         if start >= len(self):

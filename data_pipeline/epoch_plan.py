@@ -7,11 +7,17 @@ order with its samples, so only the last batch can hold padding: the ``L*B - n_r
 of the rank's first samples. Batch ``j`` belongs to worker ``j % K`` (the order in which a
 DataLoader collects from its workers), and each worker reads the contiguous piece of the
 rank's positions that its batches need.
+
+Shuffling works on *windows*: a worker's spans grouped so that each window holds at least
+``min_size`` samples (a span that large is a window by itself). A window's samples come out
+in a seeded permutation of their own, so where sample ``s`` of a worker's stream lies follows
+from the shard counts alone: a resume skips the windows before it without opening them.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -128,3 +134,29 @@ def last_batch_padding(num_samples: int, world_size: int, batch_size: int, rank:
     """How many trailing samples of the rank's last exact-mode batch repeat earlier ones."""
     start, stop = even_split(num_samples, world_size, rank)
     return exact_batches_per_rank(num_samples, world_size, batch_size) * batch_size - (stop - start)
+
+
+def group_spans(spans: Iterable[Span], min_size: int) -> Iterator[list[Span]]:
+    """``spans`` (possibly endless) grouped into shuffle windows of at least ``min_size`` samples.
+
+    A span of ``min_size`` or more is a window by itself, so that with shards of at least that
+    size a window never reaches into a second shard; smaller spans (small shards, or the
+    pieces of a shard at the ends of a worker's share) are gathered until they reach it. A
+    group still short when a large span or the end comes stays a window as it is.
+    """
+    group: list[Span] = []
+    size = 0
+    for span in spans:
+        n = span.stop - span.start
+        if group and (n >= min_size or size >= min_size):
+            yield group
+            group, size = [], 0
+        group.append(span)
+        size += n
+    if group:
+        yield group
+
+
+def window_permutation(size: int, seed: int) -> list[int]:
+    """The order in which a shuffle window of ``size`` samples is handed out."""
+    return [int(i) for i in np.random.default_rng(seed).permutation(size)]

@@ -7,8 +7,7 @@ from typing import Any, Iterator
 import torch
 
 from .bad_data import BadSample, SkipReport, log
-
-MODES = ("resampled", "exact")
+from .kinds import MODES
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 

@@ -1,4 +1,4 @@
-"""``build_loader``: one factory for the webdataset, DALI and synthetic loaders.
+"""``build_loader``: one factory for the webdataset, DALI and random-tensor loaders.
 
 Every loader yields, per epoch, ``(images float32 [B, 3, H, W] in [-1, 1], labels int64 [B])``
 (see :class:`data_pipeline.loader_base.Loader` for the rest of the contract).
@@ -6,15 +6,18 @@ Every loader yields, per epoch, ``(images float32 [B, 3, H, W] in [-1, 1], label
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Callable
 
 from .bad_data import REASONS, BadSampleError
-from .loader_base import MODES, Loader
+from .kinds import LOADER_ALIASES, LOADER_KINDS, MODES, LoaderKind
+from .loader_base import Loader
 from .manifest import Manifest
+from .rec_dataset import RecDataset, open_dataset
 
-KINDS = ("webdataset", "dali", "synthetic")
+KINDS = LOADER_KINDS
 
-__all__ = ["KINDS", "MODES", "REASONS", "BadSampleError", "Loader", "build_loader"]
+__all__ = ["KINDS", "MODES", "REASONS", "BadSampleError", "Loader", "LoaderKind", "build_loader"]
 
 
 def build_loader(kind: str, manifest: Manifest | str | os.PathLike | None, *, rank: int,
@@ -23,20 +26,28 @@ def build_loader(kind: str, manifest: Manifest | str | os.PathLike | None, *, ra
                  strict: bool = False, device: str = "cpu", epoch_samples: int | None = None,
                  local_rank: int | None = None, barrier: Callable[[], None] | None = None,
                  any_rank: Callable[[bool], bool] | None = None, dali_verify: str = "header",
-                 **synthetic: Any) -> Loader:
+                 **random_tensors: Any) -> Loader:
     """A loader of ``kind`` over ``manifest`` (a :class:`Manifest`, its file or its directory).
+
+    ``manifest`` may also be an insightface RecordIO ``train.rec`` (or its folder, or a
+    :class:`~data_pipeline.rec_dataset.RecDataset`): ``kind="rec"`` reads it in Python,
+    ``kind="dali"`` decodes it with DALI (see :mod:`data_pipeline.rec_loader`).
 
     ``mode="resampled"``: ``epoch_samples`` (default: the manifest's count) samples per epoch
     over all ranks, drawn from shards resampled with replacement; ``mode="exact"``: every
     sample once per epoch over all ranks, the last batch of a rank padded with repeats
-    (``loader.last_batch_padding`` of them). ``synthetic`` accepts ``manifest=None`` with
-    ``num_samples``, ``num_classes`` and ``image_size`` keywords.
+    (``loader.last_batch_padding`` of them). ``random_tensors`` accepts ``manifest=None`` with
+    ``num_samples``, ``num_classes`` and ``image_size`` keywords (the deprecated name
+    ``synthetic`` still selects it).
 
     DALI only: ``local_rank`` and ``barrier`` (every rank calls it) let local rank 0 of each
     node write the index files while the others wait; ``any_rank(flag)`` (a collective OR)
     makes the ranks agree on ``dali_verify`` (``header`` or ``decode``, see
     :mod:`data_pipeline.dali_loader`).
     """
+    if kind in LOADER_ALIASES:
+        warnings.warn(f"loader kind {kind!r} is deprecated: use {LOADER_ALIASES[kind]!r}", FutureWarning, stacklevel=2)
+        kind = LOADER_ALIASES[kind]
     if kind not in KINDS:
         raise ValueError(f"loader kind {kind!r} is unknown: choose one of {', '.join(KINDS)}")
     if mode not in MODES:
@@ -55,21 +66,24 @@ def build_loader(kind: str, manifest: Manifest | str | os.PathLike | None, *, ra
                              "an exact epoch is the whole dataset; drop it or use resampled")
         if epoch_samples < 1:
             raise ValueError(f"epoch_samples={epoch_samples} must be at least 1")
-    if synthetic and kind != "synthetic":
-        raise TypeError(f"build_loader() got unexpected keywords {sorted(synthetic)} "
-                        f"for kind={kind!r} (only 'synthetic' takes them)")
+    if random_tensors and kind != "random_tensors":
+        raise TypeError(f"build_loader() got unexpected keywords {sorted(random_tensors)} "
+                        f"for kind={kind!r} (only 'random_tensors' takes them)")
     common = dict(rank=rank, world_size=world_size, batch_size=batch_size, workers=workers,
                   seed=seed, mode=mode, flip=flip, device=device, epoch_samples=epoch_samples)
 
-    if kind == "synthetic":
-        from .tensor_loader import SyntheticLoader
+    if kind == "random_tensors":
+        from .tensor_loader import RandomTensorLoader
         if manifest is not None:
             m = _load(manifest)
-            synthetic = {"num_samples": m.num_samples, "num_classes": m.num_classes,
-                         "image_size": m.image_size, **synthetic}
-        return SyntheticLoader(**common, **synthetic)
+            random_tensors = {"num_samples": m.num_samples, "num_classes": m.num_classes,
+                              "image_size": m.image_size, **random_tensors}
+        return RandomTensorLoader(**common, **random_tensors)
 
     m = _load(manifest)
+    if kind == "rec" or isinstance(m, RecDataset):
+        from .rec_loader import build_rec_loader
+        return build_rec_loader(kind, m, strict=strict, **common)
     if m.num_samples < 1 or not m.shards:
         raise ValueError(f"the manifest at {m.root} lists no samples: nothing to load")
     if mode == "exact" and m.num_samples < world_size:
@@ -83,8 +97,8 @@ def build_loader(kind: str, manifest: Manifest | str | os.PathLike | None, *, ra
                       any_rank=any_rank, verify=dali_verify, **common)
 
 
-def _load(manifest: Manifest | str | os.PathLike | None) -> Manifest:
+def _load(manifest: Manifest | RecDataset | str | os.PathLike | None) -> Manifest | RecDataset:
     if manifest is None:
         raise ValueError("this loader needs a manifest (a Manifest, manifest.json or its "
-                         "directory); only kind='synthetic' runs without one")
-    return manifest if isinstance(manifest, Manifest) else Manifest.load(manifest)
+                         "directory, or a RecordIO train.rec); only kind='random_tensors' runs without one")
+    return manifest if isinstance(manifest, (Manifest, RecDataset)) else open_dataset(manifest)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 from webdataset.tariterators import base_plus_ext
 
@@ -35,6 +35,11 @@ def shard_refs(manifest) -> list[ShardRef]:
     """The manifest's data shards as :class:`ShardRef` (absolute paths, manifest order)."""
     return [ShardRef(path, info.path, info.num_samples)
             for path, info in zip(manifest.shard_paths(), manifest.shards)]
+
+
+def open_shard(shard: ShardRef) -> BinaryIO:
+    """The shard's bytes as a seekable binary stream: every read of a data shard opens it here."""
+    return open(shard.path, "rb")
 
 
 class _SpanDone(Exception):
@@ -98,7 +103,7 @@ def read_span(shard: ShardRef, start: int, stop: int, num_classes: int,
     groups = _Groups(shard, num_classes, log, start)
     positions = _Positions(start, stop)
     failure: Exception | None = None
-    with open(shard.path, "rb") as stream:
+    with open_shard(shard) as stream:
         try:
             try:
                 for fname, data in plain_members(stream, positions.select):

@@ -1,4 +1,8 @@
-"""Synthetic in-memory tensors: random images and labels for throughput runs (no decode)."""
+"""Random in-memory tensors: random images and labels for throughput runs (no files, no decode).
+
+Not to be confused with the synthetic faces of :mod:`data_pipeline.synthetic`, which are
+written to shards and read by the file loaders.
+"""
 from __future__ import annotations
 
 from typing import Iterator, Sequence
@@ -12,7 +16,7 @@ from .loader_base import Batch, Loader
 POOL_SIZE = 256
 
 
-class SyntheticLoader(Loader):
+class RandomTensorLoader(Loader):
     """Random images in [-1, 1] and labels in [0, num_classes), drawn by (seed, epoch, rank).
 
     Exact mode permutes sample indices per epoch and splits them over ranks like the file
@@ -20,14 +24,14 @@ class SyntheticLoader(Loader):
     ignored: batches are gathered from tensors already on ``device``.
     """
 
-    kind = "synthetic"
+    kind = "random_tensors"
 
     def __init__(self, *, num_samples: int, num_classes: int, image_size: Sequence[int],
                  rank: int, world_size: int, batch_size: int, workers: int, seed: int, mode: str,
                  flip: bool, device: str, epoch_samples: int | None) -> None:
         if num_samples < 1 or num_classes < 1:
             raise ValueError(f"num_samples={num_samples} and num_classes={num_classes} must be "
-                             "positive for the synthetic loader")
+                             "positive for the random_tensors loader")
         if len(image_size) != 2 or min(image_size) < 1:
             raise ValueError(f"image_size={list(image_size)} must be [height, width], both "
                              "positive")
@@ -79,3 +83,7 @@ class SyntheticLoader(Loader):
                 f = flips[j * b:(j + 1) * b]
                 images = torch.where(f[:, None, None, None], images.flip(-1), images)
             yield images, self._labels.index_select(0, sel)
+
+
+SyntheticLoader = RandomTensorLoader
+"""The former name of :class:`RandomTensorLoader` (deprecated)."""

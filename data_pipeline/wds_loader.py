@@ -1,7 +1,8 @@
 """WebDataset shards through a torch DataLoader: PIL decode in worker processes."""
 from __future__ import annotations
 
-from typing import Iterator
+import multiprocessing
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -22,41 +23,65 @@ FLIP_TAG = 0x464C
 WORKERS_TAG = 0x574B
 
 
+class SharedEpoch:
+    """The epoch and the first batch to make, set by the training process before each epoch.
+
+    Shared memory, inherited by the loader workers: a worker that lives across epochs reads
+    it each time its DataLoader starts it on a new epoch (in ``__iter__``).
+    """
+
+    def __init__(self) -> None:
+        self._cell = multiprocessing.Array("q", 2)
+
+    def set(self, epoch: int, start: int) -> None:
+        with self._cell.get_lock():
+            self._cell[0], self._cell[1] = epoch, start
+
+    def get(self) -> tuple[int, int]:
+        with self._cell.get_lock():
+            return int(self._cell[0]), int(self._cell[1])
+
+
 class _RankEpoch(IterableDataset):
-    """One rank's epoch; in each DataLoader worker it yields that worker's decoded batches."""
+    """One rank's epochs; in each DataLoader worker it yields that worker's decoded batches
+    of the epoch that ``position`` holds when the iteration starts."""
 
     def __init__(self, shards: list[ShardRef], *, num_classes: int, image_size: tuple[int, int],
-                 mode: str, seed: int, epoch: int, rank: int, world_size: int, batch_size: int,
-                 num_batches: int, workers: int, start: int, buffer_size: int, flip: bool,
+                 mode: str, seed: int, position: SharedEpoch, rank: int, world_size: int,
+                 batch_size: int, num_batches: int, workers: int, buffer_size: int, flip: bool,
                  strict: bool) -> None:
         super().__init__()
         self.shards, self.num_classes, self.image_size = shards, num_classes, image_size
-        self.mode, self.seed, self.epoch = mode, seed, epoch
+        self.mode, self.seed, self.position = mode, seed, position
+        self.epoch = 0
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
-        self.num_batches, self.workers, self.start = num_batches, workers, start
+        self.num_batches, self.workers = num_batches, workers
         self.buffer_size, self.flip, self.strict = buffer_size, flip, strict
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, list[BadSample]]]:
         """Yields ``(uint8 images [B, H, W, 3], labels, batch index, skip events)``."""
         info = get_worker_info()
         worker = info.id if info is not None else 0
+        self.epoch, start = self.position.get()
+        batches = worker_batches(self.num_batches, self.workers, worker)
+        # Every batch takes exactly batch_size samples of the stream, so the batches consumed
+        # before a resume are skipped by count: their shards are not even opened.
+        skip = self.batch_size * sum(1 for j in batches if j < start)
         log = SkipLog(self.strict)
         common = dict(num_classes=self.num_classes, seed=self.seed, epoch=self.epoch,
-                      rank=self.rank, worker=worker, buffer_size=self.buffer_size, log=log)
+                      rank=self.rank, worker=worker, buffer_size=self.buffer_size, log=log,
+                      skip=skip)
         if self.mode == "exact":
             batches, stream = exact_stream(self.shards, world_size=self.world_size,
                                            batch_size=self.batch_size, workers=self.workers,
                                            **common)
         else:
-            batches = worker_batches(self.num_batches, self.workers, worker)
             stream = resampled_stream(self.shards, **common)
         faults = worker_switch(self.rank) if info is not None else None
         for j in batches:
-            chunk = [next(stream) for _ in range(self.batch_size)]
-            if j < self.start:
-                # Already consumed before a resume: skipped undecoded; its skips were counted then.
-                log.take()
+            if j < start:
                 continue
+            chunk = [next(stream) for _ in range(self.batch_size)]
             if faults:
                 faults.in_worker(self.epoch * self.num_batches + j)  # testing: SHARDFACE_FAULT
             images, labels = self._decode(chunk, stream, j, log)
@@ -94,7 +119,12 @@ class _RankEpoch(IterableDataset):
 
 
 class WebDatasetLoader(Loader):
-    """WebDataset data shards read by ``workers`` DataLoader processes (0: in this process)."""
+    """WebDataset data shards read by ``workers`` DataLoader processes (0: in this process).
+
+    The worker processes start with the first epoch and live across epochs (the DataLoader's
+    ``persistent_workers``): each epoch hands them its number and first batch through a
+    :class:`SharedEpoch`. A worker that dies is replaced, with its companions, by fresh ones.
+    """
 
     kind = "webdataset"
 
@@ -110,6 +140,14 @@ class WebDatasetLoader(Loader):
         self.shards = shard_refs(manifest)
         self.workers, self.shuffle_buffer = workers, shuffle_buffer
         self.flip, self.strict, self.device = flip, strict, torch.device(device)
+        self._position = SharedEpoch()
+        self._dataset = _RankEpoch(
+            self.shards, num_classes=self.num_classes, image_size=self.manifest.image_size,
+            mode=self.mode, seed=self.seed, position=self._position, rank=self.rank,
+            world_size=self.world_size, batch_size=self.batch_size, num_batches=num_batches,
+            workers=max(1, self.workers), buffer_size=self.shuffle_buffer, flip=self.flip,
+            strict=self.strict)
+        self._workers_loader: DataLoader | None = None
 
     @property
     def last_batch_padding(self) -> int:
@@ -118,6 +156,21 @@ class WebDatasetLoader(Loader):
             return 0
         return last_batch_padding(self.manifest.num_samples, self.world_size, self.batch_size,
                                   self.rank)
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of the loader workers now running (empty before the first epoch)."""
+        it = getattr(self._workers_loader, "_iterator", None)
+        return [w.pid for w in getattr(it, "_workers", [])]
+
+    def close(self) -> None:
+        """Stop the loader workers now (the next epoch starts fresh ones)."""
+        loader, self._workers_loader = self._workers_loader, None
+        it = getattr(loader, "_iterator", None)
+        if it is not None:
+            # Now rather than when the iterator is collected: after an error that can be
+            # much later, and the workers then take seconds to join.
+            it._shutdown_workers()
 
     def _iter_epoch(self, epoch: int, start: int) -> Iterator[Batch]:
         # A worker that dies (killed, out of memory) loses only its prefetched batches: every
@@ -131,6 +184,7 @@ class WebDatasetLoader(Loader):
                     yield batch
                 return
             except WorkerDied as err:
+                self.close()
                 deaths += 1
                 if deaths > MAX_WORKER_RESTARTS:
                     raise RuntimeError(f"{err}; {deaths} loader-worker deaths in epoch {epoch} on rank "
@@ -138,27 +192,27 @@ class WebDatasetLoader(Loader):
                 log.warning("%s; restarting the loader workers at batch %d of epoch %d (rank %d)",
                             err, nxt, epoch, self.rank)
 
+    def _worker_batches(self) -> Iterator[Any]:
+        """A new epoch (the one in ``self._position``) from the loader workers."""
+        if self._workers_loader is None:
+            _no_sigchld_raise()
+            # A generator of its own: making the iterator would otherwise draw from the
+            # process's torch RNG, which a resumed run (workers started at another point)
+            # would leave in another state than a run without a break.  The data order does
+            # not use it.
+            workers_rng = torch.Generator().manual_seed(derive_seed(self.seed, self.rank, WORKERS_TAG))
+            self._workers_loader = DataLoader(self._dataset, batch_size=None, num_workers=self.workers,
+                                              pin_memory=self.device.type == "cuda",
+                                              persistent_workers=True, generator=workers_rng)
+        # Starting the next epoch of persistent workers waits on them: a dead one shows here too.
+        return _catch_worker_death(_call_catching_death(iter, self._workers_loader))
+
     def _iter_workers(self, epoch: int, start: int) -> Iterator[Batch]:
         if start >= len(self):
             return
-        dataset = _RankEpoch(
-            self.shards, num_classes=self.num_classes, image_size=self.manifest.image_size,
-            mode=self.mode, seed=self.seed, epoch=epoch, rank=self.rank,
-            world_size=self.world_size, batch_size=self.batch_size, num_batches=len(self),
-            workers=max(1, self.workers), start=start, buffer_size=self.shuffle_buffer,
-            flip=self.flip, strict=self.strict)
         cuda = self.device.type == "cuda"
-        if self.workers == 0:
-            source = iter(dataset)
-        else:
-            _no_sigchld_raise()
-            # A generator of its own: making the iterator would otherwise draw from the
-            # process's torch RNG, which a resumed epoch (one iterator more) would leave in
-            # another state than a run without a break.  The data order does not use it.
-            workers_rng = torch.Generator().manual_seed(derive_seed(self.seed, epoch, self.rank, start, WORKERS_TAG))
-            source = iter(DataLoader(dataset, batch_size=None, num_workers=self.workers,
-                                     pin_memory=cuda, generator=workers_rng))
-            source = _catch_worker_death(source)
+        self._position.set(epoch, start)
+        source = iter(self._dataset) if self.workers == 0 else self._worker_batches()
         try:
             # Workers hand batches over in turn; after a resume their next batches need not come
             # in rank order, so hold early ones until their turn.
@@ -176,12 +230,10 @@ class WebDatasetLoader(Loader):
                     # (on a GPU, after a copy of a quarter of the bytes).
                     images = to_model_input(images.to(self.device, non_blocking=cuda))
                     yield images, labels.to(self.device, non_blocking=cuda)
-        finally:
-            # Stop the workers now rather than when the iterator is collected: after an
-            # error that can be much later, and the workers then take seconds to join.
-            shutdown = getattr(getattr(source, "loader_iter", source), "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
+        except Exception:
+            # The workers may be anywhere in the epoch: start the next one with fresh ones.
+            self.close()
+            raise
         if nxt != len(self) or waiting:
             raise RuntimeError(f"the loader workers produced batches up to {nxt} of {len(self)} "
                                f"and {sorted(waiting)} out of turn (rank {self.rank}, epoch "
@@ -190,6 +242,27 @@ class WebDatasetLoader(Loader):
 
 class WorkerDied(RuntimeError):
     """A DataLoader worker process ended unexpectedly (the batches it held are lost)."""
+
+
+def _worker_death(err: BaseException) -> WorkerDied | None:
+    """``err`` as :class:`WorkerDied` when it says a DataLoader worker died, else None."""
+    if isinstance(err, RuntimeError) and "DataLoader worker" in str(err) and (
+            "exited unexpectedly" in str(err) or "killed by signal" in str(err)):
+        return WorkerDied(str(err).splitlines()[0])
+    if isinstance(err, (ConnectionError, EOFError)):
+        # The worker died while handing a batch over: the batch's shared-memory handle died with it.
+        return WorkerDied(f"a DataLoader worker died while handing over a batch ({type(err).__name__})")
+    return None
+
+
+def _call_catching_death(fn, *args):
+    try:
+        return fn(*args)
+    except (RuntimeError, ConnectionError, EOFError) as err:
+        died = _worker_death(err)
+        if died is None:
+            raise
+        raise died from err
 
 
 class _catch_worker_death:
@@ -202,15 +275,7 @@ class _catch_worker_death:
         return self
 
     def __next__(self):
-        try:
-            return next(self.loader_iter)
-        except RuntimeError as err:
-            if "DataLoader worker" in str(err) and ("exited unexpectedly" in str(err) or "killed by signal" in str(err)):
-                raise WorkerDied(str(err).splitlines()[0]) from err
-            raise
-        except (ConnectionError, EOFError) as err:
-            # The worker died while handing a batch over: the batch's shared-memory handle died with it.
-            raise WorkerDied(f"a DataLoader worker died while handing over a batch ({type(err).__name__})") from err
+        return _call_catching_death(next, self.loader_iter)
 
 
 def _no_sigchld_raise() -> None:

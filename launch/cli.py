@@ -70,8 +70,9 @@ def _check_launch(cfg, spec: LaunchSpec) -> None:
     world = spec.nproc_per_node * spec.nnodes
     classes = cfg.data.num_classes
     if classes is None and cfg.data.manifest and Path(cfg.data.manifest).exists():
-        from data_pipeline.manifest import Manifest
-        classes = Manifest.load(cfg.data.manifest).num_classes
+        from data_pipeline.rec_dataset import open_dataset
+        # A .rec without header or property file would need every label read: not checked here.
+        classes = open_dataset(cfg.data.manifest, scan_labels=False).num_classes
     if classes is not None and classes < world:
         raise UsageError(f"{world} processes ({spec.nproc_per_node} per node x {spec.nnodes} nodes) but only "
                          f"{classes} classes: every rank must hold at least one class of the classifier")
@@ -131,7 +132,15 @@ def _cmd_export(a: argparse.Namespace) -> int:
 
 def _cmd_embed(a: argparse.Namespace) -> int:
     from launch.model_commands import embed_images
-    embed_images(a.model, a.images, a.out, batch_size=a.batch_size)
+    embed_images(a.model, a.images, a.out, batch_size=a.batch_size, flip=a.flip)
+    return 0
+
+
+def _cmd_import_insightface(a: argparse.Namespace) -> int:
+    from train.insightface import import_insightface
+    path, ours = import_insightface(a.weights, a.backbone, a.out)
+    print(f"wrote {path}: insightface {a.backbone} as {ours} (fine-tune with --set model.backbone={ours} "
+          f"--set model.init_from={path})")
     return 0
 
 
@@ -220,7 +229,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--images", required=True)
     m.add_argument("--out", required=True, help="output .npy path")
     m.add_argument("--batch-size", type=int, default=128)
+    m.add_argument("--no-flip", dest="flip", action="store_false",
+                   help="embed each image alone (default: add the mirrored image's embedding)")
     m.set_defaults(func=_cmd_embed)
+
+    im = sub.add_parser("import", help="import another project's weights as an embedding model").add_subparsers(
+        dest="import_source", required=True, metavar="SOURCE")
+    ii = im.add_parser("insightface", help="arcface_torch backbone.pth (r18-r200, mbf, vit_t/s/b/l/h) → model.pt")
+    ii.add_argument("--backbone", required=True, help="their network name (r50, mbf, ...) or ours (iresnet50, ...)")
+    ii.add_argument("weights", help="arcface_torch's backbone.pth (or a checkpoint_gpu_*.pt)")
+    ii.add_argument("--out", required=True, help="embedding model file to write (model.pt)")
+    ii.set_defaults(func=_cmd_import_insightface)
 
     b = sub.add_parser("bench", help="run a benchmark from bench/ (writes bench/RESULTS.md)")
     b.add_argument("which", choices=["partial_fc", "data", "train"])

@@ -57,13 +57,14 @@ def export_model(model_path: str | Path, onnx_path: str | Path, check: bool = Tr
 
 
 def embed_images(model_path: str | Path, images: str | Path, out: str | Path,
-                 batch_size: int = 128) -> tuple[Path, Path]:
-    """Embeddings of every image under ``images`` into ``out`` (.npy) with the file names beside it."""
+                 batch_size: int = 128, flip: bool = True) -> tuple[Path, Path]:
+    """Embeddings of every image under ``images`` into ``out`` (.npy) with the file names beside it;
+    ``flip`` adds the mirrored image's embedding; rows are L2-normalised."""
     from train.export import embed_folder, load_embedding_model
 
     if not Path(images).is_dir():
         raise FileNotFoundError(f"image folder {images} does not exist")
     model = load_embedding_model(resolve_model(model_path))
-    array, names = embed_folder(model, images, out, batch_size=batch_size)
+    array, names = embed_folder(model, images, out, batch_size=batch_size, flip=flip)
     print(f"wrote {array} and {names}")
     return array, names

@@ -19,7 +19,8 @@ Only the chosen rows get a gradient, and they get it as a small ``[rows, D]`` te
 never as a dense gradient of the whole shard (unless ``sample_rate == 1``, where every row
 is chosen and ``weight.grad`` is the ordinary dense gradient).  The optimiser in
 ``partial_fc.optim`` reads those row gradients and updates only those rows and their
-state, so a class that is not sampled neither moves nor decays.
+state, so a class that is not sampled does not move (and, unless the optimiser's
+``row_decay`` is ``"lazy_dense"``, does not decay either: :mod:`partial_fc.row_decay`).
 """
 from __future__ import annotations
 
@@ -33,9 +34,12 @@ from torch import nn
 from .checks import check_global_batch, check_mode, input_report
 from .cosine import RowCorrection, cosine_logits, row_norms
 from .comm import ProcessGroup, gather_batch, gather_sizes, rank_and_world
+from .filtering import filter_similar_negatives
 from .generator_state import portable_state, restore_state
+from .guard import tag_row_gradient_params
 from .margin_softmax import margin_cross_entropy
 from .margins.base import Margin, MarginInput
+from .row_decay import LazyRowDecay
 from .rows import Workspace, gather_rows
 from .sharding import class_range
 from .softmax import sharded_cross_entropy, sharded_cross_entropy_and_accuracy
@@ -80,13 +84,20 @@ class PartialFC(nn.Module):
         tf32: float32 GEMMs may use TF32 tensor cores (CUDA; ``compute_dtype`` float32 only).
         min_sample: at least this many rows per step (the training run passes its global
             batch, so that the positives always fit in a static number of rows).
+        interclass_filtering_threshold: a negative whose cosine with the sample exceeds it is
+            filtered from the sample's softmax (cosine set to 0, no gradient; see
+            :mod:`partial_fc.filtering`); 0 turns filtering off.
+
+    ``accuracy`` (after a forward with ``accuracy=True``) ranks the logits the loss uses
+    (margin included at the target) over the columns of the step: the classes sampled on
+    all ranks, every class when ``sample_rate == 1``.
     """
 
     def __init__(self, embedding_size: int, num_classes: int, margin: Margin,
                  sample_rate: float = 1.0, group: ProcessGroup = None, seed: int = 0,
                  param_dtype: torch.dtype = torch.float32, check_inputs="strict",
                  init_std: float = 0.01, compute_dtype: torch.dtype = torch.float32, tf32: bool = False,
-                 min_sample: int = 0):
+                 min_sample: int = 0, interclass_filtering_threshold: float = 0.0):
         super().__init__()
         if not isinstance(margin, Margin):
             raise TypeError(f"margin must be a partial_fc.margins.Margin, got {type(margin).__name__}")
@@ -102,6 +113,10 @@ class PartialFC(nn.Module):
                              "or torch.float16")
         if tf32 and compute_dtype != torch.float32:
             raise ValueError(f"tf32=True needs compute_dtype=torch.float32, got {compute_dtype}")
+        if not (isinstance(interclass_filtering_threshold, (int, float))
+                and 0.0 <= interclass_filtering_threshold <= 1.0):
+            raise ValueError(f"interclass_filtering_threshold={interclass_filtering_threshold!r} is outside "
+                             "[0, 1]: it is a cosine (0.4 in insightface's WebFace12M recipe; 0 = off)")
         self.rank, self.world_size = rank_and_world(group)
         self.group = group
         self.embedding_size = embedding_size
@@ -114,9 +129,16 @@ class PartialFC(nn.Module):
         self.seed = seed
         self.check_inputs = check_mode(check_inputs)
         self.compute_dtype, self.tf32 = compute_dtype, bool(tf32)
+        self.interclass_filtering_threshold = float(interclass_filtering_threshold)
         self.weight = nn.Parameter(self._initial_rows(init_std, param_dtype))
         self.bias = nn.Parameter(torch.zeros(self.num_local, dtype=param_dtype)) if margin.uses_bias else None
         self._sampler: Optional[torch.Generator] = None
+        self.lazy_decay: Optional[LazyRowDecay] = None
+        """Set by a row optimiser with ``row_decay="lazy_dense"``: the decay each row owes,
+        applied to the chosen rows when they are gathered (see :mod:`partial_fc.row_decay`)."""
+        if self.num_sample < self.num_local or param_dtype != torch.float32:
+            # Gradients arrive as rows, not in .grad: a torch optimiser over these would do nothing.
+            tag_row_gradient_params([self.weight] + ([self.bias] if self.bias is not None else []))
         self._chosen: list[_Chosen] = []
         self.accuracy = torch.zeros(())
         self._reports: list[tuple[torch.Tensor, tuple[int, ...]]] = []
@@ -218,12 +240,22 @@ class PartialFC(nn.Module):
                else torch.empty(shape, dtype=torch.float32, device=weight.device))
         # One centre per class: the row norms come out of the gather, block by block.
         norms = torch.empty(shape[0], dtype=torch.float32, device=weight.device) if self.num_centers == 1 else None
-        w = gather_rows(weight, index, out, workspace, norms=norms).detach().requires_grad_(self.training)
+        w = gather_rows(weight, index, out, workspace, norms=norms)
+        # Rows that missed steps under lazy_dense decay: bring the copy up to date first, so
+        # that the cosine and the gradient see the row dense SGD would hold.
+        owed = self.lazy_decay.factors(index) if self.lazy_decay is not None and index is not None else None
+        if owed is not None:
+            w.mul_(owed.view((-1,) + (1,) * (w.dim() - 1)))
+            norms = None  # computed again from the decayed rows
+        w = w.detach().requires_grad_(self.training)
         self._gathered = (w, self.weight._version) if first else None
         b = None
         if self.bias is not None:
             b = self.bias.detach() if index is None else self.bias.detach()[index]
-            b = b.float().requires_grad_(self.training)
+            b = b.float()
+            if owed is not None:
+                b = b * owed
+            b = b.requires_grad_(self.training)
         return _Chosen(index, w, b, norms=None if norms is None else norms.clamp_min_(_NORM_EPS))
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor,
@@ -255,7 +287,12 @@ class PartialFC(nn.Module):
         workspace = self._row_workspace() if self.training and torch.is_grad_enabled() and not self._chosen else None
         chosen = self._leaves(index)
         if self.training and torch.is_grad_enabled():
-            self._chosen.append(chosen)
+            # Forwards whose backward never ran hold rows nobody will update: dropped, so that
+            # the pending list cannot grow step after step.  The dense float32 shard is the
+            # leaf itself: it is listed once (a torch optimiser may own it and never clear).
+            self._chosen = [c for c in self._chosen if c.weight.grad is not None]
+            if not any(c.weight is chosen.weight for c in self._chosen):
+                self._chosen.append(chosen)
 
         feature_norm = features.norm(dim=1, keepdim=True).clamp_min(_NORM_EPS)
         unit = features / feature_norm
@@ -266,15 +303,20 @@ class PartialFC(nn.Module):
             # The rows are this forward's own copy: the row optimiser applies the gradient's
             # −coef·w term block by block, while it holds each block in cache anyway.
             chosen.correction = RowCorrection(rows.detach())
+        # The parameter itself (dense float32 shard) keeps its own .grad: a torch optimiser may
+        # zero it in place and accumulate into it, so its gradient must not be a kept buffer.
         cos = cosine_logits(unit, rows, norms, self.compute_dtype, self.tf32,
                             grad_in_place=fused and self.num_centers == 1, correction=chosen.correction,
-                            workspace=workspace)
+                            workspace=None if chosen.weight is self.weight else workspace)
         # Only margins on un-normalised rows (softmax, L-Softmax) differentiate through ‖w‖.
         weight_norm = rows.norm(dim=1).clamp_min(_NORM_EPS) if self.margin.uses_weight_norm else norms
         if self.num_centers > 1:
             cos = cos.view(cos.shape[0], -1, self.num_centers).max(dim=2).values
             # Sub-centre margins are normalised; the largest centre norm stands for the class.
             weight_norm = weight_norm.view(-1, self.num_centers).max(dim=1).values
+
+        if self.interclass_filtering_threshold > 0:
+            cos = filter_similar_negatives(cos, target, self.interclass_filtering_threshold)
 
         inp = MarginInput(cos=cos, target=target, feature_norm=feature_norm, weight_norm=weight_norm,
                           bias=chosen.bias, group=self.group)
@@ -284,7 +326,9 @@ class PartialFC(nn.Module):
             loss, self.accuracy = fused
         elif accuracy:
             logits = self.margin(inp).float()
-            loss, self.accuracy = sharded_cross_entropy_and_accuracy(logits, target, cos.detach(), self.group)
+            # Ranked by the loss's own logits: the cosine ranks wrongly where logits are not
+            # cosines (softmax, L-Softmax: ‖w‖‖x‖cos + b).
+            loss, self.accuracy = sharded_cross_entropy_and_accuracy(logits, target, logits.detach(), self.group)
         else:
             logits = self.margin(inp).float()
             loss = sharded_cross_entropy(logits, target, self.group)

@@ -11,7 +11,8 @@ Against the generic path (margin module, then :func:`partial_fc.softmax.sharded_
 this saves the margin's [N, c] temporaries (scaled copy, one-hot mask, select), the
 autograd graph of those and the scattered target gradients, and the normalisation pass
 of the softmax (the backward scales each row once instead).  The collectives are the
-same: one MAX and one packed SUM all-reduce, the accuracy riding in both.
+same: one MAX and one packed SUM all-reduce; the top-1 accuracy (ranked by the logits)
+needs nothing more than their results.
 """
 from __future__ import annotations
 
@@ -50,29 +51,23 @@ class _ScaledMarginCrossEntropy(torch.autograd.Function):
         buf = (torch.empty_like(cos) if workspace is None
                else workspace.get("margin_softmax", tuple(cos.shape), cos.dtype, cos.device))
         put = torch.where(has, t_here, cos_t * scale).unsqueeze(1)
-        maxima = torch.empty((2 if with_accuracy else 1, cos.shape[0]), dtype=cos.dtype, device=cos.device)
+        row_max = torch.empty(cos.shape[0], dtype=cos.dtype, device=cos.device)
         blocks = row_blocks(tuple(cos.shape))
         for sl in blocks:
             part = torch.mul(cos[sl], scale, out=buf[sl])
             part.scatter_(1, idx[sl], put[sl])
-            torch.amax(part, dim=1, out=maxima[0, sl])  # amax: no indices
-            if with_accuracy:
-                torch.amax(cos[sl], dim=1, out=maxima[1, sl])
-        all_reduce(maxima, "max", group)
-        row_max = maxima[0]
-        best = maxima[1] if with_accuracy else None
+            torch.amax(part, dim=1, out=row_max[sl])  # amax: no indices
+        all_reduce(row_max, "max", group)
         sum_exp_here = torch.empty_like(row_max)
         for sl in blocks:
             part = buf[sl].sub_(row_max[sl].unsqueeze(1)).exp_()
             torch.sum(part, dim=1, out=sum_exp_here[sl])
-        parts = [sum_exp_here, t_here]
-        if with_accuracy:
-            parts.append(torch.where(has, cos_t, zero))
-        sums = all_reduce(torch.stack(parts), "sum", group)
+        sums = all_reduce(torch.stack([sum_exp_here, t_here]), "sum", group)
         sum_exp, target_logit = sums[0], sums[1]
         loss = (sum_exp.log() + row_max - target_logit).mean()
         if with_accuracy:
-            accuracy = (sums[2] >= best).to(torch.float32).mean()
+            # Ranked by the logits themselves: the target is top-1 when its logit is the row max.
+            accuracy = (target_logit >= row_max).to(torch.float32).mean()
         else:
             accuracy = torch.full((), float("nan"), device=cos.device)
         ctx.mark_non_differentiable(accuracy)
@@ -108,8 +103,8 @@ def margin_cross_entropy(margin: Margin, inp: MarginInput, accuracy: bool = Fals
 
     Returns None when ``margin`` is not of that form (:meth:`Margin.logit_scale` is None):
     the caller then runs the margin module and :func:`partial_fc.softmax.sharded_cross_entropy`.
-    The accuracy ranks ``inp.cos``, as :func:`partial_fc.softmax.sharded_cross_entropy_and_accuracy`
-    does.  The backward may run once (its buffer is reused in place).  ``workspace``: keeps
+    The accuracy ranks the logits (margin included at the target), as the unfused path does,
+    and costs nothing: the row maximum and the target logit are the softmax's own.  The backward may run once (its buffer is reused in place).  ``workspace``: keeps
     that [N, c] buffer between steps (as :func:`partial_fc.cosine.cosine_logits`'s).
     """
     scale = margin.logit_scale()

@@ -13,6 +13,13 @@ AdamW keeps two moments and a per-row step counter: 3·4·D + 4 bytes in float32
 Per step: the sampled rows and their gradient, ≈ 2·4·D·r bytes per class; the float32 copy
 of the rows is a buffer kept between steps (``partial_fc.rows``), the gradient is transient.
 
+Rows that a step does not sample follow ``row_decay`` (:mod:`partial_fc.row_decay`):
+``"sampled"`` (above: no change at all) or ``"lazy_dense"`` (the weight decay of the missed
+steps is applied when the row is next sampled; 8 more bytes per class).  Each step also
+advances the margin's per-step state (:meth:`partial_fc.margins.base.Margin.advance`:
+SphereFace/L-Softmax λ, ElasticFace's draws), so that it follows optimiser steps whatever
+the gradient accumulation.
+
 The sparse update runs block by block (``partial_fc.rows.blocks``): each block of rows is
 gathered, updated and written back while it is in cache, the weight rows come from the
 copy the forward made, and the elementwise update is the same as torch.optim's, so the
@@ -25,6 +32,7 @@ from typing import Optional
 import torch
 
 from .head import PartialFC
+from .row_decay import ROW_DECAY_POLICIES, LazyRowDecay
 from .rows import Workspace, blocks, copy_rows_, gather_rows, round_to_bf16_, rounding_noise
 
 
@@ -44,11 +52,19 @@ class _RowOptimizer(torch.optim.Optimizer):
     """Shared machinery: fetch the head's row gradients, update those rows and their state."""
 
     state_names: tuple[str, ...] = ()
+    updates_partial_fc_rows = True  # what partial_fc.guard looks for
 
-    def __init__(self, head: PartialFC, defaults: dict, seed: int = 0):
+    def __init__(self, head: PartialFC, defaults: dict, seed: int = 0, row_decay: str = "sampled"):
+        if row_decay not in ROW_DECAY_POLICIES:
+            raise ValueError(f"row_decay={row_decay!r} is not one of {', '.join(ROW_DECAY_POLICIES)}")
         params = [head.weight] + ([head.bias] if head.bias is not None else [])
         super().__init__(params, defaults)
         self.head = head
+        self.row_decay = row_decay
+        self.lazy_decay: Optional[LazyRowDecay] = None
+        if row_decay == "lazy_dense":
+            self.lazy_decay = LazyRowDecay(head.num_local, head.weight.device)
+        head.lazy_decay = self.lazy_decay
         # The bf16 stochastic-rounding stream; checkpoints save its state for an exact resume.
         self.rounding_generator = torch.Generator(device=head.weight.device)
         self.rounding_generator.manual_seed(seed + 17 * head.rank)
@@ -80,6 +96,9 @@ class _RowOptimizer(torch.optim.Optimizer):
             return loss
         group = self.param_groups[0]
         gathered = self.head.gathered_weight_rows()
+        lazy = self.lazy_decay
+        # The decay the chosen rows owe (lazy_dense); the forward's copy already carries it.
+        owed = lazy.factors(index) if lazy is not None and index is not None else None
         for p, grad, rows, correction in zip(group["params"], (w_grad, b_grad), (gathered, None), (coef, None)):
             if grad is None:
                 continue
@@ -92,16 +111,34 @@ class _RowOptimizer(torch.optim.Optimizer):
                     grad.mul_(grad_scale)
                 self._update({"param": p.detach(), **{n: state[n] for n in self.state_names}}, grad, group)
             else:
-                self._sparse_update(p.detach(), state, index, grad, rows, group, grad_scale, correction)
+                self._sparse_update(p.detach(), state, index, grad, rows, group, grad_scale,
+                                    owed if rows is None else None, correction)
+        if lazy is not None:
+            lazy.advance(group["lr"], group["weight_decay"], index)
+        self.head.margin.advance()
         return loss
+
+    @torch.no_grad()
+    def flush_row_decay(self) -> None:
+        """Apply the decay every row owes (lazy_dense) now: the shard then equals dense SGD's (momentum 0)."""
+        lazy = self.lazy_decay
+        if lazy is None:
+            return
+        factors = lazy.factors(None)
+        for p in self.param_groups[0]["params"]:
+            scaled = p.detach().float() * factors.view((-1,) + (1,) * (p.dim() - 1))
+            p.detach().copy_(scaled)
+        lazy.mark.fill_(lazy.total)
 
     def _sparse_update(self, param: torch.Tensor, state: dict, index: Optional[torch.Tensor],
                        grad: torch.Tensor, rows: Optional[torch.Tensor], group: dict,
-                       grad_scale: float, coef: Optional[torch.Tensor] = None) -> None:
+                       grad_scale: float, owed: Optional[torch.Tensor] = None,
+                       coef: Optional[torch.Tensor] = None) -> None:
         """Gather, update and write back the chosen rows of ``param`` and its state, block by block.
 
         ``rows``: the float32 copy of the chosen weight rows made by the forward (None:
-        gathered here).  Each block of rows is gathered, updated and written back while it
+        gathered here).  ``owed``: [rows] decay factor applied to the gathered rows first
+        (lazy_dense).  Each block of rows is gathered, updated and written back while it
         is in cache, so weight and state cross memory once each way.  ``coef`` [rows, centres]:
         the gradient's deferred ``− coef·w`` term (``PartialFC.pending_row_grads``), applied to
         each block before its update.
@@ -127,6 +164,8 @@ class _RowOptimizer(torch.optim.Optimizer):
                 shape = (count,) + tuple(source.shape[1:])
                 src = source[sl] if index is None else source
                 block[name] = gather_rows(src, part, ws.get(name, shape, torch.float32, dev), ws)
+                if name == "param" and owed is not None:
+                    block[name].mul_(owed[sl].view((-1,) + (1,) * (len(shape) - 1)))
             g = grad[sl]
             if coef is not None:
                 w = block["param"]
@@ -162,16 +201,29 @@ class _RowOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------ re-sharding support
     def state_rows(self) -> dict[str, torch.Tensor]:
-        """Every row-aligned state tensor, named ``"<weight|bias>.<state>"`` ([num_local, ...])."""
+        """Every row-aligned state tensor, named ``"<weight|bias>.<state>"`` ([num_local, ...]).
+
+        Under lazy_dense, ``weight.decay_owed`` is the log of the decay each row owes (a copy).
+        """
         out = {}
         for pname, p in zip(("weight", "bias"), self.param_groups[0]["params"]):
             state = self._param_state(p)
             for name, value in state.items():
                 out[f"{pname}.{name}"] = value
+        if self.lazy_decay is not None:
+            out[_OWED] = self.lazy_decay.owed()
         return out
 
     def load_state_rows(self, rows: dict[str, torch.Tensor]) -> None:
-        """Restore what :meth:`state_rows` returned (possibly re-sliced for another world size)."""
+        """Restore what :meth:`state_rows` returned (possibly re-sliced for another world size).
+
+        Rows saved without lazy_dense owe nothing; a saved debt is dropped by ``sampled``.
+        """
+        if self.lazy_decay is not None:
+            if _OWED in rows:
+                self.lazy_decay.load_owed(rows[_OWED])
+            else:
+                self.lazy_decay.mark.fill_(self.lazy_decay.total)
         for pname, p in zip(("weight", "bias"), self.param_groups[0]["params"]):
             state = self._param_state(p)
             for name in list(state):
@@ -184,17 +236,20 @@ class _RowOptimizer(torch.optim.Optimizer):
                 state[name].copy_(rows[key])
 
 
+_OWED = "weight.decay_owed"
+
+
 class PartialFCSGD(_RowOptimizer):
     """SGD with momentum and L2 weight decay on the sampled rows (torch.optim.SGD's update)."""
 
     state_names = ("momentum_buffer",)
 
     def __init__(self, head: PartialFC, lr: float, momentum: float = 0.9, weight_decay: float = 5e-4,
-                 nesterov: bool = False, seed: int = 0):
+                 nesterov: bool = False, seed: int = 0, row_decay: str = "sampled"):
         if lr < 0 or momentum < 0 or weight_decay < 0:
             raise ValueError(f"lr={lr}, momentum={momentum}, weight_decay={weight_decay} must be >= 0")
         super().__init__(head, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                    nesterov=nesterov), seed)
+                                    nesterov=nesterov), seed, row_decay)
 
     def _update(self, rows, grad, group):
         w, buf = rows["param"], rows["momentum_buffer"]
@@ -213,10 +268,10 @@ class PartialFCAdamW(_RowOptimizer):
     state_names = ("exp_avg", "exp_avg_sq", "step")
 
     def __init__(self, head: PartialFC, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, seed: int = 0):
+                 weight_decay: float = 1e-2, seed: int = 0, row_decay: str = "sampled"):
         if lr < 0 or weight_decay < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"lr={lr}, betas={betas}, weight_decay={weight_decay} are out of range")
-        super().__init__(head, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay), seed)
+        super().__init__(head, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay), seed, row_decay)
 
     def _param_state(self, p):
         state = self.state[p]
@@ -242,13 +297,20 @@ class PartialFCAdamW(_RowOptimizer):
 
 def build_head_optimizer(head: PartialFC, name: str = "sgd", lr: float = 0.1, momentum: float = 0.9,
                          weight_decay: float = 5e-4, betas=(0.9, 0.999), eps: float = 1e-8,
-                         seed: int = 0) -> _RowOptimizer:
-    """The row optimiser for ``head``: ``"sgd"`` (momentum) or ``"adamw"``."""
+                         seed: int = 0, row_decay: str = "sampled") -> _RowOptimizer:
+    """The row optimiser for ``head``: ``"sgd"`` (momentum) or ``"adamw"``.
+
+    ``row_decay``: what happens to rows a step does not sample, ``"sampled"`` (nothing) or
+    ``"lazy_dense"`` (their weight decay is applied when next sampled); see
+    :mod:`partial_fc.row_decay`.
+    """
     name = name.lower()
     if name == "sgd":
-        return PartialFCSGD(head, lr=lr, momentum=momentum, weight_decay=weight_decay, seed=seed)
+        return PartialFCSGD(head, lr=lr, momentum=momentum, weight_decay=weight_decay, seed=seed,
+                            row_decay=row_decay)
     if name == "adamw":
-        return PartialFCAdamW(head, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, seed=seed)
+        return PartialFCAdamW(head, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, seed=seed,
+                              row_decay=row_decay)
     raise ValueError(f"unknown head optimizer {name!r}: use 'sgd' or 'adamw'")
 
 

@@ -195,12 +195,14 @@ def reference_loss(name: str, x: torch.Tensor, W: torch.Tensor, labels: torch.Te
 
 def reference_state_after(name: str, x: torch.Tensor, W: torch.Tensor, labels: torch.Tensor,
                           margin) -> dict:
-    """The margin's state after one forward on this batch (its ``training`` flag decides)."""
-    step = 1 if margin.training else 0
+    """The margin's state after one forward on this batch (its ``training`` flag decides).
+
+    Step counters (λ schedule, ElasticFace draws) move with optimiser steps, not forwards.
+    """
     if name in ("lsoftmax", "sphereface"):
-        return {"iteration": int(margin.iteration) + step}
+        return {"iteration": int(margin.iteration)}
     if name == "elasticface":
-        return {"step": margin.step + step}
+        return {"step": margin.step}
     if name == "curricularface":
         return {"t": _curricular_t(_cosines(x, W), labels.long(), margin)}
     if name == "adaface":

@@ -88,12 +88,12 @@ def test_precision_classifier_resolves_from_the_run(tmp_path):
     from train.config import ConfigError
     from train_fixtures import tiny_config
     cpu = torch.device("cpu")
-    assert classifier_precision(tiny_config(tmp_path, "precision.dtype=bf16"), cpu) == "bf16"
-    assert classifier_precision(tiny_config(tmp_path, "precision.dtype=fp16"), cpu) == "fp32"
-    assert classifier_precision(tiny_config(tmp_path, "precision.classifier=tf32"), cpu) == "fp32"
+    assert classifier_precision(tiny_config(tmp_path, "precision.dtype=bf16").precision, cpu) == "bf16"
+    assert classifier_precision(tiny_config(tmp_path, "precision.dtype=fp16").precision, cpu) == "fp32"
+    assert classifier_precision(tiny_config(tmp_path, "precision.classifier=tf32").precision, cpu) == "fp32"
     assert CLASSIFIER_DTYPES["bf16"] == torch.bfloat16
     with pytest.raises(ConfigError, match="precision.classifier=fp16 needs a CUDA device"):
-        classifier_precision(tiny_config(tmp_path, "precision.classifier=fp16"), cpu)
+        classifier_precision(tiny_config(tmp_path, "precision.classifier=fp16").precision, cpu)
 
 
 def _run_losses(tmp_path, classifier):

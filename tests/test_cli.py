@@ -47,7 +47,7 @@ def test_missing_converter_input_is_one_line(tmp_path):
 ])
 def test_train_mistakes_are_one_line(override, fragment):
     # A data source that exists everywhere, so only the planted mistake can be reported.
-    base = ["data.loader=synthetic", "data.manifest=", "data.num_classes=10", "data.num_samples=16"]
+    base = ["data.loader=random_tensors", "data.manifest=", "data.num_classes=10", "data.num_samples=16"]
     args = [x for item in base + [override] for x in ("--set", item)]
     one_line_error(shardface("train", *args), fragment)
 
@@ -57,7 +57,7 @@ def test_unknown_preset_is_one_line():
 
 
 def test_world_size_the_config_cannot_use_is_one_line():
-    one_line_error(shardface("train", "--nproc-per-node", "3", "--set", "data.loader=synthetic",
+    one_line_error(shardface("train", "--nproc-per-node", "3", "--set", "data.loader=random_tensors",
                              "--set", "data.num_classes=2", "--set", "data.num_samples=16"),
                    "only 2 classes")
 

@@ -69,7 +69,7 @@ def test_unknown_key_in_override_names_the_closest(override, message):
 
 def test_unknown_key_in_yaml_names_the_closest(tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text("max_steps: 5\ndata: {loader: synthetic, num_classes: 4}\noptim:\n  lrr: 0.1\n")
+    path.write_text("max_steps: 5\ndata: {loader: random_tensors, num_classes: 4}\noptim:\n  lrr: 0.1\n")
     with pytest.raises(ConfigError) as err:
         TrainConfig.load(str(path))
     assert str(err.value) == "unknown config key 'optim.lrr' (did you mean 'optim.lr'?)"
@@ -123,3 +123,70 @@ def test_random_margin_follows_the_run_seed_unless_given_one() -> None:
     cfg = TrainConfig.load("cpu_tiny", ["seed=7", "loss.margin=elasticface", "loss.margin_options={}",
                                         "loss.head_seed=11"])
     assert build_head(cfg, ctx, num_classes=10).margin.seed == 11
+
+
+# ---------------------------------------------------------------------- sections check themselves
+def test_a_section_built_alone_names_the_key_as_set_spells_it():
+    from train.config import DataConfig, LossConfig, OptimConfig
+    with pytest.raises(ConfigError, match=r"^data\.batch_size=0 must be >= 1$"):
+        DataConfig(batch_size=0)
+    with pytest.raises(ConfigError, match=r"^loss\.sample_rate=0\.0 must be in \(0, 1\]"):
+        LossConfig(sample_rate=0.0)
+    with pytest.raises(ConfigError, match=r"optim\.schedule='cosin' is not one of poly, cosine, constant "
+                                          r"\(did you mean 'cosine'\?\)"):
+        OptimConfig(schedule="cosin")  # type: ignore[arg-type]
+    # The same message through --set: one rule, one place.
+    with pytest.raises(ConfigError, match=r"^data\.batch_size=0 must be >= 1$"):
+        TrainConfig.load("cpu_tiny", ["data.batch_size=0"])
+
+
+def test_validate_rechecks_a_section_edited_in_place():
+    cfg = TrainConfig.load("cpu_tiny")
+    cfg.validate()
+    cfg.optim.grad_accum = 0
+    with pytest.raises(ConfigError, match="optim.grad_accum=0"):
+        cfg.validate()
+
+
+def test_a_rule_spanning_sections_is_checked_on_the_whole_config():
+    with pytest.raises(ConfigError, match="parallel.strategy=deepspeed .* checkpoint.async_save"):
+        TrainConfig.load("cpu_tiny", ["parallel.strategy=deepspeed", "checkpoint.async_save=true"])
+    from train.config import CheckpointConfig, ParallelConfig
+    ParallelConfig(strategy="deepspeed")  # each section alone is fine
+    CheckpointConfig(async_save=True)
+
+
+def test_choices_are_literal_types_that_set_and_the_docs_read():
+    import typing
+
+    from data_pipeline.loaders import KINDS
+    from train.config import DataConfig
+    from train.config_check import choices_of
+    from train.config_docs import config_reference
+    assert KINDS == choices_of(DataConfig, "loader") == typing.get_args(typing.get_type_hints(DataConfig)["loader"])
+    cfg = TrainConfig.load("cpu_tiny", ["parallel.zero_stage=2"])
+    assert cfg.parallel.zero_stage == 2 and isinstance(cfg.parallel.zero_stage, int)
+    with pytest.raises(ConfigError, match=r"data.loader='webdatset' is not one of .* \(did you mean 'webdataset'\?\)"):
+        TrainConfig.load("cpu_tiny", ["data.loader=webdatset"])
+    assert "| `data.loader` | {" + ", ".join(KINDS) + "} |" in config_reference()
+
+
+def test_loader_synthetic_is_a_deprecated_name_of_random_tensors(monkeypatch):
+    from train import config_check
+    monkeypatch.setattr(config_check, "_warned", set())
+    sets = ["data.loader=synthetic", "data.manifest=", "data.num_classes=4", "data.num_samples=8"]
+    with pytest.warns(FutureWarning, match="data.loader=synthetic is deprecated: use data.loader=random_tensors") as seen:
+        first = TrainConfig.load("cpu_tiny", sets)
+        second = TrainConfig.load("cpu_tiny", sets)
+    assert len([w for w in seen if issubclass(w.category, FutureWarning)]) == 1  # once per process
+    assert first.data.loader == second.data.loader == "random_tensors"
+    assert "loader: random_tensors" in first.to_yaml()
+
+
+def test_config_check_does_not_import_the_config_module():
+    import subprocess
+    import sys
+    code = "import sys, train.config_check; print('train.config' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parent.parent))
+    assert out.stdout.strip() == "False"

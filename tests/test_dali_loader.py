@@ -138,7 +138,7 @@ def test_dali_skips_and_counts_bad_data(tmp_path, caplog):
                               mode="exact")
         labels = torch.cat([y for _, y in loader]).tolist()
     assert loader.stats == {CORRUPT_JPEG: 1, MISSING_JPG: 1, MISSING_CLS: 1, BAD_LABEL: 1,
-                            TRUNCATED_SHARD: 3, MISSING_SHARD: 4, WRONG_SIZE: 0}
+                            TRUNCATED_SHARD: 3, MISSING_SHARD: 4, WRONG_SIZE: 0, "corrupt_record": 0}
     # 16 manifest samples make 8 batches on one rank; the 5 good ones fill them by repetition.
     assert set(labels) == {0, 2, 4, 5, 7} and len(labels) == 16
     assert any("train-000000.tar" in m and "000000001" in m for m in caplog.messages)
@@ -303,7 +303,7 @@ def test_the_trainer_hands_the_dali_loader_its_node_barrier(tmp_path):
     cfg = TrainConfig.load("cpu_tiny", [f"data.manifest={tmp_path / 'manifest.json'}", "data.loader=dali",
                                         "data.dali_verify=decode", "data.batch_size=2"])
     ctx = DistContext(0, 1, 0, torch.device("cpu"), None, "none")
-    loader = build_data(cfg, ctx, load_manifest(cfg))
+    loader = build_data(cfg.data, ctx, load_manifest(cfg.data), cfg.seed)
     assert loader.barrier == ctx.barrier and loader.any_rank == ctx.any_rank and loader.verify == "decode"
     assert all(ix.decode_verified for ix in loader._indexes)
 

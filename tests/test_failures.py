@@ -17,7 +17,7 @@ from shard_helpers import write_dataset
 from train.faults import Fault, FaultSwitch, InjectedFault, parse_faults
 
 REPO = Path(__file__).resolve().parent.parent
-SETTINGS = ["max_steps=12", "device=cpu", "data.loader=synthetic", "data.manifest=", "data.num_classes=10",
+SETTINGS = ["max_steps=12", "device=cpu", "data.loader=random_tensors", "data.manifest=", "data.num_classes=10",
             "data.num_samples=64", "data.batch_size=4", "data.image_size=56", "model.backbone=iresnet_tiny",
             "model.embedding_size=16", "loss.sample_rate=0.5", "checkpoint.every_steps=4", "eval.bins=[]",
             "log.every_steps=1", "log.progress=false", "log.wandb=false", "failure.hang_timeout_s=8",

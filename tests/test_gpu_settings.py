@@ -105,7 +105,8 @@ def test_compile_wraps_ddp_not_the_module(one_process_group, monkeypatch):
     cfg = TrainConfig.load("cpu_tiny", ["model.compile=true"])
     # world_size 2 in the context makes the runner use DDP; the group itself has one member.
     ctx = DistContext(0, 2, 0, torch.device("cpu"), one_process_group, "gloo")
-    runner = parallel.DDPRunner(_net(), cfg, ctx, lr=0.1)
+    runner = parallel.DDPRunner(_net(), ctx, 0.1, optim=cfg.optim, precision=cfg.precision,
+                                parallel=cfg.parallel, compile=cfg.model.compile)
     assert len(compiled) == 1 and isinstance(compiled[0], nn.parallel.DistributedDataParallel)
     assert runner.ddp is compiled[0] and runner.ddp.module is runner.module
     x = torch.randn(5, 6)
@@ -123,7 +124,8 @@ def test_single_process_compiles_the_module(monkeypatch):
     monkeypatch.setattr(parallel.torch, "compile", lambda m, **kw: seen.append(m) or m)
     cfg = TrainConfig.load("cpu_tiny", ["model.compile=true"])
     net = _net()
-    runner = parallel.DDPRunner(net, cfg, DistContext(0, 1, 0, torch.device("cpu"), None, "none"), lr=0.1)
+    runner = parallel.DDPRunner(net, DistContext(0, 1, 0, torch.device("cpu"), None, "none"), 0.1, optim=cfg.optim,
+                                precision=cfg.precision, parallel=cfg.parallel, compile=cfg.model.compile)
     assert seen == [net] and runner.ddp is None
 
 

@@ -1,4 +1,4 @@
-"""WebDataset and synthetic loaders: round trip, exact epochs, resampling, resume, contract."""
+"""WebDataset and random-tensor loaders: round trip, exact epochs, resampling, resume, contract."""
 from __future__ import annotations
 
 import itertools
@@ -182,32 +182,32 @@ def test_resume_with_other_settings_is_refused_or_continues_by_samples(dataset, 
     assert b.epoch == 1 and len(list(b)) == len(b) - 2
 
 
-def test_synthetic_loader_contract_and_exact_coverage():
+def test_random_tensor_loader_contract_and_exact_coverage():
     kw = dict(world_size=3, batch_size=4, mode="exact", num_samples=10, num_classes=7,
               image_size=(8, 6))
     labels, seen = [], []
     for rank in range(3):
-        loader = build_loader("synthetic", None, rank=rank, **kw)
+        loader = build_loader("random_tensors", None, rank=rank, **kw)
         assert len(loader) == 1 and loader.num_classes == 7
         batches = epoch(loader)
         for x, y in batches:
             assert x.shape == (4, 3, 8, 6) and x.dtype == torch.float32
             assert -1 <= x.min() and x.max() <= 1 and 0 <= y.min() and y.max() < 7
         seen += real_labels(loader, batches)
-        again = epoch(build_loader("synthetic", None, rank=rank, **kw))
+        again = epoch(build_loader("random_tensors", None, rank=rank, **kw))
         assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
                    for a, b in zip(batches, again))
         table = loader._labels.tolist()
     assert Counter(seen) == Counter(table)
 
 
-def test_synthetic_resampled_length_and_resume():
+def test_random_tensor_resampled_length_and_resume():
     kw = dict(rank=0, world_size=2, batch_size=8, mode="resampled", num_samples=100,
               num_classes=5, image_size=(4, 4), epoch_samples=80)
-    loader = build_loader("synthetic", None, **kw)
+    loader = build_loader("random_tensors", None, **kw)
     assert len(loader) == 5
     full = epoch(loader, 2)
-    resumed = build_loader("synthetic", None, **kw)
+    resumed = build_loader("random_tensors", None, **kw)
     resumed.load_state_dict({**loader.state_dict(), "batches_consumed": 3})
     rest = list(resumed)
     assert len(rest) == 2 and all(torch.equal(a[1], b[1]) for a, b in zip(full[3:], rest))

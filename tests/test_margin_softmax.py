@@ -37,7 +37,8 @@ def test_fused_loss_accuracy_and_gradients_equal_the_unfused_ones(name):
         if fused:
             loss, acc = margin_cross_entropy(margin, inp, accuracy=True)
         else:
-            loss, acc = sharded_cross_entropy_and_accuracy(margin(inp), target, cos.detach())
+            logits = margin(inp)
+            loss, acc = sharded_cross_entropy_and_accuracy(logits, target, logits.detach())
         loss.backward()
         results.append((loss.detach(), acc, cos.grad, norm.grad))
     (loss_f, acc_f, gc_f, gn_f), (loss_u, acc_u, gc_u, gn_u) = results

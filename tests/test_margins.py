@@ -266,8 +266,9 @@ def test_state_round_trips_through_state_dict():
     for case in [("sphereface", {}, {}, True), ("curricularface", {}, {}, True),
                  ("adaface", {}, {}, True), ("elasticface", {}, {}, True)]:
         first = make_margin(case)
-        for _ in range(3):
+        for _ in range(3):  # three optimiser steps of one forward each
             first(margin_input(first, x.float(), W.float(), labels, bias.float()))
+            first.advance()
         second = make_margin(case)
         second.load_state_dict(first.state_dict())
         a = first(margin_input(first, x.float(), W.float(), labels, bias.float()))

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_two_nodes_on_loopback_train_together(tmp_path):
     port = free_port()
     out = tmp_path / "run"
-    settings = [f"output_dir={out}", "max_steps=3", "device=cpu", "data.loader=synthetic", "data.manifest=",
+    settings = [f"output_dir={out}", "max_steps=3", "device=cpu", "data.loader=random_tensors", "data.manifest=",
                 "data.num_classes=10", "data.num_samples=64", "data.batch_size=4", "data.image_size=56",
                 "model.backbone=iresnet_tiny", "model.embedding_size=16", "loss.sample_rate=0.5",
                 "checkpoint.every_steps=0", "eval.bins=[]", "log.every_steps=1", "log.progress=false",

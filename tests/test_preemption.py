@@ -17,7 +17,7 @@ from train.preemption import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE
 
 REPO = Path(__file__).resolve().parent.parent
 # Periodic checkpoints off: the only checkpoint of an interrupted run is the one the signal caused.
-SETTINGS = ["device=cpu", "data.loader=synthetic", "data.manifest=", "data.num_classes=10", "data.num_samples=64",
+SETTINGS = ["device=cpu", "data.loader=random_tensors", "data.manifest=", "data.num_classes=10", "data.num_samples=64",
             "data.batch_size=4", "data.image_size=32", "model.backbone=iresnet_tiny", "model.embedding_size=16",
             "loss.sample_rate=0.5", "checkpoint.every_steps=0", "checkpoint.export=false", "eval.bins=[]",
             "log.every_steps=1", "log.progress=false", "log.wandb=false"]

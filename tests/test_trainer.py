@@ -238,7 +238,7 @@ def test_torchrun_main_trains_evaluates_checkpoints_and_exports(tmp_path):
         jpegs.append(buf.getvalue())
     write_bin(tmp_path / "pairs.bin", jpegs, [i % 2 == 0 for i in range(20)])
     out = tmp_path / "run"
-    sets = ["data.loader=synthetic", "data.manifest=", "data.num_classes=20", "data.num_samples=256", "data.batch_size=8",
+    sets = ["data.loader=random_tensors", "data.manifest=", "data.num_classes=20", "data.num_samples=256", "data.batch_size=8",
             "data.image_size=32", "model.backbone=iresnet_tiny", "model.embedding_size=32", "max_steps=6",
             f"output_dir={out}", f"eval.bins=[{tmp_path / 'pairs.bin'}]", "eval.every_steps=3", "eval.batch_size=16",
             "checkpoint.every_steps=4", "log.every_steps=2", "log.wandb=true", "loss.sample_rate=0.5"]

@@ -63,7 +63,7 @@ def bn_net(embedding: int = 16, dropout: float = 0.1) -> nn.Module:
 
 def tiny_config(out_dir, *overrides: str) -> TrainConfig:
     """A run of a few steps on the fixtures above (no evaluation, no export, quiet)."""
-    base = [f"output_dir={out_dir}", "max_steps=4", "device=cpu", "data.loader=synthetic",
+    base = [f"output_dir={out_dir}", "max_steps=4", "device=cpu", "data.loader=random_tensors",
             f"data.num_classes={CLASSES}", "data.num_samples=96", "data.batch_size=4", f"data.image_size={IMAGE}",
             "model.embedding_size=16", "loss.margin=arcface", "loss.margin_options={s: 16.0, m: 0.3}",
             "optim.lr=0.05", "optim.reference_batch=0", "optim.warmup_steps=1", "optim.schedule=poly",

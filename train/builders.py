@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, DataConfig, LossConfig, ModelConfig, PrecisionConfig, TrainConfig
 from .distributed import DistContext
 from .loggers import ConsoleLogger, Logger, LoggerGroup, WandbLogger
 
@@ -17,12 +17,12 @@ HEAD_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CLASSIFIER_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def classifier_precision(cfg: TrainConfig, device: torch.device) -> str:
+def classifier_precision(precision: PrecisionConfig, device: torch.device) -> str:
     """precision.classifier resolved: auto follows precision.dtype (fp16 off CUDA: fp32); an
     explicit fp16 needs CUDA, and tf32 means fp32 off CUDA."""
-    name = cfg.precision.classifier
+    name: str = precision.classifier
     if name == "auto":
-        name = cfg.precision.dtype
+        name = precision.dtype
         if name == "fp16" and device.type != "cuda":
             name = "fp32"  # fp16 GEMMs are a CUDA feature; off CUDA auto keeps the classifier fp32
     if name == "fp16" and device.type != "cuda":
@@ -33,7 +33,7 @@ def classifier_precision(cfg: TrainConfig, device: torch.device) -> str:
     return name
 
 
-def apply_precision_settings(cfg: TrainConfig, device: torch.device) -> None:
+def apply_precision_settings(precision: PrecisionConfig, device: torch.device) -> None:
     """Process-wide matmul settings where the run starts (CUDA only; nothing changes on CPU).
 
     ``precision.tf32`` lets the backbone's float32 matmuls and convolutions use TF32.  A
@@ -42,10 +42,10 @@ def apply_precision_settings(cfg: TrainConfig, device: torch.device) -> None:
     """
     if device.type != "cuda":
         return
-    if cfg.precision.tf32:
+    if precision.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if classifier_precision(cfg, device) in ("bf16", "fp16"):
+    if classifier_precision(precision, device) in ("bf16", "fp16"):
         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
         torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
 
@@ -79,41 +79,42 @@ def rank_seed(seed: int, rank: int) -> int:
     return seed + 1_000_003 * (rank + 1)
 
 
-def load_manifest(cfg: TrainConfig) -> Optional[Any]:
-    """The dataset manifest, or None when the config names none (synthetic data)."""
-    if not cfg.data.manifest:
+def load_manifest(data: DataConfig) -> Optional[Any]:
+    """The dataset manifest, or None when the config names none (random tensors)."""
+    if not data.manifest:
         return None
-    from data_pipeline.manifest import Manifest
-    path = Path(cfg.data.manifest)
+    from data_pipeline.rec_dataset import find_rec, open_dataset
+    path = Path(data.manifest)
+    if find_rec(path) is not None:  # insightface RecordIO, read directly
+        return open_dataset(path, num_classes=data.num_classes)
     if path.is_dir():
         path = path / "manifest.json"
     if not path.is_file():
-        raise FileNotFoundError(f"data.manifest={cfg.data.manifest!r} does not exist: give the manifest.json "
-                                "written by `shardface data synth|convert` (or its folder)")
-    return Manifest.load(path)
+        raise FileNotFoundError(f"data.manifest={data.manifest!r} does not exist: give the manifest.json "
+                                "written by `shardface data synth|convert` (or its folder), or a train.rec")
+    return open_dataset(path)
 
 
-def build_data(cfg: TrainConfig, ctx: DistContext, manifest: Optional[Any]) -> Any:
-    """The loader of this rank (``data_pipeline.loaders.build_loader``)."""
+def build_data(d: DataConfig, ctx: DistContext, manifest: Optional[Any], seed: int) -> Any:
+    """The loader of this rank (``data_pipeline.loaders.build_loader``); ``seed``: the run's."""
     from data_pipeline.loaders import build_loader
-    d = cfg.data
     kwargs: dict[str, Any] = dict(rank=ctx.rank, world_size=ctx.world_size, batch_size=d.batch_size,
-                                  workers=d.workers, seed=cfg.seed, mode=d.mode, shuffle_buffer=d.shuffle_buffer,
+                                  workers=d.workers, seed=seed, mode=d.mode, shuffle_buffer=d.shuffle_buffer,
                                   flip=d.flip, strict=d.strict, device=str(ctx.device),
                                   epoch_samples=d.epoch_samples)
     if d.loader == "dali":
         # Index files are written once per node (local rank 0) while the other ranks wait.
         kwargs.update(local_rank=ctx.local_rank, barrier=ctx.barrier, any_rank=ctx.any_rank,
                       dali_verify=d.dali_verify)
-    if d.loader == "synthetic" and manifest is None:
+    if d.loader == "random_tensors" and manifest is None:
         # In-memory data without shards: its shape comes from the config.
         kwargs.update(num_classes=d.num_classes, num_samples=d.num_samples, image_size=(d.image_size, d.image_size))
     return build_loader(d.loader, manifest, **kwargs)
 
 
-def resolve_num_classes(cfg: TrainConfig, manifest: Optional[Any], loader: Any) -> int:
+def resolve_num_classes(data: DataConfig, manifest: Optional[Any], loader: Any) -> int:
     """Number of identities: config, manifest and loader must agree where they are given."""
-    found = {"data.num_classes": cfg.data.num_classes,
+    found = {"data.num_classes": data.num_classes,
              "the manifest": getattr(manifest, "num_classes", None),
              "the loader": getattr(loader, "num_classes", None)}
     given = {k: v for k, v in found.items() if v is not None}
@@ -125,24 +126,25 @@ def resolve_num_classes(cfg: TrainConfig, manifest: Optional[Any], loader: Any) 
     return int(next(iter(given.values())))
 
 
-def backbone_options(cfg: TrainConfig) -> dict[str, Any]:
-    """Keyword arguments of ``build_backbone`` for this config (also stored in the embedding export)."""
-    m = cfg.model
-    options: dict[str, Any] = dict(embedding_size=m.embedding_size, dropout=m.dropout, input_size=cfg.data.image_size)
+def backbone_options(m: ModelConfig, image_size: int) -> dict[str, Any]:
+    """Keyword arguments of ``build_backbone`` (also stored in the embedding export); ``image_size``: data.image_size."""
+    options: dict[str, Any] = dict(embedding_size=m.embedding_size, dropout=m.dropout, input_size=image_size)
     if m.gradient_checkpointing:
         options["gradient_checkpointing"] = True
     options.update(m.options)
     return options
 
 
-def build_backbone_module(cfg: TrainConfig, device: torch.device) -> nn.Module:
-    """The backbone of ``model.backbone`` on ``device`` (channels-last when configured)."""
+def build_backbone_module(m: ModelConfig, image_size: int, device: torch.device) -> nn.Module:
+    """The backbone of ``model.backbone`` for ``image_size`` inputs on ``device`` (channels-last when configured)."""
     from train.backbones import build_backbone
-    m = cfg.model
     try:
-        module = build_backbone(m.backbone, **backbone_options(cfg))
+        module = build_backbone(m.backbone, **backbone_options(m, image_size))
     except (ValueError, TypeError) as err:
         raise ConfigError(f"model.backbone={m.backbone!r}: {err}") from err
+    if m.init_from:
+        from .init_from import load_init_weights
+        load_init_weights(module, m.init_from, m.backbone)
     module = module.to(device)
     if m.channels_last:
         module = module.to(memory_format=torch.channels_last)
@@ -162,26 +164,26 @@ def build_head(cfg: TrainConfig, ctx: DistContext, num_classes: int) -> nn.Modul
         margin = build_margin(lo.margin, **options)
     except (ValueError, TypeError, KeyError) as err:
         raise ConfigError(f"loss.margin={lo.margin!r} with loss.margin_options={lo.margin_options}: {err}") from err
-    precision = classifier_precision(cfg, ctx.device)
+    precision = classifier_precision(cfg.precision, ctx.device)
     # At least the global (micro-)batch of rows per step, so that every positive fits in a
     # static number of sampled rows (no host read); the description line shows the count.
     head = PartialFC(cfg.model.embedding_size, num_classes, margin, sample_rate=lo.sample_rate,
                      group=ctx.group, seed=seed, param_dtype=HEAD_DTYPES[lo.head_dtype],
                      check_inputs=lo.check_inputs, compute_dtype=CLASSIFIER_DTYPES[precision],
-                     tf32=precision == "tf32", min_sample=cfg.data.batch_size * ctx.world_size)
+                     tf32=precision == "tf32", min_sample=cfg.data.batch_size * ctx.world_size,
+                     interclass_filtering_threshold=lo.interclass_filtering_threshold)
     return head.to(ctx.device)
 
 
-def build_metric(cfg: TrainConfig, ctx: DistContext, num_classes: int) -> Optional[nn.Module]:
-    """The optional metric loss (center, triplet, circle), or None."""
-    lo = cfg.loss
+def build_metric(lo: LossConfig, embedding_size: int, ctx: DistContext, num_classes: int) -> Optional[nn.Module]:
+    """The optional metric loss (center, triplet, circle) over ``embedding_size``-wide embeddings, or None."""
     if lo.metric_loss == "none":
         return None
     from partial_fc.metric_losses import build_metric_loss
     try:
         # Metric losses check strictly (one host read) unless loss.check_inputs is off.
         options = {"check_inputs": lo.check_inputs != "off", **lo.metric_options}
-        loss = build_metric_loss(lo.metric_loss, num_classes, cfg.model.embedding_size, ctx.group, **options)
+        loss = build_metric_loss(lo.metric_loss, num_classes, embedding_size, ctx.group, **options)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"loss.metric_loss={lo.metric_loss!r} with loss.metric_options="
                           f"{lo.metric_options}: {err}") from err

@@ -13,13 +13,17 @@ from pathlib import Path
 from typing import Any
 
 from .config import SECTIONS, TrainConfig
-from .config_parse import field_docs, field_types, to_plain
+from .config_parse import is_optional, field_docs, field_types, literal_choices, to_plain
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "training.md"
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
 
 
 def _type_name(tp: Any) -> str:
+    choices = literal_choices(tp)
+    if choices is not None:  # a Literal: its choices, as they are written in YAML or --set
+        text = "{" + ", ".join(map(str, choices)) + "}"
+        return f"Optional[{text}]" if is_optional(tp)[0] else text
     text = str(tp) if typing.get_origin(tp) else getattr(tp, "__name__", str(tp))
     return text.replace("typing.", "").replace("NoneType", "None")
 
@@ -34,7 +38,18 @@ def _default(value: Any) -> str:
     return '""' if plain == "" else str(plain)
 
 
-def section_table(name: str, cls: type, instance: Any) -> str:
+def declared_defaults(cls: type) -> dict[str, Any]:
+    """The declared default of each field of ``cls``, nothing validated (a section's defaults
+    alone need not be a runnable config: the data section has no manifest)."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in SECTIONS and cls is TrainConfig:
+            continue
+        values[f.name] = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return values
+
+
+def section_table(name: str, cls: type, defaults: dict[str, Any]) -> str:
     """A Markdown table of one section: key, type, default, help."""
     docs, types = field_docs(cls), field_types(cls)
     lines = [f"### `{name}`" if name else "### top level", "", " ".join((cls.__doc__ or "").split()), "",
@@ -44,19 +59,14 @@ def section_table(name: str, cls: type, instance: Any) -> str:
             continue
         key = f"{name}.{f.name}" if name else f.name
         doc = docs.get(f.name, "").replace("|", "\\|")
-        lines.append(f"| `{key}` | {_type_name(types[f.name])} | `{_default(getattr(instance, f.name))}` | {doc} |")
+        lines.append(f"| `{key}` | {_type_name(types[f.name])} | `{_default(defaults[f.name])}` | {doc} |")
     return "\n".join(lines)
 
 
 def config_reference() -> str:
     """The whole reference: top-level keys, then one table per section."""
-    # The declared defaults, without validation (max_steps=0 alone is not a runnable config).
-    base = TrainConfig.__new__(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
-        setattr(base, f.name, value)
-    parts = [section_table("", TrainConfig, base)]
-    parts += [section_table(name, cls, getattr(base, name)) for name, cls in SECTIONS.items()]
+    parts = [section_table("", TrainConfig, declared_defaults(TrainConfig))]
+    parts += [section_table(name, cls, declared_defaults(cls)) for name, cls in SECTIONS.items()]
     return "\n\n".join(parts)
 
 

@@ -13,7 +13,7 @@ import inspect
 import textwrap
 import types
 import typing
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -26,17 +26,18 @@ _KINDS = {"int": "an integer", "float": "a number", "bool": "true or false", "st
           "list": "a list like [a, b] or a,b", "tuple": "a list like [a, b]", "dict": "a mapping like {k: v}"}
 
 
-def _suggest(name: str, choices: list[str]) -> str:
+def suggest(name: str, choices: list[str]) -> str:
+    """`` (did you mean 'x'?)`` for the choice closest to ``name``, or an empty string."""
     close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def unknown_key_error(key: str, known: list[str]) -> ConfigError:
     """The error for a key that names no config field, with the closest known key."""
-    return ConfigError(f"unknown config key '{key}'{_suggest(key, known)}")
+    return ConfigError(f"unknown config key '{key}'{suggest(key, known)}")
 
 
-def _is_optional(tp: Any) -> tuple[bool, Any]:
+def is_optional(tp: Any) -> tuple[bool, Any]:
     """(True, X) for Optional[X] / X | None; (False, tp) otherwise."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
@@ -46,14 +47,25 @@ def _is_optional(tp: Any) -> tuple[bool, Any]:
     return False, tp
 
 
+def literal_choices(tp: Any) -> tuple | None:
+    """The choices of a ``Literal[...]`` annotation (also inside Optional), else None."""
+    _, tp = is_optional(tp)
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
+
+
 def coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert ``value`` (from YAML or a --set string) to the annotated type ``tp``."""
-    optional, tp = _is_optional(tp)
+    optional, tp = is_optional(tp)
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
         if optional:
             return None
         raise ConfigError(f"{key}=None is not allowed: give a {getattr(tp, '__name__', tp)}")
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        # A choice is read as the type of the choices (``parallel.zero_stage=2`` is the int 2);
+        # whether it is one of them is the section's own check (it knows deprecated names).
+        kinds = {type(c) for c in typing.get_args(tp)}
+        return coerce(value, kinds.pop(), key) if len(kinds) == 1 else value
     try:
         if tp is bool:
             if isinstance(value, bool):

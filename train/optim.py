@@ -61,7 +61,7 @@ def build_classifier_optimizer(head: nn.Module, cfg: OptimConfig, lr: float, see
     """The classifier shard's row optimiser (partial_fc.optim) with the same hyper-parameters."""
     from partial_fc.optim import build_head_optimizer
     return build_head_optimizer(head, cfg.name, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                                betas=tuple(cfg.betas), eps=cfg.eps, seed=seed)
+                                betas=tuple(cfg.betas), eps=cfg.eps, seed=seed, row_decay=cfg.row_decay)
 
 
 def scaled_lrs(cfg: OptimConfig, global_batch: int) -> tuple[float, float]:

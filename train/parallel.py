@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .config import TrainConfig
+from .config import OptimConfig, ParallelConfig, PrecisionConfig, TrainConfig
 from .distributed import DistContext
 from .optim import build_backbone_optimizer, param_groups
 
@@ -82,22 +82,23 @@ class BackboneRunner:
 class DDPRunner(BackboneRunner):
     """torch DistributedDataParallel (or the bare module in one process), autocast, GradScaler."""
 
-    def __init__(self, module: nn.Module, cfg: TrainConfig, ctx: DistContext, lr: float):
+    def __init__(self, module: nn.Module, ctx: DistContext, lr: float, *, optim: OptimConfig,
+                 precision: PrecisionConfig, parallel: ParallelConfig, compile: bool = False):
         self.module, self.ctx = module, ctx
         self.device_type = ctx.device.type
-        self.autocast_dtype = AUTOCAST[cfg.precision.dtype]
-        self.optimizer = build_backbone_optimizer(param_groups(module, cfg.optim.weight_decay), cfg.optim, lr)
+        self.autocast_dtype = AUTOCAST[precision.dtype]
+        self.optimizer = build_backbone_optimizer(param_groups(module, optim.weight_decay), optim, lr)
         forward_module: nn.Module = module
         self.ddp: Optional[DistributedDataParallel] = None
         if ctx.world_size > 1:
             self.ddp = DistributedDataParallel(
                 module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-                process_group=ctx.group, bucket_cap_mb=cfg.parallel.bucket_cap_mb,
+                process_group=ctx.group, bucket_cap_mb=parallel.bucket_cap_mb,
                 # Gradients live in the all-reduce buckets: no second copy, and no stride mismatch
                 # warnings for 1x1 convolutions whose weights have ambiguous strides.
                 gradient_as_bucket_view=True)
             forward_module = self.ddp
-        if cfg.model.compile:
+        if compile:  # model.compile
             # Compile the DDP wrapper, not the module inside it.  DDP hooks each parameter's
             # gradient to launch a bucket's all-reduce as soon as the bucket is full; inside a
             # compiled module the whole backward is one graph, so every hook would fire at its
@@ -106,9 +107,9 @@ class DDPRunner(BackboneRunner):
             # bucket's all-reduce starts while the earlier layers' backward still runs.
             forward_module = torch.compile(forward_module)
         self.model = forward_module
-        fp16 = cfg.precision.dtype == "fp16"
-        self.scaler = torch.amp.GradScaler(self.device_type, enabled=fp16, init_scale=cfg.precision.init_scale,
-                                           growth_interval=cfg.precision.growth_interval)
+        fp16 = precision.dtype == "fp16"
+        self.scaler = torch.amp.GradScaler(self.device_type, enabled=fp16, init_scale=precision.init_scale,
+                                           growth_interval=precision.growth_interval)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Embeddings under autocast (bf16/fp16) or in fp32."""
@@ -323,4 +324,5 @@ def build_runner(module: nn.Module, cfg: TrainConfig, ctx: DistContext, lr: floa
     """The runner for ``parallel.strategy``."""
     if cfg.parallel.strategy == "deepspeed":
         return DeepSpeedRunner(module, cfg, ctx, lr)
-    return DDPRunner(module, cfg, ctx, lr)
+    return DDPRunner(module, ctx, lr, optim=cfg.optim, precision=cfg.precision, parallel=cfg.parallel,
+                     compile=cfg.model.compile)

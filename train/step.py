@@ -38,8 +38,9 @@ class StepResult:
     loss: float
     """Global-batch loss, averaged over the micro-steps (NaN when not finite)."""
     accuracy: float
-    """Top-1 accuracy of the classifier on the last micro-step's global batch (NaN when it is not
-    trained, and on steps that do not log)."""
+    """Top-1 accuracy of the classifier on the last micro-step's global batch, ranked by the loss's
+    logits (margin included) over the classes sampled in the step (all at sample_rate 1); NaN
+    when it is not trained, and on steps that do not log."""
     grad_norm: Optional[float]
     """Backbone gradient norm before clipping (None when not measured)."""
     applied: bool

@@ -48,11 +48,11 @@ class Trainer:
         self.faults = faults if faults is not None else FaultSwitch([], ctx.rank)  # testing only
         self.run_dir = Path(cfg.output_dir)
         set_deterministic(cfg.deterministic)
-        apply_precision_settings(cfg, ctx.device)
+        apply_precision_settings(cfg.precision, ctx.device)
         seed_everything(cfg.seed)
-        self.manifest = load_manifest(cfg)
-        self.loader = loader if loader is not None else build_data(cfg, ctx, self.manifest)
-        self.num_classes = resolve_num_classes(cfg, self.manifest, self.loader)
+        self.manifest = load_manifest(cfg.data)
+        self.loader = loader if loader is not None else build_data(cfg.data, ctx, self.manifest, cfg.seed)
+        self.num_classes = resolve_num_classes(cfg.data, self.manifest, self.loader)
         o = cfg.optim
         self.local_batch = int(getattr(self.loader, "batch_size", cfg.data.batch_size))
         self.samples_per_step = self.local_batch * ctx.world_size * o.grad_accum
@@ -62,12 +62,12 @@ class Trainer:
 
         seed_everything(cfg.seed)  # the same initial backbone on every rank
         self.injected_backbone = backbone is not None
-        module = backbone.to(ctx.device) if backbone is not None else build_backbone_module(cfg, ctx.device)
+        module = backbone.to(ctx.device) if backbone is not None else build_backbone_module(cfg.model, cfg.data.image_size, ctx.device)
         self.lr, self.head_lr = scaled_lrs(o, self.samples_per_step)
         self.runner = build_runner(module, cfg, ctx, self.lr)
         self.head = build_head(cfg, ctx, self.num_classes)
         self.head_optimizer = build_classifier_optimizer(self.head, o, self.head_lr, cfg.seed)
-        self.metric_loss = build_metric(cfg, ctx, self.num_classes)
+        self.metric_loss = build_metric(cfg.loss, cfg.model.embedding_size, ctx, self.num_classes)
         self.schedule = LRSchedule([self.runner.optimizer, self.head_optimizer], self.total_steps,
                                    o.warmup_steps, o.schedule, o.poly_power, o.min_lr_ratio)
         self.train_step = TrainStep(self.runner, self.head, self.head_optimizer, ctx, o.grad_accum,
@@ -177,7 +177,7 @@ class Trainer:
             f"steps {self.total_steps} ({self.steps_per_epoch} per epoch, "
             f"{self.total_steps / self.steps_per_epoch:.2f} epochs); "
             f"lr {self.lr:.4g} backbone / {self.head_lr:.4g} classifier (peak, {cfg.optim.schedule}, "
-            f"warm-up {cfg.optim.warmup_steps})",
+            f"warm-up {cfg.optim.warmup_steps}; {self._lr_scaling()})",
             f"classes {self.num_classes}: {head.num_local} on rank {ctx.rank} (~{self.num_classes / ctx.world_size:.0f}"
             f" per rank), sampled per step {getattr(head, 'num_sample', head.num_local)}; "
             f"{bytes_per_class} bytes/class ({cfg.loss.head_dtype}, {cfg.optim.name})",
@@ -185,6 +185,14 @@ class Trainer:
         if self.resumed_from:
             lines.append(f"resumed from {self.resumed_from} at step {self.step}")
         return "\n".join(lines)
+
+    def _lr_scaling(self) -> str:
+        """How the peak learning rate was derived: the linear scaling by optim.reference_batch, or none."""
+        o = self.cfg.optim
+        if o.reference_batch <= 0:
+            return "optim.lr as given, optim.reference_batch=0: no batch scaling"
+        return (f"effective lr = optim.lr {o.lr:g} x samples/step {self.samples_per_step} / "
+                f"optim.reference_batch {o.reference_batch}")
 
     def _record(self, result: StepResult) -> None:
         self.step += 1
@@ -355,6 +363,6 @@ class Trainer:
         path = self.run_dir / "model.pt"
         with self.runner.full_parameters() as module:
             if self.ctx.is_main:
-                export_embedding_model(module, self.cfg.model.backbone, backbone_options(self.cfg), path)
+                export_embedding_model(module, self.cfg.model.backbone, backbone_options(self.cfg.model, self.cfg.data.image_size), path)
         self.ctx.barrier()
         return path

@@ -12,8 +12,10 @@ class AnnealedAngularMargin(Margin):
 
     Training with ψ alone does not converge from scratch, so both papers start close to
     the plain softmax (λ large) and decay λ as λ = max(λ_min, base·(1 + γ·iter)^(−power)).
-    ``iteration`` counts training forwards in a buffer (checkpointed with the classifier),
-    incremented before λ is computed, as in the papers' Caffe layers.
+    ``iteration`` counts optimiser steps in a buffer (checkpointed with the classifier):
+    the training forwards of step k (0-based) use λ at iteration k + 1, as the papers'
+    Caffe layers do when one forward is one step, and every micro-batch of an accumulated
+    step uses the same λ.  :meth:`advance` (called by the row optimiser's step) moves it on.
     """
 
     def __init__(self, m: int, base: float, gamma: float, power: float, lambda_min: float) -> None:
@@ -33,10 +35,14 @@ class AnnealedAngularMargin(Margin):
         """λ at the current iteration (a 0-d float32 tensor on the buffer's device)."""
         return annealed_lambda(self.iteration, self.base, self.gamma, self.power, self.lambda_min)
 
-    def blended_target(self, inp: MarginInput) -> torch.Tensor:
-        """[N] (λ·cos θ_y + ψ(θ_y)) / (1 + λ), after advancing the iteration when training."""
-        if self.training:
+    def advance(self) -> None:
+        """One optimiser step done: the next step's forwards use the next λ."""
+        with torch.no_grad():
             self.iteration += 1
-        lam = self.current_lambda()
+
+    def blended_target(self, inp: MarginInput) -> torch.Tensor:
+        """[N] (λ·cos θ_y + ψ(θ_y)) / (1 + λ); training uses the λ of the step under way."""
+        iteration = self.iteration + 1 if self.training else self.iteration
+        lam = annealed_lambda(iteration, self.base, self.gamma, self.power, self.lambda_min)
         cos_t = self.target_cos(inp)
         return (lam * cos_t + a_softmax_psi(cos_t, self.m)) / (1.0 + lam)

@@ -125,6 +125,15 @@ class Margin(nn.Module):
         logits = inp.cos * self.logit_scale()
         return self.apply_target(logits, inp, self.target_logit(self.target_cos(inp), inp), inplace=True)
 
+    def advance(self) -> None:
+        """One optimiser step is done (the row optimiser's step calls this once per step).
+
+        State that should follow optimiser steps rather than forwards (an annealing
+        schedule, per-step random draws) moves on here, so that gradient accumulation
+        does not change it.  Running statistics of the batches (CurricularFace's t,
+        AdaFace's norm statistics) are updated by each training forward instead.
+        """
+
     def extra_loss(self, inp: MarginInput) -> Optional[torch.Tensor]:
         """A regulariser added to the loss (MagFace's g(a)); its value over the global batch.
 

@@ -12,10 +12,15 @@ from .functional import clamp_cos
 _STEP_STRIDE = 1_000_003
 
 
-def elastic_normal_draws(seed: int, step: int, n: int) -> torch.Tensor:
+def elastic_normal_draws(seed: int, step: int, n: int, micro: int = 0) -> torch.Tensor:
     """[n] standard normal draws of one step: ``torch.randn`` from a CPU generator seeded with
-    ``seed · 1_000_003 + step``; entry i belongs to global sample i (same on every rank)."""
-    gen = torch.Generator().manual_seed((seed * _STEP_STRIDE + step) % (2 ** 63))
+    ``seed · 1_000_003 + step``; entry i belongs to global sample i (same on every rank).
+
+    ``micro``: the micro-batch within an accumulated step; micro-batch m > 0 draws from
+    the seed ``(seed · 1_000_003 + step) · 1_000_003 + m`` instead.
+    """
+    base = seed * _STEP_STRIDE + step
+    gen = torch.Generator().manual_seed((base if micro == 0 else base * _STEP_STRIDE + micro) % (2 ** 63))
     return torch.randn(n, generator=gen)
 
 
@@ -27,10 +32,12 @@ class ElasticFace(Margin):
     ``plus`` (ElasticFace-Arc+) the draws are sorted and handed out by the target cosine:
     the sample closest to its class centre gets the smallest margin.
 
-    The draws are reproducible: step t uses ``elastic_normal_draws(seed, t, N)`` over the
-    global batch, so every rank draws the same margin for a given global sample.  ``step``
-    counts training forwards and is saved with the module's state.  In eval mode every
-    sample gets the mean margin m.
+    The draws are reproducible: optimiser step t uses ``elastic_normal_draws(seed, t, N)``
+    over the global batch (micro-batch m of an accumulated step: ``micro=m``), so every rank
+    draws the same margin for a given global sample.  ``step`` counts optimiser steps
+    (:meth:`advance`, called by the row optimiser's step) and is saved with the module's
+    state, so gradient accumulation does not change which step's draws a sample gets.  In
+    eval mode every sample gets the mean margin m.
     """
 
     name = "elasticface"
@@ -44,8 +51,9 @@ class ElasticFace(Margin):
         require(sigma >= 0, f"elasticface sigma={sigma} must be >= 0 (std of the margin, 0.05 in the paper)")
         require(isinstance(seed, int) and seed >= 0, f"elasticface seed={seed!r} must be an integer >= 0")
         self.s, self.m, self.sigma, self.plus, self.seed = float(s), float(m), float(sigma), bool(plus), seed
-        # A Python counter (not a device buffer) so that seeding needs no device sync.
+        # Python counters (not device buffers) so that seeding needs no device sync.
         self.step = 0
+        self.micro = 0  # training forwards since the last optimiser step
 
     def get_extra_state(self) -> dict[str, Any]:
         """The draw counter, so a resumed run continues the same sequence of margins."""
@@ -54,14 +62,20 @@ class ElasticFace(Margin):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         """Restore the draw counter."""
         self.step = int(state["step"])
+        self.micro = 0
+
+    def advance(self) -> None:
+        """One optimiser step done: the next forwards draw the next step's margins."""
+        self.step += 1
+        self.micro = 0
 
     def sample_margins(self, inp: MarginInput) -> torch.Tensor:
         """[N] margin of every global sample for this forward (advances ``step`` when training)."""
         n = inp.cos.shape[0]
         if not self.training:
             return inp.cos.new_full((n,), self.m)
-        draws = self.m + self.sigma * elastic_normal_draws(self.seed, self.step, n)
-        self.step += 1
+        draws = self.m + self.sigma * elastic_normal_draws(self.seed, self.step, n, self.micro)
+        self.micro += 1
         draws = draws.to(inp.cos.device)
         if self.plus:
             order = torch.argsort(inp.global_target_cos(), descending=True, stable=True)
@@ -73,7 +87,7 @@ class ElasticFace(Margin):
         return self.s
 
     def target_logit(self, target_cos: torch.Tensor, inp: MarginInput) -> torch.Tensor:
-        """s·cos(θ + m_i) (draws the margins: advances ``step`` when training)."""
+        """s·cos(θ + m_i), with this forward's draws of m_i."""
         margins = self.sample_margins(inp)
         theta = torch.acos(clamp_cos(target_cos))
         return torch.cos(theta + margins) * self.s

@@ -3,7 +3,7 @@
 ``build_backbone("iresnet50", embedding_size=512, dropout=0.0, input_size=112,
 gradient_checkpointing=False)``; ``list_backbones()`` names them all.
 """
-from . import iresnet, mobilefacenet, vit  # noqa: F401  (importing registers the builders)
+from . import iresnet, mobilefacenet, vit, vit_insightface  # noqa: F401  (importing registers the builders)
 from .registry import backbone_options, build_backbone, list_backbones, register_backbone
 
 __all__ = ["backbone_options", "build_backbone", "list_backbones", "register_backbone"]

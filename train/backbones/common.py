@@ -51,10 +51,41 @@ def init_conv_bn(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def _once_per_step(block: nn.Module):
+    """``block`` as a function whose repeated calls (checkpoint's recomputation) leave the
+    BatchNorm running statistics as the first call left them.
+
+    The recomputation runs the block in train mode again: without this, every BatchNorm
+    would fold the batch into its running mean and variance twice per step (and count it
+    twice).  The outputs are unchanged either way (train mode normalises by the batch).
+    """
+    norms = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats and m.training]
+    calls = 0
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == 1 or not norms:
+            return block(x)
+        saved = [[b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in norms]
+        try:
+            return block(x)
+        finally:  # also when the recomputation stops early (torch stops once it has what it needs)
+            with torch.no_grad():
+                for m, state in zip(norms, saved):
+                    for b, value in zip((m.running_mean, m.running_var, m.num_batches_tracked), state):
+                        b.copy_(value)
+    return run
+
+
 def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, checkpointing: bool) -> torch.Tensor:
-    """Apply blocks in order; with ``checkpointing`` (and gradients on) recompute each in backward."""
+    """Apply blocks in order; with ``checkpointing`` (and gradients on) recompute each in backward.
+
+    The recomputation does not update BatchNorm running statistics a second time.
+    """
     recompute = checkpointing and torch.is_grad_enabled()
     for block in blocks:
         # Non-reentrant checkpointing keeps gradients flowing to inputs that do not require grad.
-        x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
+        x = checkpoint(_once_per_step(block), x, use_reentrant=False) if recompute else block(x)
     return x

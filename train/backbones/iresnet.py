@@ -4,6 +4,11 @@ Layout at 112×112: a stride-1 stem (conv3×3 → BN → PReLU), four stages tha
 side (112 → 56 → 28 → 14 → 7), then BN → dropout → flatten → FC → BN1d.  Each block is
 BN → conv3×3 → BN → PReLU → conv3×3 (carrying the stride) → BN, plus the shortcut; there is
 no activation after the addition.
+
+The embedding head follows insightface's arcface_torch by default: the scale of the last
+BatchNorm1d (``features.weight``) is fixed at 1 and not trained, and ``fc`` and ``features``
+run in float32 even under autocast (a 25088-wide dot product and a batch statistic are where
+fp16/bf16 loses the most).  ``train_feature_scale=True`` and ``fp32_head=False`` turn each off.
 """
 from __future__ import annotations
 
@@ -47,7 +52,8 @@ class IResNet(nn.Module):
     """IResNet backbone: images ``[B,3,S,S]`` in [-1,1] → embeddings ``[B, embedding_size]``."""
 
     def __init__(self, layers: Sequence[int], widths: Sequence[int] = STANDARD_WIDTHS, embedding_size: int = 512,
-                 dropout: float = 0.0, input_size: int = 112, gradient_checkpointing: bool = False) -> None:
+                 dropout: float = 0.0, input_size: int = 112, gradient_checkpointing: bool = False,
+                 train_feature_scale: bool = False, fp32_head: bool = True) -> None:
         super().__init__()
         if len(layers) != 4 or len(widths) != 4 or min(layers) < 1:
             raise ValueError(f"IResNet needs 4 stages with at least one block each, got layers={list(layers)} "
@@ -69,60 +75,88 @@ class IResNet(nn.Module):
         side = strided_size(input_size, 4)
         self.fc = nn.Linear(in_channels * side * side, embedding_size)
         self.features = nn.BatchNorm1d(embedding_size)
+        self.fp32_head = fp32_head
         init_conv_bn(self)
+        if not train_feature_scale:
+            # insightface's arcface_torch fixes it at 1, and its published weights were trained so:
+            # the per-dimension spread of the embedding is left to fc alone.
+            self.features.weight.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embeddings (not normalised) of a batch of images."""
         check_images(x, self.input_size, type(self).__name__)
         x = self.stem(x)
         x = run_blocks(self.blocks, x, self.gradient_checkpointing and self.training)
-        x = self.dropout(self.bn2(x))
-        return self.features(self.fc(torch.flatten(x, 1)))
+        x = torch.flatten(self.dropout(self.bn2(x)), 1)
+        device_type = x.device.type
+        if self.fp32_head and device_type != "meta" and torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                return self.features(self.fc(x.float()))
+        return self.features(self.fc(x))
 
 
-def _iresnet(layers: Sequence[int], embedding_size: int, dropout: float, input_size: int,
-             gradient_checkpointing: bool, widths: Sequence[int] = STANDARD_WIDTHS) -> IResNet:
-    return IResNet(layers, widths, embedding_size=embedding_size, dropout=dropout, input_size=input_size,
-                   gradient_checkpointing=gradient_checkpointing)
+def _iresnet(layers: Sequence[int], embedding_size: int, options: dict,
+             widths: Sequence[int] = STANDARD_WIDTHS) -> IResNet:
+    return IResNet(layers, widths, embedding_size=embedding_size, **options)
+
+
+# Every builder takes the same options; ``_options`` collects them for ``IResNet``.
+def _options(dropout: float, input_size: int, gradient_checkpointing: bool, train_feature_scale: bool,
+             fp32_head: bool) -> dict:
+    return dict(dropout=dropout, input_size=input_size, gradient_checkpointing=gradient_checkpointing,
+                train_feature_scale=train_feature_scale, fp32_head=fp32_head)
 
 
 @register_backbone("iresnet18")
 def iresnet18(embedding_size: int = 512, dropout: float = 0.0, input_size: int = 112,
-              gradient_checkpointing: bool = False) -> IResNet:
+              gradient_checkpointing: bool = False, train_feature_scale: bool = False,
+              fp32_head: bool = True) -> IResNet:
     """IResNet-18: blocks [2, 2, 2, 2]."""
-    return _iresnet((2, 2, 2, 2), embedding_size, dropout, input_size, gradient_checkpointing)
+    return _iresnet((2, 2, 2, 2), embedding_size,
+                    _options(dropout, input_size, gradient_checkpointing, train_feature_scale, fp32_head))
 
 
 @register_backbone("iresnet34")
 def iresnet34(embedding_size: int = 512, dropout: float = 0.0, input_size: int = 112,
-              gradient_checkpointing: bool = False) -> IResNet:
+              gradient_checkpointing: bool = False, train_feature_scale: bool = False,
+              fp32_head: bool = True) -> IResNet:
     """IResNet-34: blocks [3, 4, 6, 3]."""
-    return _iresnet((3, 4, 6, 3), embedding_size, dropout, input_size, gradient_checkpointing)
+    return _iresnet((3, 4, 6, 3), embedding_size,
+                    _options(dropout, input_size, gradient_checkpointing, train_feature_scale, fp32_head))
 
 
 @register_backbone("iresnet50")
 def iresnet50(embedding_size: int = 512, dropout: float = 0.0, input_size: int = 112,
-              gradient_checkpointing: bool = False) -> IResNet:
+              gradient_checkpointing: bool = False, train_feature_scale: bool = False,
+              fp32_head: bool = True) -> IResNet:
     """IResNet-50: blocks [3, 4, 14, 3]."""
-    return _iresnet((3, 4, 14, 3), embedding_size, dropout, input_size, gradient_checkpointing)
+    return _iresnet((3, 4, 14, 3), embedding_size,
+                    _options(dropout, input_size, gradient_checkpointing, train_feature_scale, fp32_head))
 
 
 @register_backbone("iresnet100")
 def iresnet100(embedding_size: int = 512, dropout: float = 0.0, input_size: int = 112,
-               gradient_checkpointing: bool = False) -> IResNet:
+               gradient_checkpointing: bool = False, train_feature_scale: bool = False,
+               fp32_head: bool = True) -> IResNet:
     """IResNet-100: blocks [3, 13, 30, 3]."""
-    return _iresnet((3, 13, 30, 3), embedding_size, dropout, input_size, gradient_checkpointing)
+    return _iresnet((3, 13, 30, 3), embedding_size,
+                    _options(dropout, input_size, gradient_checkpointing, train_feature_scale, fp32_head))
 
 
 @register_backbone("iresnet200")
 def iresnet200(embedding_size: int = 512, dropout: float = 0.0, input_size: int = 112,
-               gradient_checkpointing: bool = False) -> IResNet:
+               gradient_checkpointing: bool = False, train_feature_scale: bool = False,
+               fp32_head: bool = True) -> IResNet:
     """IResNet-200: blocks [6, 26, 60, 6]."""
-    return _iresnet((6, 26, 60, 6), embedding_size, dropout, input_size, gradient_checkpointing)
+    return _iresnet((6, 26, 60, 6), embedding_size,
+                    _options(dropout, input_size, gradient_checkpointing, train_feature_scale, fp32_head))
 
 
 @register_backbone("iresnet_tiny")
 def iresnet_tiny(embedding_size: int = 512, dropout: float = 0.0, input_size: int = 112,
-                 gradient_checkpointing: bool = False) -> IResNet:
+                 gradient_checkpointing: bool = False, train_feature_scale: bool = False,
+                 fp32_head: bool = True) -> IResNet:
     """IResNet with widths 16-32-64-128 and one block per stage, for CPU runs (use input_size=56 there)."""
-    return _iresnet(TINY_LAYERS, embedding_size, dropout, input_size, gradient_checkpointing, TINY_WIDTHS)
+    return _iresnet(TINY_LAYERS, embedding_size,
+                    _options(dropout, input_size, gradient_checkpointing, train_feature_scale, fp32_head),
+                    TINY_WIDTHS)

@@ -4,6 +4,10 @@ At 112×112 the paper's table is followed: conv3×3/2 (64) → depthwise conv3×
 stages (expansion t, channels c, repeats n, stride s) → conv1×1 (512) → linear GDConv over the
 whole 7×7 map → linear conv1×1 to the embedding → BN.  PReLU is the non-linearity.  The GDC
 kernel follows the final map, so other input sizes (e.g. 56 → 4×4) work too.
+
+``mobilefacenet_mbf`` is the same design at insightface arcface_torch's "mbf" widths (a 128-channel
+stem whose second conv has 64 groups, 128/256-channel stages with 1-4-6-2 residual blocks), so
+that its published weights can be imported (``train.insightface``).
 """
 from __future__ import annotations
 
@@ -16,10 +20,14 @@ from .common import check_dropout, check_images, check_input_size, init_conv_bn,
 from .registry import register_backbone
 
 # (expansion t, output channels c, repeats n, stride of the first repeat s), from the paper's Table 1.
+# The hidden width of a bottleneck is t x its input channels.
 PAPER_STAGES: tuple[tuple[int, int, int, int], ...] = (
     (2, 64, 5, 2), (4, 128, 1, 2), (2, 128, 6, 1), (4, 128, 1, 2), (2, 128, 2, 1))
 TINY_STAGES: tuple[tuple[int, int, int, int], ...] = (
     (2, 32, 2, 2), (4, 64, 1, 2), (2, 64, 2, 1), (4, 64, 1, 2), (2, 64, 1, 1))
+# insightface's "mbf" (scale 2, blocks 1-4-6-2): each strided block widens to its group count.
+MBF_STAGES: tuple[tuple[int, int, int, int], ...] = (
+    (1, 128, 1, 2), (1, 128, 4, 1), (2, 256, 1, 2), (1, 256, 6, 1), (2, 256, 1, 2), (1, 256, 2, 1))
 
 
 def conv_bn(in_ch: int, out_ch: int, kernel: int, stride: int = 1, groups: int = 1,
@@ -55,13 +63,14 @@ class MobileFaceNet(nn.Module):
 
     def __init__(self, stages: Sequence[tuple[int, int, int, int]] = PAPER_STAGES, stem_channels: int = 64,
                  head_channels: int = 512, embedding_size: int = 512, dropout: float = 0.0,
-                 input_size: int = 112, gradient_checkpointing: bool = False) -> None:
+                 input_size: int = 112, gradient_checkpointing: bool = False,
+                 stem_groups: int | None = None) -> None:
         super().__init__()
         check_input_size(input_size, minimum=16)
         self.input_size = input_size
         self.gradient_checkpointing = gradient_checkpointing
         self.stem = nn.Sequential(conv_bn(3, stem_channels, 3, stride=2),
-                                  conv_bn(stem_channels, stem_channels, 3, groups=stem_channels))
+                                  conv_bn(stem_channels, stem_channels, 3, groups=stem_groups or stem_channels))
         blocks: list[nn.Module] = []
         in_ch = stem_channels
         for expansion, out_ch, repeats, stride in stages:
@@ -101,3 +110,11 @@ def mobilefacenet_tiny(embedding_size: int = 512, dropout: float = 0.0, input_si
     """MobileFaceNet at half width with fewer blocks, for CPU runs (use input_size=56 there)."""
     return MobileFaceNet(TINY_STAGES, 32, 256, embedding_size=embedding_size, dropout=dropout,
                          input_size=input_size, gradient_checkpointing=gradient_checkpointing)
+
+
+@register_backbone("mobilefacenet_mbf")
+def mobilefacenet_mbf(embedding_size: int = 512, dropout: float = 0.0, input_size: int = 112,
+                      gradient_checkpointing: bool = False) -> MobileFaceNet:
+    """MobileFaceNet at insightface arcface_torch's "mbf" widths (its model-zoo weights import into it)."""
+    return MobileFaceNet(MBF_STAGES, 128, 512, embedding_size=embedding_size, dropout=dropout,
+                         input_size=input_size, gradient_checkpointing=gradient_checkpointing, stem_groups=64)
