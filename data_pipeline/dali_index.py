@@ -33,6 +33,7 @@ from .bad_data import (
     BadSample,
     decode_jpeg,
     parse_label,
+    pil_message,
 )
 from .manifest import atomic_write_bytes
 from .progress import Progress
@@ -78,7 +79,7 @@ def check_header(data: bytes, image_size: tuple[int, int]) -> tuple[str, str] | 
         with Image.open(io.BytesIO(data)) as im:
             fmt, size = im.format, im.size
     except Exception as e:  # PIL raises several types on damaged headers
-        return CORRUPT_JPEG, f"unreadable JPEG header ({type(e).__name__}: {e})"
+        return CORRUPT_JPEG, f"unreadable JPEG header ({type(e).__name__}: {pil_message(e)})"
     if fmt != "JPEG":
         return CORRUPT_JPEG, f"not a JPEG (PIL reads it as {fmt})"
     if (size[1], size[0]) != tuple(image_size):
