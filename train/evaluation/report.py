@@ -53,6 +53,19 @@ def json_values(values: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def json_tree(doc: Any) -> Any:
+    """``doc`` (nested dicts, lists, numbers, numpy scalars) with every NaN/inf as None, for :func:`write_json`."""
+    if isinstance(doc, Mapping):
+        return {str(k): json_tree(v) for k, v in doc.items()}
+    if isinstance(doc, (list, tuple)):
+        return [json_tree(v) for v in doc]
+    if hasattr(doc, "tolist") and not isinstance(doc, (str, bytes)):  # numpy scalars and arrays
+        return json_tree(doc.tolist())
+    if isinstance(doc, float):
+        return doc if math.isfinite(doc) else None
+    return doc
+
+
 def write_json(path: str | Path, doc: Any) -> Path:
     """Write ``doc`` as strict JSON (``allow_nan=False``: a NaN left in it is a bug, not a file)."""
     path = Path(path)
