@@ -12,13 +12,15 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-COUNT_KEYS = frozenset({"num_pairs", "num_templates", "num_faces"})
+COUNT_KEYS = frozenset({"num_pairs", "num_templates", "num_faces",
+                        "num_gallery", "num_mated", "num_nonmated", "num_probes", "num_enrolled"})
 """Result keys that count things: shown and stored as integers."""
 
 
 def is_fraction(key: str) -> bool:
-    """Whether ``key`` is a rate in [0, 1] (shown as a percentage)."""
-    return key in ("accuracy", "accuracy_std", "auc") or key.startswith("tar@")
+    """Whether ``key`` is a rate in [0, 1] (shown as a percentage): accuracy, AUC, TAR, rank-k, TPIR."""
+    return (key in ("accuracy", "accuracy_std", "auc") or key.startswith(("tar@", "tpir@"))
+            or (key.startswith("rank") and key[4:].isdigit()))
 
 
 def format_value(key: str, value: Any) -> str:
