@@ -184,8 +184,16 @@ def _cmd_import_insightface(a: argparse.Namespace) -> int:
 
 
 def _cmd_eval_ijb(a: argparse.Namespace) -> int:
-    from launch.ijb_command import run_ijb
-    run_ijb(a.features, a.faces, a.pairs, names=a.names, flipped=a.flipped, face_scores=a.face_scores, out=a.out)
+    from launch.ijb_command import run_ijb, run_ijb_1n
+    one_to_one, one_to_n = a.pairs is not None, bool(a.gallery) or a.probes is not None
+    if one_to_one == one_to_n or (one_to_n and not (a.gallery and a.probes)):
+        raise ValueError("eval-ijb needs either --pairs (1:1 verification) or both --gallery and --probes "
+                         "(1:N identification)")
+    if one_to_n:
+        run_ijb_1n(a.features, a.faces, a.gallery, a.probes, names=a.names, flipped=a.flipped,
+                   face_scores=a.face_scores, out=a.out)
+    else:
+        run_ijb(a.features, a.faces, a.pairs, names=a.names, flipped=a.flipped, face_scores=a.face_scores, out=a.out)
     return 0
 
 
@@ -333,12 +341,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="embed each image alone (default: add the mirrored image's embedding)")
     m.set_defaults(func=_cmd_embed)
 
-    j = _command(sub, "eval-ijb", help="IJB-B/IJB-C template 1:1 verification of embedded faces (TAR@FAR table)")
+    j = _command(sub, "eval-ijb", help="IJB-B/IJB-C templates of embedded faces: 1:1 verification (TAR@FAR table, "
+                                       "--pairs) or 1:N identification (rank-k and TPIR@FPIR, --gallery/--probes)")
     j.add_argument("--features", required=True, help=".npy of face features [N, D] (`shardface embed` output)")
     j.add_argument("--names", default=None, help="image name of each feature row (the .txt beside the .npy); "
                                                  "without it the rows must follow the face list")
     j.add_argument("--faces", required=True, help="*_face_tid_mid.txt: image, template id, media id per face")
-    j.add_argument("--pairs", required=True, help="*_template_pair_label.txt: template 1, template 2, label")
+    j.add_argument("--pairs", default=None, help="1:1: *_template_pair_label.txt: template 1, template 2, label")
+    j.add_argument("--gallery", nargs="+", default=None, help="1:N: gallery CSVs, e.g. ijbc_1N_gallery_G1.csv "
+                   "ijbc_1N_gallery_G2.csv (one result each, and their mean)")
+    j.add_argument("--probes", default=None, help="1:N: probe CSV, e.g. ijbc_1N_probe_mixed.csv")
     j.add_argument("--flipped", default=None, help=".npy of the mirrored faces' features, added to --features "
                                                    "(leave out when `embed` already added the flip)")
     j.add_argument("--face-scores", default=None, help="detector score per face (.npy, or text whose last "

@@ -1,7 +1,6 @@
 """What the CLI does with a trained model: evaluate on .bin sets, export to ONNX, embed a folder."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,6 +113,7 @@ def identify_model(model_path: str | Path, data_dir: str | Path, out_dir: str | 
     import numpy as np
 
     from train.evaluation.distractors import DEFAULT_SIZES, curve_table, plot_cmc, plot_rank1_vs_distractors
+    from train.evaluation.report import json_tree, write_json
     from train.evaluation.synthetic_identification import evaluate_synthetic_identification, load_synth_config
     cfg = load_synth_config(data_dir)
     model, source = _load(model_path)
@@ -132,7 +132,8 @@ def identify_model(model_path: str | Path, data_dir: str | Path, out_dir: str | 
     out.mkdir(parents=True, exist_ok=True)
     record = {k: v for k, v in curve.items() if k != "cmc"}
     record["cmc"] = {str(n): [float(x) for x in c] for n, c in curve["cmc"].items()}
-    (out / "identification.json").write_text(json.dumps(record, indent=2))
+    # Strict JSON like results.json: a rank that could not be measured is null, never a bare NaN.
+    write_json(out / "identification.json", json_tree(record))
     name = source.run_dir.name or "model"
     rank1 = plot_rank1_vs_distractors({name: curve}, out / "rank1_vs_distractors.png")
     cmc_png = plot_cmc({f"{n} distractors": c for n, c in curve["cmc"].items()}, out / "cmc.png")

@@ -417,12 +417,16 @@ class FailureConfig(Section):
     """A rank stuck on one line of code outside a collective this long, with no step done, is reported hung and the job stops."""
     heartbeat_timeout_s: float = 15.0
     """A rank whose heartbeat is silent this long (killed, machine lost) stops the job."""
+    startup_timeout_s: float = 900.0
+    """The hang limit before the first step: start-up (parallel setup, a first DeepSpeed run's op build, the checkpoint restore) may sit on one line this long."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.hang_timeout_s <= 0 or self.heartbeat_timeout_s <= 0:
             raise ConfigError(f"failure.hang_timeout_s={self.hang_timeout_s} and failure.heartbeat_timeout_s="
                               f"{self.heartbeat_timeout_s} must both be > 0")
+        if self.startup_timeout_s <= 0:
+            raise ConfigError(f"failure.startup_timeout_s={self.startup_timeout_s} must be > 0")
 
 
 SECTIONS: dict[str, type] = {

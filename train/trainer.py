@@ -325,6 +325,8 @@ class Trainer:
             preemption = PreemptionHandler(self.ctx, cfg.preempt.signals).install()
         preemption.step = lambda: self.step
         preempted = preemption.should_stop() and self.step < self.total_steps  # a signal during start-up
+        if self.watch is not None:
+            self.watch.started()  # set-up and restore are done: from here steps get failure.hang_timeout_s
         try:
             while self.step < end and not preempted:
                 self.schedule.set_step(self.step)
