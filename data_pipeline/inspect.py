@@ -12,10 +12,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from . import byte_streams
-from .manifest import Manifest
+from .storage import byte_streams
+from .formats.manifest import Manifest
 from .progress import Progress
-from .shards import LABEL_WIDTH, SHARD_PATTERN
+from .sources.shards import LABEL_WIDTH, SHARD_PATTERN
 
 MAX_EXAMPLES = 100
 _LABEL_RE = re.compile(rb"^\d{%d}$" % LABEL_WIDTH)

@@ -23,7 +23,7 @@ def resolve_model(path: str | Path) -> Path:
 def evaluate_model(model_path: str | Path, bins: list[str], out_dir: Optional[str | Path] = None,
                    batch_size: int = 256) -> dict:
     """Verification results of a saved model on each .bin; writes results.json and roc.png."""
-    from data_pipeline.verification import load_bin
+    from data_pipeline.formats.verification import load_bin
     from train.evaluation.verification import evaluate_bin, plot_roc, scalars
     from train.export import load_embedding_model
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_pipeline.manifest import Manifest, ShardInfo
+from data_pipeline.formats.manifest import Manifest, ShardInfo
 
 
 def make_jpeg(index: int, size: int = 16) -> bytes:

@@ -13,11 +13,11 @@ import torch
 
 pytest.importorskip("nvidia.dali")
 
-from data_pipeline import dali_index, dali_loader  # noqa: E402
+from data_pipeline.loaders import dali_index, dali_loader  # noqa: E402
 from data_pipeline.bad_data import (BAD_LABEL, CORRUPT_JPEG, MISSING_CLS, MISSING_JPG,  # noqa: E402
                                     MISSING_SHARD, TRUNCATED_SHARD, UNREACHABLE_SHARD, WRONG_SIZE,
                                     BadSampleError)
-from data_pipeline.dali_loader import labels_from_digits  # noqa: E402
+from data_pipeline.loaders.dali_loader import labels_from_digits  # noqa: E402
 from data_pipeline.loaders import build_loader  # noqa: E402
 from shard_helpers import pil_reference, write_dataset  # noqa: E402
 
@@ -243,7 +243,7 @@ def test_a_failed_build_on_local_rank_zero_still_reaches_the_barrier(tmp_path, m
 def test_shards_are_indexed_in_parallel_with_the_serial_result(tmp_path, monkeypatch):
     import threading
     m = write_dataset(tmp_path, [3, 2, 4, 1, 2])
-    from data_pipeline.tar_reader import shard_refs
+    from data_pipeline.formats.tar_reader import shard_refs
     serial = dali_index.index_shards(shard_refs(m), m.num_classes, m.image_size, workers=1)
     for p in tmp_path.glob("*.dali.*"):
         p.unlink()

@@ -14,9 +14,9 @@ from shard_testing import make_jpeg
 from data_pipeline.bad_data import BadSampleError
 from data_pipeline.convert import convert
 from data_pipeline.loaders import build_loader
-from data_pipeline.rec_dataset import RecDataset, open_dataset
-from data_pipeline.rec_loader import RecordFile, epoch_permutation
-from data_pipeline.recordio import (
+from data_pipeline.sources.rec_dataset import RecDataset, open_dataset
+from data_pipeline.loaders.rec_loader import RecordFile, epoch_permutation
+from data_pipeline.formats.recordio import (
     RecordIOError,
     frame_record,
     pack_payload,

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from data_pipeline.convert import convert
-from data_pipeline.recordio import (RecordIOError, RecordIOSource, frame_record, pack_payload,
+from data_pipeline.formats.recordio import (RecordIOError, RecordIOSource, frame_record, pack_payload,
                                     read_index, rebuild_index, write_recordio)
 from shard_testing import make_jpeg, read_dataset
 

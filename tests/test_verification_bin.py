@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data_pipeline.verification import VerificationSet, load_bin, verification_batches, write_bin
+from data_pipeline.formats.verification import VerificationSet, load_bin, verification_batches, write_bin
 
 
 def _jpegs(n: int, size: tuple[int, int] = (24, 20), seed: int = 0) -> list[bytes]:

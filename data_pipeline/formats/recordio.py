@@ -24,7 +24,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from .progress import Progress
+from ..progress import Progress
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)

@@ -30,16 +30,16 @@ import numpy as np
 import torch
 
 from .augment import Augment, SampleTransform
-from .bad_data import BadSample
+from ..bad_data import BadSample
 from .dali_augment import dali_augment, draw_inputs, needed_inputs
 from .dali_index import LABEL_WIDTH, ShardIndex, index_location, index_shards
-from .manifest import atomic_write_bytes
+from ..formats.manifest import atomic_write_bytes
 from .epoch_plan import (batches_per_rank, derive_seed, even_split, group_spans, last_batch_padding,
                          shard_order, spans_between, window_permutation)
 from .loader_base import Batch, Loader
-from .shard_cache import stage_shards
-from .tar_members import split_name
-from .tar_reader import ShardRef, shard_refs
+from ..sources.shard_cache import stage_shards
+from ..formats.tar_members import split_name
+from ..formats.tar_reader import ShardRef, shard_refs
 
 log = logging.getLogger("shardface.data")
 VERIFY_MODES = ("header", "decode")

@@ -17,10 +17,10 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from . import byte_streams
-from .bad_data import TRUNCATED_SHARD, UNREACHABLE_SHARD, MISSING_SHARD, BadSample
-from .byte_streams import RemoteOptions, SourceUnreachable
-from .tar_reader import ShardRef
+from ..storage import byte_streams
+from ..bad_data import TRUNCATED_SHARD, UNREACHABLE_SHARD, MISSING_SHARD, BadSample
+from ..storage.byte_streams import RemoteOptions, SourceUnreachable
+from ..formats.tar_reader import ShardRef
 
 log = logging.getLogger("shardface.data")
 GIB = 1 << 30

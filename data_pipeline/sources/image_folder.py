@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .progress import Progress
+from ..progress import Progress
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif",
                               ".ppm", ".pgm"})

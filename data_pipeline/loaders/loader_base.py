@@ -6,7 +6,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .bad_data import BadSample, SkipReport, log
+from ..bad_data import BadSample, SkipReport, log
 from .kinds import MODES
 Batch = tuple[torch.Tensor, torch.Tensor]
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import byte_streams, remote_writes
-from .byte_streams import RemoteOptions, is_url
+from ..storage import byte_streams, remote_writes
+from ..storage.byte_streams import RemoteOptions, is_url
 
 FORMAT = "shardface-shards/1"
 MANIFEST_NAME = "manifest.json"
