@@ -55,6 +55,15 @@ MOVED: dict[str, str] = {
 export the same names, so they need no entry."""
 
 
+class _AliasSpec(importlib.machinery.ModuleSpec):
+    """The spec of an old name; its ``parent`` is the new module's package, so that the relative
+    imports of a module run under the old name (``python -m data_pipeline.<old>``) resolve."""
+
+    @property
+    def parent(self):
+        return f"{__name__}.{MOVED[self.name.rpartition('.')[2]]}".rpartition(".")[0]
+
+
 class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Resolves ``data_pipeline.<old>`` to the module now at ``data_pipeline.<new>``."""
 
@@ -62,7 +71,8 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         prefix, _, old = fullname.rpartition(".")
         if prefix != __name__ or old not in MOVED:
             return None
-        return importlib.machinery.ModuleSpec(fullname, self)
+        # origin: the new file, which runpy gives as __file__ and sys.argv[0] to a module run as main.
+        return _AliasSpec(fullname, self, origin=importlib.util.find_spec(f"{__name__}.{MOVED[old]}").origin)
 
     def create_module(self, spec):
         # The import system stores whatever this returns under the old name in sys.modules.
@@ -73,7 +83,8 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def exec_module(self, module):
         # Already executed under its new name; the import system overwrote __spec__ with the
         # alias spec just before this call, so put the module's own back (reload, pickle, runpy).
-        module.__spec__ = module.__spec__.loader_state
+        if isinstance(module.__spec__, _AliasSpec):
+            module.__spec__ = module.__spec__.loader_state
 
     def get_code(self, fullname):
         # `python -m data_pipeline.<old>` (runpy) runs the new module's code.

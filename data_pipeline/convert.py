@@ -6,12 +6,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .storage.byte_streams import RemoteOptions
-from .sources.image_folder import ImageFolderSource
 from .formats.manifest import Manifest, atomic_write_bytes
 from .formats.recordio import RecordIOSource
+from .sources.image_folder import ImageFolderSource
 from .sources.remote_output import ShardHook, write_dataset_to
 from .sources.shards import write_shards
+from .storage.byte_streams import RemoteOptions
 
 KINDS = ("recordio", "folder")
 WRITE_OPTIONS = {"samples_per_shard", "seed", "workers", "progress"}

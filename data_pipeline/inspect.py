@@ -12,10 +12,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from .storage import byte_streams
 from .formats.manifest import Manifest
 from .progress import Progress
 from .sources.shards import LABEL_WIDTH, SHARD_PATTERN
+from .storage import byte_streams
 
 MAX_EXAMPLES = 100
 _LABEL_RE = re.compile(rb"^\d{%d}$" % LABEL_WIDTH)

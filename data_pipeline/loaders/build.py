@@ -9,13 +9,13 @@ import os
 import warnings
 from typing import Any, Callable
 
-from .augment import Augment
 from ..bad_data import REASONS, BadSampleError
-from ..storage.byte_streams import RemoteOptions, is_url
-from .kinds import LOADER_ALIASES, LOADER_KINDS, MODES, LoaderKind
-from .loader_base import Loader
 from ..formats.manifest import Manifest
 from ..sources.rec_dataset import RecDataset, open_dataset
+from ..storage.byte_streams import RemoteOptions, is_url
+from .augment import Augment
+from .kinds import LOADER_ALIASES, LOADER_KINDS, MODES, LoaderKind
+from .loader_base import Loader
 
 KINDS = LOADER_KINDS
 

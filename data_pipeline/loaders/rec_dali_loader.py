@@ -27,10 +27,10 @@ import numpy as np
 import torch
 
 from ..bad_data import CORRUPT_JPEG, WRONG_SIZE, BadSample, SkipLog
-from .dali_loader import _import_dali
 from ..formats.jpeg import jpeg_size
-from .loader_base import Batch
 from ..sources.rec_dataset import RecDataset
+from .dali_loader import _import_dali
+from .loader_base import Batch
 from .rec_loader import RecLoaderBase, RecordFile, fill_bad_slots
 
 log = logging.getLogger("shardface.data")

@@ -15,8 +15,8 @@ import numpy as np
 
 from ..formats.jpeg import describe_image, jpeg_size
 from ..formats.manifest import MANIFEST_NAME, Manifest, ShardInfo, atomic_write_bytes
-from ..progress import Progress
 from ..formats.tar_writer import write_tar_atomic
+from ..progress import Progress
 
 JOURNAL_NAME = ".shardface-progress.jsonl"
 JOURNAL_FORMAT = "shardface-write/1"

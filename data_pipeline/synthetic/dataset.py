@@ -16,9 +16,9 @@ import numpy as np
 from PIL import Image
 
 from ..formats.manifest import Manifest, atomic_write_bytes
+from ..formats.verification import write_bin
 from ..sources.shards import write_shards
 from .faces import SynthConfig, SyntheticFaces, heldout_faces, render_jpegs
-from ..formats.verification import write_bin
 
 HELDOUT_NAME = "synthetic_heldout"
 HELDOUT_FILE = "heldout.bin"
