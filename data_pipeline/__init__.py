@@ -29,6 +29,7 @@ MOVED: dict[str, str] = {
     "decode": "formats.decode",
     "verification": "formats.verification",
     "manifest": "formats.manifest",
+    "file_kind": "formats.file_kind",
     "shards": "sources.shards",
     "shard_cache": "sources.shard_cache",
     "remote_output": "sources.remote_output",

@@ -13,7 +13,7 @@ from pathlib import Path
 from PIL import Image
 
 from .formats.manifest import Manifest
-from .progress import Progress
+from .progress import Progress, quantity
 from .sources.shards import LABEL_WIDTH, SHARD_PATTERN
 from .storage import byte_streams
 
@@ -119,7 +119,7 @@ class InspectReport:
         m = self.manifest
         sizes = [s.expected for s in self.shards]
         lines = [f"{self.path}: {m.num_samples:,} samples, {m.num_classes:,} classes, "
-                 f"{m.image_size[0]}x{m.image_size[1]}, {len(self.shards)} shards of "
+                 f"{m.image_size[0]}x{m.image_size[1]}, {quantity(len(self.shards), 'shard')} of "
                  f"{min(sizes, default=0):,}-{max(sizes, default=0):,} samples",
                  f"source: {m.source or '?'}; verification sets: "
                  f"{', '.join(sorted(m.verification)) or 'none'}"]
@@ -129,8 +129,8 @@ class InspectReport:
                          + (f"; {self.classes_seen:,} of {m.num_classes:,} classes have samples"
                             if self.classes_seen is not None else ""))
         else:
-            lines.append("checked that shard files exist (verify=True also checks checksums "
-                         "and labels)")
+            lines.append("checked only that the shard files exist (checksums, sample counts and labels "
+                         "were not verified)")
         for status, what in (("missing", "missing shards"), ("checksum", "checksum mismatches"),
                              ("count", "sample-count mismatches"), ("unreadable", "unreadable shards")):
             bad = self._with(status)
@@ -287,7 +287,7 @@ def inspect_dataset(path: str | os.PathLike, verify: bool = True, deep: bool = F
     root = manifest.root
     assert root is not None
     report = InspectReport(path=root, manifest=manifest, verified=verify, deep=deep)
-    bar = Progress(f"inspecting {len(manifest.shards)} shards", manifest.num_samples,
+    bar = Progress(f"inspecting {quantity(len(manifest.shards), 'shard')}", manifest.num_samples,
                    enabled=progress and verify)
     checker = _Checker(report, bar)
     for info, abs_path in zip(manifest.shards, manifest.shard_paths()):

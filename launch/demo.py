@@ -110,20 +110,21 @@ def _report(summary: dict, onnx: Path, parity: float, started: float, opts: Demo
     roc = sorted(run_dir.glob("eval/roc*.png"))
     wandb_runs = sorted(run_dir.glob("wandb/offline-run-*")) + sorted(run_dir.glob("wandb/run-*"))
 
+    from train.evaluation.report import format_value
+
     def pct(key: str) -> str:
-        value = ev.get(key)
-        return "n/a" if value is None else f"{100 * value:.2f}%"
+        return format_value(key, ev.get(key))
     lines = [
         "4/4 report",
         f"held-out verification accuracy (identities never seen in training, 10-fold): {pct('accuracy')}",
         f"TAR @ FAR=1e-2: {pct('tar@far=1e-02')}   TAR @ FAR=1e-3: {pct('tar@far=1e-03')}   "
-        f"ROC AUC: {ev.get('auc', float('nan')):.4f}",
+        f"ROC AUC: {pct('auc')}",
         (f"held-out identification ({ident['num_enrolled']} identities, one image enrolled each, "
          f"{ident['num_probes']} probes): rank-1 {100 * ident['rank1'][0]:.2f}%, rank-5 {100 * ident['rank5'][0]:.2f}%; "
          f"with {ident['sizes'][-1]} distractors rank-1 {100 * ident['rank1'][-1]:.2f}%" if ident else
          "held-out identification: n/a"),
         f"training: {summary['steps']} steps, {summary['samples_per_s']:.0f} samples/s, "
-        f"final loss {summary['final_loss']:.3f}, skipped steps {summary['skipped_steps']}",
+        f"final loss {summary['final_loss']:.4f}, skipped steps {summary['skipped_steps']}",
         f"checkpoint: {summary['checkpoint']}",
         f"embedding model: {summary['export']}",
         f"ONNX model: {onnx} (max |onnxruntime - torch| = {parity:.1e})",

@@ -311,7 +311,7 @@ def test_synth_command_writes_to_s3_with_the_manifest_last(s3, monkeypatch):
                       "--image-size", "32", "--samples-per-shard", "4", "--workers", "1"]) == 0
     m = Manifest.load("s3://synth-out/tiny")
     assert m.num_samples == 6 and len(m.shards) == 2 and uploads[-1] == "manifest.json"
-    assert set(uploads) >= {s.path for s in m.shards} | {"heldout.bin"}
+    assert set(uploads) >= {s.path for s in m.shards} | {"synthetic_heldout.bin"}
 
 
 @pytest.mark.parametrize("ranges", [True, False])

@@ -109,6 +109,17 @@ def remote_options(d: DataConfig) -> Any:
                          cache_dir=d.cache_dir, cache_gb=d.cache_gb)
 
 
+def check_image_size(data: DataConfig, manifest: Optional[Any]) -> None:
+    """data.image_size must be the manifest's image size: the loader does not resize."""
+    size = getattr(manifest, "image_size", None)
+    if size is None:
+        return
+    h, w = (size, size) if isinstance(size, int) else tuple(size)[:2]
+    if (h, w) != (data.image_size, data.image_size):
+        raise ConfigError(f"data.image_size={data.image_size} but the images of data.manifest={data.manifest!r} "
+                          f"are {h}x{w}: set data.image_size={h}" + ("" if h == w else " (the backbone needs square images)"))
+
+
 def build_data(d: DataConfig, ctx: DistContext, manifest: Optional[Any], seed: int) -> Any:
     """The loader of this rank (``data_pipeline.loaders.build_loader``); ``seed``: the run's."""
     from data_pipeline.loaders import build_loader
@@ -171,7 +182,7 @@ def build_backbone_module(m: ModelConfig, image_size: int, device: torch.device)
 def build_head(cfg: TrainConfig, ctx: DistContext, num_classes: int) -> nn.Module:
     """This rank's classifier shard: PartialFC with the configured margin."""
     from partial_fc import PartialFC
-    from partial_fc.margins import build_margin, margin_parameters
+    from partial_fc.margins import MarginOptionError, build_margin, margin_parameters
     lo = cfg.loss
     seed = cfg.seed if lo.head_seed is None else lo.head_seed
     options = dict(lo.margin_options)
@@ -179,6 +190,8 @@ def build_head(cfg: TrainConfig, ctx: DistContext, num_classes: int) -> nn.Modul
         if "seed" in margin_parameters(lo.margin) and "seed" not in options:
             options["seed"] = seed  # a random margin (ElasticFace) follows the run's seed unless told otherwise
         margin = build_margin(lo.margin, **options)
+    except MarginOptionError as err:
+        raise ConfigError(f"loss.margin_options.{err}") from None
     except (ValueError, TypeError, KeyError) as err:
         raise ConfigError(f"loss.margin={lo.margin!r} with loss.margin_options={lo.margin_options}: {err}") from err
     precision = classifier_precision(cfg.precision, ctx.device)

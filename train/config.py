@@ -141,7 +141,7 @@ class ModelConfig(Section):
     PATH = "model"
 
     backbone: str = "iresnet50"
-    """Backbone name from train.backbones (iresnet18/34/50/100/200, mobilefacenet, vit_t/s/b, iresnet_tiny, ...)."""
+    """Backbone name from train.backbones (iresnet18/34/50/100/200, mobilefacenet, vit_t/s/b, iresnet_tiny, ...; aliases r18/r34/r50/r100/r200, mbf = mobilefacenet_mbf)."""
     embedding_size: int = 512
     """Width D of the embedding."""
     dropout: float = 0.0
@@ -524,7 +524,7 @@ class TrainConfig(Section):
         try:
             values = yaml.safe_load(text) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"config is not valid YAML: {err}") from err
+            raise ConfigError(f"config is not valid YAML: {yaml_error_line(err)}") from err
         return cls.from_dict(values)
 
     def to_yaml(self) -> str:
@@ -544,7 +544,7 @@ class TrainConfig(Section):
             try:
                 values = yaml.safe_load(path.read_text()) or {}
             except yaml.YAMLError as err:
-                raise ConfigError(f"{path} is not valid YAML: {err}") from err
+                raise ConfigError(f"{path} is not valid YAML: {yaml_error_line(err)}") from err
             if not isinstance(values, dict):
                 raise ConfigError(f"{path} must hold a mapping of config sections")
         for text in overrides or []:
@@ -594,6 +594,15 @@ def apply_override(values: dict, parts: list[str], value: str, text: str) -> Non
         section = values.get(parts[0]) or {}
         values[parts[0]] = section
         section[parts[1]] = value
+
+
+def yaml_error_line(err: Exception) -> str:
+    """A YAML error on one line: ``line 3, column 7: mapping values are not allowed here``."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    context = getattr(err, "context", None)
+    return where + str(problem) + (f" ({context})" if context else "")
 
 
 def list_presets() -> list[str]:

@@ -192,6 +192,11 @@ class Manifest:
         try:
             doc = json.loads(p.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            from .file_kind import file_kind
+            kind = file_kind(p)
+            if kind is not None:
+                raise ManifestError(f"{p} is {kind}, not a manifest: give the manifest.json written by "
+                                    "`shardface data synth|convert` (or its folder)") from None
             raise ManifestError(f"{p} is not valid JSON ({e}): the file is damaged, rewrite it") from None
         m = cls.from_json(doc, root=p.parent, where=str(p))
         if remote is not None:

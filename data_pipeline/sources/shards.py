@@ -16,7 +16,7 @@ import numpy as np
 from ..formats.jpeg import describe_image, jpeg_size
 from ..formats.manifest import MANIFEST_NAME, Manifest, ShardInfo, atomic_write_bytes
 from ..formats.tar_writer import write_tar_atomic
-from ..progress import Progress
+from ..progress import Progress, quantity
 
 JOURNAL_NAME = ".shardface-progress.jsonl"
 JOURNAL_FORMAT = "shardface-write/1"
@@ -283,7 +283,7 @@ def write_shards(source: SampleSource, out_dir: str | os.PathLike, *, samples_pe
     todo = [s for s in range(len(sizes)) if s not in kept]
     todo_indices = (np.concatenate([order[starts[s]:starts[s + 1]] for s in todo])
                     if todo else np.empty(0, np.int64))
-    bar = Progress(f"writing {len(sizes)} shards", n, enabled=progress,
+    bar = Progress(f"writing {quantity(len(sizes), 'shard')}", n, enabled=progress,
                    initial=n - len(todo_indices))
     stream = _stream_samples(source, todo_indices, workers)
 
@@ -316,7 +316,7 @@ def write_shards(source: SampleSource, out_dir: str | os.PathLike, *, samples_pe
                     on_shard(out / shard_name(s))
     finally:
         stream.close()
-    bar.close(note=f"{len(todo)} shards written, {len(sizes) - len(todo)} kept")
+    bar.close(note=f"{quantity(len(todo), 'shard')} written, {len(sizes) - len(todo)} kept")
 
     assert image_size is not None
     manifest = Manifest(num_samples=n, num_classes=classes, image_size=image_size,
