@@ -21,6 +21,7 @@ import sys
 MOVED: dict[str, str] = {
     "byte_streams": "storage.byte_streams",
     "remote_writes": "storage.remote_writes",
+    "atomic": "storage.atomic",
     "tar_members": "formats.tar_members",
     "tar_reader": "formats.tar_reader",
     "tar_writer": "formats.tar_writer",

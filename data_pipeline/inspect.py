@@ -12,6 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from .bad_data import pil_message
 from .formats.manifest import Manifest
 from .progress import Progress, quantity
 from .sources.shards import LABEL_WIDTH, SHARD_PATTERN
@@ -231,7 +232,7 @@ class _Checker:
                 im.load()
                 fmt, (w, h) = im.format, im.size
         except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
-            self.problem(shard, key, "undecodable", f"{type(e).__name__}: {e}")
+            self.problem(shard, key, "undecodable", f"{type(e).__name__}: {pil_message(e)}")
             return
         if fmt != "JPEG":
             self.problem(shard, key, "undecodable", f"{fmt} data, not JPEG")

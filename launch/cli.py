@@ -45,10 +45,19 @@ def _cmd_data_convert(a: argparse.Namespace) -> int:
         raise UsageError(f"input {a.src} does not exist")
     from data_pipeline.convert import convert
     from data_pipeline.progress import quantity
+    extra = {}
+    if a.skip_bad:
+        if a.source != "folder":
+            raise UsageError("--skip-bad applies to --from folder only (a .rec is checked record by record)")
+        extra["skip_bad"] = True
     manifest = convert(a.source, a.src, a.out, samples_per_shard=a.samples_per_shard, seed=a.seed,
-                       workers=a.workers)
+                       workers=a.workers, **extra)
     print(f"wrote {manifest.num_samples} images of {manifest.num_classes} classes in "
           f"{quantity(len(manifest.shards), 'shard')} to {a.out}")
+    skipped = Path(a.out) / "skipped_images.txt"
+    if a.skip_bad and skipped.is_file():
+        count = len(skipped.read_text(encoding="utf-8").splitlines())
+        print(f"left out {count} unreadable image(s), listed in {skipped}")
     return 0
 
 
@@ -110,6 +119,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
         print(cfg.to_yaml(), end="")
         return 0
     _check_launch(cfg, spec)
+    from train.run_folder import check_run_folder
+    check_run_folder(cfg)  # before torchrun starts or anything is written
     train_args = ["--config", a.config] + [x for item in overrides for x in ("--set", item)]
     if spec.needs_torchrun and not under_torchrun():
         from .supervise import Supervisor, supervised_command
@@ -272,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--samples-per-shard", type=int, default=10000, help="images per tar shard")
     c.add_argument("--seed", type=int, default=0, help="seed of the global shuffle")
     c.add_argument("--workers", type=int, default=1, help="encoding processes")
+    c.add_argument("--skip-bad", action="store_true",
+                   help="--from folder: leave out unreadable images (listed in OUT/skipped_images.txt)")
     c.set_defaults(func=_cmd_data_convert)
     i = _command(data, "inspect", help="summarise a manifest and check its shards")
     i.add_argument("path", help="dataset directory or manifest.json, local or a URL (http(s)://, s3://, gs://)")

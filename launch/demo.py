@@ -58,7 +58,7 @@ def _make_data(opts: DemoOptions, sizes: dict) -> Path:
 
 def _train(opts: DemoOptions, manifest: Path, sizes: dict) -> dict:
     run_dir = opts.out / "run"
-    overrides = [f"data.manifest={manifest}", f"output_dir={run_dir}", f"max_steps={sizes['steps']}",
+    overrides = [f"data.manifest={manifest}", f"output_dir={run_dir}", "overwrite=true", f"max_steps={sizes['steps']}",
                  f"log.wandb={'true' if opts.wandb else 'false'}", f"checkpoint.every_steps={sizes['steps'] // 3}",
                  f"eval.every_steps={sizes['steps']}", f"precision.dtype={PRECISION}"]
     args = ["--config", "cpu_tiny"] + [x for o in overrides for x in ("--set", o)]

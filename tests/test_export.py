@@ -62,7 +62,7 @@ def test_embedding_export_refuses_a_config_that_cannot_rebuild(tmp_path):
         export_embedding_model(model, "iresnet_tiny", {"embedding_size": 32}, tmp_path / "m.pt")
     assert not (tmp_path / "m.pt").exists()
     torch.save({"weights": 1}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not a shardface embedding export"):
+    with pytest.raises(ValueError, match="not a shardface embedding model"):
         load_embedding_model(tmp_path / "other.pt")
 
 

@@ -137,7 +137,9 @@ def build_data(d: DataConfig, ctx: DistContext, manifest: Optional[Any], seed: i
     if d.loader == "random_tensors" and manifest is None:
         # In-memory data without shards: its shape comes from the config.
         kwargs.update(num_classes=d.num_classes, num_samples=d.num_samples, image_size=(d.image_size, d.image_size))
-    return build_loader(d.loader, manifest, **kwargs)
+    loader = build_loader(d.loader, manifest, **kwargs)
+    loader.max_bad_fraction = d.max_bad_fraction
+    return loader
 
 
 def resolve_num_classes(data: DataConfig, manifest: Optional[Any], loader: Any) -> int:

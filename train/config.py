@@ -83,6 +83,8 @@ class DataConfig(Section):
     """Probability per sample of random erasing: a mid-gray rectangle over 2-20% of the area (occlusion); 0: off."""
     strict: bool = False
     """Stop on an undecodable sample instead of skipping and counting it."""
+    max_bad_fraction: float = 0.1
+    """Stop the run when more than this fraction of the samples read were bad (skipped), judged from the 100th sample on; 1: never stop."""
     retries: int = 5
     """Remote data (URLs): failed attempts in a row, opening or reading, before a shard counts as unreachable (skipped and counted as unreachable_shard; an error with strict)."""
     retry_backoff_s: float = 1.0
@@ -111,6 +113,7 @@ class DataConfig(Section):
         self.at_least("epoch_samples", 1)
         self.at_least("num_classes", 1)
         self.at_least("num_samples", 1)
+        self.within("max_bad_fraction", 0.0, 1.0)
         self.at_least("retries", 0)
         self.at_least("retry_backoff_s", 0.0)
         if not self.cache_gb > 0:
@@ -437,6 +440,8 @@ class TrainConfig(Section):
 
     output_dir: str = "runs/default"
     """Run folder: config.yaml, checkpoints, evaluation plots, export."""
+    overwrite: bool = False
+    """Start a new run in an output_dir that holds an earlier run (its checkpoints and model.pt are removed first); false: such a start is refused unless checkpoint.resume is set."""
     seed: int = 0
     """Seed of everything random (weights, sampling, data order); a run is deterministic given seed and world size."""
     max_steps: int = 0

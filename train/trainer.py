@@ -91,6 +91,7 @@ class Trainer:
         self.logger: Logger = Logger()
         self.eval_results: dict[str, dict[str, float]] = {}
         self._batch_iter: Optional[Iterator[Batch]] = None
+        self._claimed = False  # the run folder was checked (and cleared with overwrite) by fit()
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -239,6 +240,7 @@ class Trainer:
     def _start(self) -> Optional[Path]:
         """Resume if configured, write config.yaml, start the loggers, print the derived quantities."""
         cfg, ctx = self.cfg, self.ctx
+        cleared = self._claim_run_folder()
         self.checkpoints.check_storage()
         self.checkpoints.clean_stale()
         folder = self.checkpoints.resolve(cfg.checkpoint.resume)
@@ -251,11 +253,33 @@ class Trainer:
         self.logger = build_loggers(cfg, ctx, self.total_steps, self.wandb_run_id)
         self.wandb_run_id = self.logger.run_id or self.wandb_run_id
         self.logger.log_text(self._describe())
+        if cleared:
+            self.logger.log_text(f"overwrite=true: removed the earlier run's {', '.join(cleared)} from {self.run_dir}")
         for note in notes:
             self.logger.log_text(f"note: {note}")
         self.logger.log_config({"derived": {"samples_per_step": self.samples_per_step, "total_steps": self.total_steps,
                                             "num_classes": self.num_classes, "world_size": ctx.world_size}})
         return folder
+
+    def _claim_run_folder(self) -> list[str]:
+        """Refuse to start over an earlier run (unless resuming), or clear it with ``overwrite``; before any write."""
+        if self._claimed:  # fit() called again on this trainer: the folder is already this run's
+            return []
+        self._claimed = True
+        from .config_parse import ConfigError
+        from .distributed import broadcast_object
+        from .run_folder import clear_checkpoints, clear_export, refusal
+        error = refusal(self.cfg, self.checkpoint_dir) if self.ctx.is_main else None
+        error = broadcast_object(error, self.ctx)
+        if error:
+            raise ConfigError(error)
+        cleared: list[str] = []
+        if self.cfg.overwrite and self.cfg.checkpoint.resume in ("none", ""):
+            if self.checkpoints.publisher:
+                cleared += clear_checkpoints(self.checkpoint_dir)
+            if self.ctx.is_main:
+                cleared += clear_export(self.run_dir)
+        return cleared
 
     def fit(self, stop_at_step: Optional[int] = None,
             preemption: Optional[PreemptionHandler] = None) -> dict[str, Any]:

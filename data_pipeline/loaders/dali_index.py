@@ -22,7 +22,7 @@ from pathlib import Path
 from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
-from ..bad_data import (BAD_LABEL, CORRUPT_JPEG, MISSING_CLS, MISSING_JPG, MISSING_SHARD,
+from ..bad_data import (pil_message, BAD_LABEL, CORRUPT_JPEG, MISSING_CLS, MISSING_JPG, MISSING_SHARD,
                        TRUNCATED_SHARD, WRONG_SIZE, BadSample, decode_jpeg, parse_label)
 from ..formats.manifest import atomic_write_bytes
 from ..progress import Progress
@@ -68,7 +68,7 @@ def check_header(data: bytes, image_size: tuple[int, int]) -> tuple[str, str] | 
         with Image.open(io.BytesIO(data)) as im:
             fmt, size = im.format, im.size
     except Exception as e:  # PIL raises several types on damaged headers
-        return CORRUPT_JPEG, f"unreadable JPEG header ({type(e).__name__}: {e})"
+        return CORRUPT_JPEG, f"unreadable JPEG header ({type(e).__name__}: {pil_message(e)})"
     if fmt != "JPEG":
         return CORRUPT_JPEG, f"not a JPEG (PIL reads it as {fmt})"
     if (size[1], size[0]) != tuple(image_size):

@@ -69,6 +69,7 @@ class DaliLoader(Loader):
     """WebDataset data shards read and decoded by a DALI pipeline (``workers`` = DALI threads)."""
 
     kind = "dali"
+    counts_handed_out = False  # indexing reads every sample once (see _build_indexes)
 
     def __init__(self, manifest, *, rank: int, world_size: int, batch_size: int, workers: int,
                  seed: int, mode: str, shuffle_buffer: int, flip: bool, strict: bool,
@@ -183,8 +184,9 @@ class DaliLoader(Loader):
         if events and self.strict:
             raise events[0].error()
         # Indexing sees the whole dataset once, so its skips are counted once, not per epoch.
-        self._report.counts = {r: 0 for r in self._report.counts}
+        self._report.reset()
         self._record(events)
+        self._report.handed_out = sum(ix.num_listed for ix in indexes)  # read once, here
         if not any(ix.num_listed for ix in indexes):
             raise RuntimeError(f"no readable samples in any of the {len(indexes)} data shards "
                                f"under {self.manifest.root}; check the shard directory")

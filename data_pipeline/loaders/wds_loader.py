@@ -165,6 +165,10 @@ class WebDatasetLoader(Loader):
         self.shards = shard_refs(manifest)
         self.workers, self.shuffle_buffer = workers, shuffle_buffer
         self.flip, self.strict, self.device = flip, strict, torch.device(device)
+        # Each worker's shuffle buffer is read before its samples are handed out (resampled
+        # mode refills it from any shard; an exact epoch holds at most this rank's share).
+        buffered = max(shuffle_buffer, 1) * max(workers, 1)
+        self.read_ahead = buffered if mode == "resampled" else min(buffered, num_batches * batch_size)
         self.augment = augment or Augment()
         self.transform = SampleTransform(self.augment, seed) if self.augment.active else None
         self.decoder = decoder or default_decoder()
