@@ -44,9 +44,9 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.results import machine_description, markdown_table, results_path, write_section  # noqa: E402
+from data_pipeline.formats.manifest import Manifest  # noqa: E402
 from data_pipeline.loaders import build_loader  # noqa: E402
-from data_pipeline.manifest import Manifest  # noqa: E402
-from data_pipeline.shards import write_shards  # noqa: E402
+from data_pipeline.sources.shards import write_shards  # noqa: E402
 from data_pipeline.synthetic import SynthConfig, SyntheticFaces  # noqa: E402
 
 

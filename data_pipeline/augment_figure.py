@@ -3,7 +3,7 @@
 ``python -m data_pipeline.augment_figure [out.jpg|out.png]`` writes it (default
 ``docs/img/augmentations.jpg``): the first row shows the faces as decoded, each further row
 the same faces with one transform always on (its probability set to 1), drawn through the
-same :class:`~data_pipeline.augment.SampleTransform` the loaders use; the last row has
+same :class:`~data_pipeline.loaders.augment.SampleTransform` the loaders use; the last row has
 every transform at the probability given by ``--mixed``.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .augment import Augment, SampleTransform
+from .loaders.augment import Augment, SampleTransform
 from .synthetic import SynthConfig, SyntheticFaces
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "docs" / "img" / "augmentations.jpg"

@@ -6,12 +6,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .byte_streams import RemoteOptions
-from .image_folder import ImageFolderSource
-from .manifest import Manifest, atomic_write_bytes
-from .recordio import RecordIOSource
-from .remote_output import ShardHook, write_dataset_to
-from .shards import write_shards
+from .formats.manifest import Manifest, atomic_write_bytes
+from .formats.recordio import RecordIOSource
+from .sources.image_folder import ImageFolderSource
+from .sources.remote_output import ShardHook, write_dataset_to
+from .sources.shards import write_shards
+from .storage.byte_streams import RemoteOptions
 
 KINDS = ("recordio", "folder")
 WRITE_OPTIONS = {"samples_per_shard", "seed", "workers", "progress"}
@@ -49,7 +49,7 @@ def convert(kind: str, src: str | os.PathLike, out_dir: str | os.PathLike,
     """Convert ``src`` to a shard directory ``out_dir``; ``kind`` is "recordio" or "folder".
 
     ``out_dir`` may be a URL (``s3://bucket/data``): shards are uploaded as they are written
-    and the manifest last (see :mod:`data_pipeline.remote_output`).
+    and the manifest last (see :mod:`data_pipeline.sources.remote_output`).
 
     Options: ``samples_per_shard``, ``seed``, ``workers``, ``progress`` (see ``write_shards``);
     for "recordio" ``idx_path`` and ``copy_bins`` (copy ``*.bin`` verification sets found beside

@@ -13,11 +13,11 @@ from typing import BinaryIO
 
 from PIL import Image
 
-from . import byte_streams
 from .bad_data import pil_message
-from .manifest import Manifest
+from .formats.manifest import Manifest
 from .progress import Progress, quantity
-from .shards import LABEL_WIDTH, SHARD_PATTERN
+from .sources.shards import LABEL_WIDTH, SHARD_PATTERN
+from .storage import byte_streams
 
 MAX_EXAMPLES = 100
 _LABEL_RE = re.compile(rb"^\d{%d}$" % LABEL_WIDTH)

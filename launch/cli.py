@@ -25,13 +25,13 @@ class UsageError(Exception):
 def _cmd_data_synth(a: argparse.Namespace) -> int:
     from data_pipeline.progress import quantity
     from data_pipeline.synthetic import SynthConfig
-    from data_pipeline.synthetic_dataset import make_synthetic_dataset
+    from data_pipeline.synthetic.dataset import make_synthetic_dataset
     chosen = dict(num_identities=a.identities, images_per_identity=a.images_per_identity,
                   heldout_identities=a.heldout_identities, heldout_pairs=a.pairs,
                   image_size=a.image_size, difficulty=a.difficulty, seed=a.seed)
     # Options left unset take the generator's own defaults.
     cfg = SynthConfig(**{k: v for k, v in chosen.items() if v is not None})
-    from data_pipeline.remote_output import write_dataset_to
+    from data_pipeline.sources.remote_output import write_dataset_to
     # To a URL: written into a local staging folder, then uploaded (the manifest last).
     manifest = write_dataset_to(a.out, lambda out, _: make_synthetic_dataset(
         cfg, out, samples_per_shard=a.samples_per_shard, workers=a.workers))
@@ -85,7 +85,7 @@ def _check_launch(cfg, spec: LaunchSpec) -> None:
     classes = cfg.data.num_classes
     # (A remote manifest is read by the training processes; its class count is checked there.)
     if cfg.data.manifest and Path(cfg.data.manifest).exists():
-        from data_pipeline.rec_dataset import open_dataset
+        from data_pipeline.sources.rec_dataset import open_dataset
         from train.builders import check_image_size
         # A .rec without header or property file would need every label read: not checked here.
         dataset = open_dataset(cfg.data.manifest, scan_labels=False)
@@ -256,7 +256,7 @@ def _synth_defaults() -> tuple[Any, int]:
     import inspect as _inspect
 
     from data_pipeline.synthetic import SynthConfig
-    from data_pipeline.synthetic_dataset import make_synthetic_dataset
+    from data_pipeline.synthetic.dataset import make_synthetic_dataset
     return SynthConfig(), _inspect.signature(make_synthetic_dataset).parameters["samples_per_shard"].default
 
 

@@ -44,7 +44,7 @@ def _banner(text: str) -> None:
 
 def _make_data(opts: DemoOptions, sizes: dict) -> Path:
     from data_pipeline.synthetic import SynthConfig
-    from data_pipeline.synthetic_dataset import make_synthetic_dataset
+    from data_pipeline.synthetic.dataset import make_synthetic_dataset
 
     cfg = SynthConfig(num_identities=sizes["identities"], images_per_identity=sizes["images"],
                       heldout_identities=sizes["heldout"], heldout_pairs=sizes["pairs"],
@@ -88,7 +88,7 @@ def _export(summary: dict) -> tuple[Path, float]:
 def _identify(opts: DemoOptions, summary: dict, sizes: dict) -> dict:
     """Rank-1 of the held-out identities (image 0 enrolled, images 1-3 searched), without and with strangers."""
     from data_pipeline.synthetic import SynthConfig
-    from data_pipeline.synthetic_dataset import CONFIG_FILE
+    from data_pipeline.synthetic.dataset import CONFIG_FILE
     from train.evaluation.distractors import plot_cmc, plot_rank1_vs_distractors
     from train.evaluation.synthetic_identification import evaluate_synthetic_identification
     from train.export import load_embedding_model

@@ -71,7 +71,7 @@ def _load(model_path: str | Path) -> tuple[Any, ModelSource]:
 
 def check_model_file(path: str | Path) -> None:
     """A file that is plainly not a torch model (ONNX, an image, an array) is named for what it is."""
-    from data_pipeline.file_kind import file_kind
+    from data_pipeline.formats.file_kind import file_kind
     p = Path(path)
     kind = file_kind(p) if p.is_file() else None
     if kind is not None and not kind.startswith("a zip archive"):
@@ -84,7 +84,7 @@ def check_model_file(path: str | Path) -> None:
 def evaluate_model(model_path: str | Path, bins: list[str], out_dir: Optional[str | Path] = None,
                    batch_size: int = 256) -> dict:
     """Verification results of a saved model on each .bin; writes results.json and roc.png."""
-    from data_pipeline.verification import check_bin, load_bin
+    from data_pipeline.formats.verification import check_bin, load_bin
     from train.evaluation.report import format_results, json_values, write_json
     from train.evaluation.verification import evaluate_bin, plot_roc, scalars
     names = [Path(path).stem for path in bins]

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_pipeline.manifest import Manifest
+from data_pipeline.formats.manifest import Manifest
 from data_pipeline.synthetic import SynthConfig, SyntheticFaces, render_jpegs
-from data_pipeline.synthetic_dataset import CONFIG_FILE, make_synthetic_dataset
+from data_pipeline.synthetic.dataset import CONFIG_FILE, make_synthetic_dataset
 
 from .study_jobs import write_json_atomic
 

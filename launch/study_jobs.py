@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, TextIO
 
-from data_pipeline.manifest import atomic_write_bytes
+from data_pipeline.formats.manifest import atomic_write_bytes
 
 MARKER_FORMAT = 1
 

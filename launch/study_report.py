@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from data_pipeline.manifest import atomic_write_bytes
+from data_pipeline.formats.manifest import atomic_write_bytes
 
 from .study_losses import StudyLoss
 

@@ -43,7 +43,7 @@ WORLD_SIZES = (1, 2)
 def write_dataset(root: Path) -> Path:
     """The run's dataset under ``root``; returns its manifest.json."""
     from data_pipeline.synthetic import SynthConfig
-    from data_pipeline.synthetic_dataset import make_synthetic_dataset
+    from data_pipeline.synthetic.dataset import make_synthetic_dataset
     make_synthetic_dataset(SynthConfig(**SYNTH), root, samples_per_shard=32, workers=1, progress=False)
     return root / "manifest.json"
 

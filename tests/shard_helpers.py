@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_pipeline.manifest import Manifest, ShardInfo
+from data_pipeline.formats.manifest import Manifest, ShardInfo
 
 
 def make_jpeg(index: int, size: int | tuple[int, int] = 16, quality: int = 95) -> bytes:

@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from data_pipeline import augment as A
-from data_pipeline.augment import Augment, SampleTransform
-from data_pipeline.decode import decode_into
-from data_pipeline.epoch_plan import derive_seed
+from data_pipeline.formats.decode import decode_into
+from data_pipeline.loaders import augment as A
 from data_pipeline.loaders import build_loader
-from data_pipeline.wds_loader import FLIP_TAG
+from data_pipeline.loaders.augment import Augment, SampleTransform
+from data_pipeline.loaders.epoch_plan import derive_seed
+from data_pipeline.loaders.wds_loader import FLIP_TAG
 from shard_helpers import make_jpeg, write_dataset
 
 SIZE = 32
@@ -292,7 +292,7 @@ def test_figure_has_a_row_per_transform_and_shows_them(tmp_path):
 def test_member_names_split_as_webdataset_does():
     from webdataset.tariterators import base_plus_ext
 
-    from data_pipeline.tar_members import split_name
+    from data_pipeline.formats.tar_members import split_name
     names = ["a.jpg", "d/a.jpg", "d/k.seg.png", "a/.b.c", "x/y/z.tar.gz", ".hidden", "noext", "a.",
              "d.x/y.z", "d.x/yz", "", "/a.b", "a//b.c", "a/b/", "..a", "a/..b"]
     assert [split_name(n) for n in names] == [base_plus_ext(n) for n in names]
@@ -324,7 +324,7 @@ def test_dali_resume_with_augmentation_gives_the_uninterrupted_batches(dataset):
 
 
 def test_rec_loader_takes_the_same_transforms_through_its_hook(tmp_path):
-    from data_pipeline.recordio import write_recordio
+    from data_pipeline.formats.recordio import write_recordio
     data = [(make_jpeg(i, SIZE), i % 4) for i in range(24)]
     write_recordio(tmp_path / "train.rec", data, num_classes=4, label_arrays=True)
     kw = {"rank": 0, "world_size": 1, "batch_size": 8, "mode": "exact", "seed": 3, "flip": False}

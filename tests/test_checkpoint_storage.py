@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 
-from data_pipeline.loader_base import LoaderSettingsMismatch
+from data_pipeline.loaders.loader_base import LoaderSettingsMismatch
 from distributed_harness import run_distributed
 from train.checkpoint import (
     SHARED,

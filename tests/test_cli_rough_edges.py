@@ -41,7 +41,7 @@ def model_and_bins(tmp_path_factory):
     """A small exported model (56x56 input) and two .bin sets of 56x56 images."""
     import torch
 
-    from data_pipeline.verification import write_bin
+    from data_pipeline.formats.verification import write_bin
     from train.backbones import build_backbone
     from train.export import export_embedding_model
     root = tmp_path_factory.mktemp("model")
@@ -340,7 +340,7 @@ def test_eval_ijb_takes_flips_and_detector_scores(tmp_path, capsys):
 
 def test_backbone_aliases_and_set_names(tmp_path):
     from data_pipeline.synthetic import SynthConfig
-    from data_pipeline.synthetic_dataset import make_synthetic_dataset
+    from data_pipeline.synthetic.dataset import make_synthetic_dataset
     from train.backbones import ALIASES, build_backbone, canonical_backbone
     from train.config import TrainConfig
     from train.insightface import CORRESPONDENCES

@@ -13,7 +13,6 @@ import torch
 
 pytest.importorskip("nvidia.dali")
 
-from data_pipeline import dali_index, dali_loader  # noqa: E402
 from data_pipeline.bad_data import (  # noqa: E402
     BAD_LABEL,
     CORRUPT_JPEG,
@@ -25,8 +24,12 @@ from data_pipeline.bad_data import (  # noqa: E402
     WRONG_SIZE,
     BadSampleError,
 )
-from data_pipeline.dali_loader import labels_from_digits  # noqa: E402
-from data_pipeline.loaders import build_loader  # noqa: E402
+from data_pipeline.loaders import (  # noqa: E402
+    build_loader,  # noqa: E402
+    dali_index,
+    dali_loader,
+)
+from data_pipeline.loaders.dali_loader import labels_from_digits  # noqa: E402
 from shard_helpers import pil_reference, write_dataset  # noqa: E402
 
 SIZES = [5, 4, 3, 3, 2]
@@ -251,7 +254,7 @@ def test_a_failed_build_on_local_rank_zero_still_reaches_the_barrier(tmp_path, m
 def test_shards_are_indexed_in_parallel_with_the_serial_result(tmp_path, monkeypatch):
     import threading
     m = write_dataset(tmp_path, [3, 2, 4, 1, 2])
-    from data_pipeline.tar_reader import shard_refs
+    from data_pipeline.formats.tar_reader import shard_refs
     serial = dali_index.index_shards(shard_refs(m), m.num_classes, m.image_size, workers=1)
     for p in tmp_path.glob("*.dali.*"):
         p.unlink()

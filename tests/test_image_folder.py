@@ -6,9 +6,9 @@ import pytest
 from PIL import Image
 
 from data_pipeline.convert import convert
-from data_pipeline.image_folder import BadImageError, ImageFolderSource
-from data_pipeline.manifest import Manifest
-from data_pipeline.shards import SampleError
+from data_pipeline.formats.manifest import Manifest
+from data_pipeline.sources.image_folder import BadImageError, ImageFolderSource
+from data_pipeline.sources.shards import SampleError
 from shard_helpers import make_jpeg, read_dataset
 
 

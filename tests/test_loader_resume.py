@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_pipeline import tar_reader
 from data_pipeline.bad_data import MISSING_CLS, SkipLog
-from data_pipeline.epoch_plan import Span, exact_worker_plan, group_spans, shard_order
+from data_pipeline.formats import tar_reader
+from data_pipeline.formats.tar_reader import shard_refs
 from data_pipeline.loaders import build_loader
-from data_pipeline.sample_streams import exact_stream, resampled_stream
-from data_pipeline.tar_reader import shard_refs
+from data_pipeline.loaders.epoch_plan import Span, exact_worker_plan, group_spans, shard_order
+from data_pipeline.loaders.sample_streams import exact_stream, resampled_stream
 from shard_helpers import write_dataset
 
 
@@ -212,7 +212,7 @@ def test_workers_live_across_epochs(tmp_path):
 
 def test_dali_resume_lists_only_the_remaining_samples(tmp_path, monkeypatch):
     pytest.importorskip("nvidia.dali")
-    from data_pipeline import dali_loader
+    from data_pipeline.loaders import dali_loader
     write_dataset(tmp_path, [6, 6, 6, 6])
     kw = dict(rank=0, world_size=1, batch_size=2, workers=1, mode="exact", seed=3, shuffle_buffer=6)
     listed = []

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.epoch_plan import (
+from data_pipeline.loaders import build_loader
+from data_pipeline.loaders.epoch_plan import (
     even_split,
     exact_batches_per_rank,
     exact_worker_plan,
     last_batch_padding,
     spans_between,
 )
-from data_pipeline.loaders import build_loader
 from shard_helpers import pil_reference, write_dataset
 
 SIZES = [5, 4, 3, 3, 2]  # 17 samples in 5 shards: divides by neither 2 ranks nor 2x2 workers
@@ -263,7 +263,7 @@ class _Source:
 
 
 def test_shards_from_write_shards_load_in_both_file_loaders(tmp_path):
-    from data_pipeline.shards import write_shards
+    from data_pipeline.sources.shards import write_shards
     manifest = write_shards(_Source(), tmp_path, samples_per_shard=4, progress=False)
     kinds = ["webdataset"]
     try:
@@ -280,7 +280,7 @@ def test_shards_from_write_shards_load_in_both_file_loaders(tmp_path):
 
 
 def test_fast_tar_path_reads_what_tarfile_reads(dataset):
-    from data_pipeline.tar_members import library_members, plain_members
+    from data_pipeline.formats.tar_members import library_members, plain_members
     path = dataset / "train-000000.tar"
     with open(path, "rb") as a, open(path, "rb") as b:
         fast = list(plain_members(a, lambda name: True))
@@ -291,8 +291,8 @@ def test_fast_tar_path_reads_what_tarfile_reads(dataset):
 @pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
 def test_long_names_fall_back_to_the_library_reader(tmp_path, fmt):
     from data_pipeline.bad_data import SkipLog
-    from data_pipeline.tar_members import NotPlainTar, plain_members
-    from data_pipeline.tar_reader import ShardRef, read_span
+    from data_pipeline.formats.tar_members import NotPlainTar, plain_members
+    from data_pipeline.formats.tar_reader import ShardRef, read_span
     from shard_helpers import add_member, make_jpeg
     path = tmp_path / "long.tar"
     prefix = "some/deep/" + "d" * 120 + "/"

@@ -81,7 +81,7 @@ def alive(pid: int) -> bool:
 def shards_with_loader_workers(root: Path) -> list[str]:
     """Settings for a small webdataset read by 2 DataLoader workers per rank (they see the signals too)."""
     from data_pipeline.synthetic import SynthConfig
-    from data_pipeline.synthetic_dataset import make_synthetic_dataset
+    from data_pipeline.synthetic.dataset import make_synthetic_dataset
     make_synthetic_dataset(SynthConfig(num_identities=12, images_per_identity=8, heldout_identities=2,
                                        heldout_pairs=10, image_size=32), root, samples_per_shard=24, workers=1)
     return ["data.loader=webdataset", f"data.manifest={root / 'manifest.json'}", "data.num_classes=12",

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from data_pipeline.convert import convert
-from data_pipeline.recordio import (
+from data_pipeline.formats.recordio import (
     RecordIOError,
     RecordIOSource,
     frame_record,

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from data_pipeline.bad_data import REASONS, UNREACHABLE_SHARD, BadSampleError
-from data_pipeline.byte_streams import RemoteOptions, ResumingReader, is_url, join, open_stream
+from data_pipeline.formats.manifest import Manifest, ManifestError
 from data_pipeline.loaders import build_loader
-from data_pipeline.manifest import Manifest, ManifestError
+from data_pipeline.storage.byte_streams import RemoteOptions, ResumingReader, is_url, join, open_stream
 from remote_servers import copy_tree, http_server, s3_server, upload_dir
 from shard_helpers import write_dataset
 
@@ -179,8 +179,8 @@ def test_inspect_over_http(dataset, tmp_path):
 def test_convert_to_s3_writes_shards_then_the_manifest(tmp_path, monkeypatch, s3):
     from PIL import Image
 
-    from data_pipeline import remote_writes
     from data_pipeline.convert import convert
+    from data_pipeline.storage import remote_writes
     folder = tmp_path / "faces"
     for ident in range(3):
         (folder / f"id{ident}").mkdir(parents=True)
@@ -266,7 +266,7 @@ def test_resume_mid_epoch_over_http_gives_the_remaining_batches(dataset):
 
 
 def test_a_dead_url_is_tried_once_on_later_opens(monkeypatch):
-    from data_pipeline import byte_streams
+    from data_pipeline.storage import byte_streams
     waits = []
     url = "http://127.0.0.1:9/gone.tar"
     byte_streams._dead_since.pop(url, None)
@@ -279,7 +279,7 @@ def test_a_dead_url_is_tried_once_on_later_opens(monkeypatch):
 
 
 def test_a_protocol_without_its_client_is_a_clear_error_at_once():
-    from data_pipeline.byte_streams import RemoteSetupError
+    from data_pipeline.storage.byte_streams import RemoteSetupError
     with pytest.raises(RemoteSetupError, match=r"nosuch:// is not a protocol fsspec knows"):
         open_stream("nosuch://bucket/x.tar", RemoteOptions(retries=3, backoff_s=10.0))
 
@@ -300,7 +300,7 @@ def test_remote_verification_sets_are_fetched_into_the_cache(dataset, tmp_path):
 def test_synth_command_writes_to_s3_with_the_manifest_last(s3, monkeypatch):
     import fsspec
 
-    from data_pipeline import remote_writes
+    from data_pipeline.storage import remote_writes
     from launch.cli import main as shardface
     uploads = []
     real_put = remote_writes.put_file

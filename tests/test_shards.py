@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_pipeline.formats.jpeg import jpeg_size
+from data_pipeline.formats.manifest import Manifest, ManifestError, ShardInfo
+from data_pipeline.formats.tar_writer import write_tar_atomic
 from data_pipeline.inspect import inspect_dataset
-from data_pipeline.jpeg import jpeg_size
-from data_pipeline.manifest import Manifest, ManifestError, ShardInfo
-from data_pipeline.shards import SampleError, write_shards
-from data_pipeline.tar_writer import write_tar_atomic
+from data_pipeline.sources.shards import SampleError, write_shards
 from shard_helpers import MemorySource, make_jpeg, read_dataset, read_shard
 
 N, C, PER_SHARD = 60, 7, 16  # -> 4 shards of 15

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from data_pipeline.synthetic import SynthConfig
-from data_pipeline.synthetic_dataset import make_synthetic_dataset
+from data_pipeline.synthetic.dataset import make_synthetic_dataset
 from launch.cli import main as cli_main
 from launch.study_jobs import failure_reason
 from launch.study_losses import default_loss_names, study_losses

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_pipeline.manifest import Manifest
+from data_pipeline.formats.manifest import Manifest
+from data_pipeline.formats.verification import load_bin
 from data_pipeline.synthetic import SynthConfig, SyntheticFaces, heldout_faces, render_jpegs
-from data_pipeline.synthetic_dataset import heldout_pairs, make_synthetic_dataset
-from data_pipeline.verification import load_bin
+from data_pipeline.synthetic.dataset import heldout_pairs, make_synthetic_dataset
 
 
 def _decode(jpeg: bytes) -> np.ndarray:

@@ -227,7 +227,7 @@ def test_no_weight_decay_on_norms_biases_and_prelu():
 @pytest.mark.slow
 def test_torchrun_main_trains_evaluates_checkpoints_and_exports(tmp_path):
     """The real entry point under torchrun: 2 processes, iresnet_tiny, synthetic data, a .bin, W&B offline."""
-    from data_pipeline.verification import write_bin
+    from data_pipeline.formats.verification import write_bin
     from shard_helpers import make_jpeg
     jpegs = [make_jpeg(i, 32) for i in range(40)]
     write_bin(tmp_path / "pairs.bin", jpegs, [i % 2 == 0 for i in range(20)])

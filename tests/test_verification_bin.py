@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data_pipeline.verification import VerificationSet, load_bin, verification_batches, write_bin
+from data_pipeline.formats.verification import VerificationSet, load_bin, verification_batches, write_bin
 from shard_helpers import make_jpeg
 
 

@@ -204,7 +204,7 @@ class QuadrantMeans(nn.Module):
 
 
 def test_evaluate_bin_matches_embeddings_computed_by_hand():
-    pytest.importorskip("data_pipeline.verification")
+    pytest.importorskip("data_pipeline.formats.verification")
     gen = torch.Generator().manual_seed(3)
     images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8, generator=gen)
     issame = torch.arange(20) % 2 == 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from data_pipeline.loader_base import Loader
+from data_pipeline.loaders.loader_base import Loader
 from train.config import TrainConfig
 
 IMAGE = 16

@@ -83,11 +83,11 @@ def load_manifest(data: DataConfig) -> Optional[Any]:
     """The dataset manifest, or None when the config names none (random tensors)."""
     if not data.manifest:
         return None
-    from data_pipeline.byte_streams import is_url
-    from data_pipeline.manifest import Manifest
+    from data_pipeline.formats.manifest import Manifest
+    from data_pipeline.storage.byte_streams import is_url
     if is_url(data.manifest):  # s3://, gs://, http(s)://: read through fsspec with retries
         return Manifest.load(data.manifest, remote_options(data))
-    from data_pipeline.rec_dataset import find_rec, open_dataset
+    from data_pipeline.sources.rec_dataset import find_rec, open_dataset
     path = Path(data.manifest)
     if find_rec(path) is not None:  # insightface RecordIO, read directly
         return open_dataset(path, num_classes=data.num_classes)
@@ -104,7 +104,7 @@ def load_manifest(data: DataConfig) -> Optional[Any]:
 
 def remote_options(d: DataConfig) -> Any:
     """How remote manifests and shards are read (``data.retries``, ``data.storage_options``...)."""
-    from data_pipeline.byte_streams import RemoteOptions
+    from data_pipeline.storage.byte_streams import RemoteOptions
     return RemoteOptions(retries=d.retries, backoff_s=d.retry_backoff_s, storage_options=dict(d.storage_options),
                          cache_dir=d.cache_dir, cache_gb=d.cache_gb)
 
@@ -129,7 +129,7 @@ def build_data(d: DataConfig, ctx: DistContext, manifest: Optional[Any], seed: i
                                   flip=d.flip, strict=d.strict, device=str(ctx.device),
                                   epoch_samples=d.epoch_samples)
     if d.loader in ("webdataset", "dali", "rec"):
-        from data_pipeline.augment import Augment
+        from data_pipeline.loaders.augment import Augment
         kwargs["augment"] = Augment.from_config(d)
     if d.loader == "dali":
         # Index files are written once per node (local rank 0) while the other ranks wait.

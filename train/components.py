@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import torch
 
-from data_pipeline.loader_base import LoaderSettingsMismatch
+from data_pipeline.loaders.loader_base import LoaderSettingsMismatch
 
 from .checkpoint import capture_rng, restore_rng
 from .reshard import classifier_state, load_classifier

@@ -28,7 +28,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from data_pipeline.kinds import LOADER_ALIASES, EpochMode, LoaderKind
+from data_pipeline.loaders.kinds import LOADER_ALIASES, EpochMode, LoaderKind
 
 from .config_check import Section
 from .config_parse import ConfigError, build_section, coerce, field_types, parse_override, to_plain, unknown_key_error

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from data_pipeline.atomic import atomic_path
+from data_pipeline.storage.atomic import atomic_path
 
 from .backbones import build_backbone
 

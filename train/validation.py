@@ -50,7 +50,7 @@ class Validator:
 
     def _load(self) -> dict[str, Any]:
         if self._sets is None:
-            from data_pipeline.verification import load_bin
+            from data_pipeline.formats.verification import load_bin
             self._sets = {name: load_bin(path, self.cfg.data.image_size) for name, path in self.paths.items()}
         return self._sets
 

@@ -152,8 +152,8 @@ def embed_pairs(backbone: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
 def evaluate_bin(backbone: nn.Module, vset: Any, batch_size: int = 256, device: str | torch.device = "cpu",
                  autocast_dtype: torch.dtype | None = None, progress: Callable[[int], None] | None = None
                  ) -> dict[str, Any]:
-    """Verification metrics of ``backbone`` on a loaded ``.bin`` set (``data_pipeline.verification``)."""
-    from data_pipeline.verification import verification_batches  # the data side owns image decoding
+    """Verification metrics of ``backbone`` on a loaded ``.bin`` set (``data_pipeline.formats.verification``)."""
+    from data_pipeline.formats.verification import verification_batches  # the data side owns image decoding
 
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1")

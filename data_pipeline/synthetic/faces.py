@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .progress import Progress
-from .synthetic_params import FaceIdentity, Nuisance, sample_identity, sample_nuisance
-from .synthetic_render import render_face
+from ..progress import Progress
+from .params import FaceIdentity, Nuisance, sample_identity, sample_nuisance
+from .render import render_face
 
 DEFAULT_DIFFICULTY = 0.5
 """Default of :attr:`SynthConfig.difficulty` (see docs/synthetic.md for how it was chosen)."""

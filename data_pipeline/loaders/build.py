@@ -9,13 +9,13 @@ import os
 import warnings
 from typing import Any, Callable
 
+from ..bad_data import REASONS, BadSampleError
+from ..formats.manifest import Manifest
+from ..sources.rec_dataset import RecDataset, open_dataset
+from ..storage.byte_streams import RemoteOptions, is_url
 from .augment import Augment
-from .bad_data import REASONS, BadSampleError
-from .byte_streams import RemoteOptions, is_url
 from .kinds import LOADER_ALIASES, LOADER_KINDS, MODES, LoaderKind
 from .loader_base import Loader
-from .manifest import Manifest
-from .rec_dataset import RecDataset, open_dataset
 
 KINDS = LOADER_KINDS
 

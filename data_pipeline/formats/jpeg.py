@@ -5,7 +5,7 @@ import io
 
 from PIL import Image
 
-from .bad_data import pil_message
+from ..bad_data import pil_message
 
 # Start-of-frame markers (baseline, progressive, lossless, arithmetic); C4, C8 and CC are
 # other segments that share the range.

@@ -10,13 +10,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from train.faults import worker_switch
 
+from ..bad_data import BadSample, SkipLog, log
+from ..formats.decode import decode_into, default_decoder
+from ..formats.tar_reader import RawSample, ShardRef, shard_refs
 from .augment import Augment, SampleTransform
-from .bad_data import BadSample, SkipLog, log
-from .decode import decode_into, default_decoder
 from .epoch_plan import batches_per_rank, derive_seed, last_batch_padding, worker_batches
 from .loader_base import Batch, Loader, planar_to_model_input
 from .sample_streams import exact_stream, resampled_stream
-from .tar_reader import RawSample, ShardRef, shard_refs
 
 MAX_WORKER_RESTARTS = 3
 """Loader-worker deaths per epoch recovered inside the rank before the error is raised."""

@@ -29,8 +29,12 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from ..bad_data import BadSample
+from ..formats.manifest import atomic_write_bytes
+from ..formats.tar_members import split_name
+from ..formats.tar_reader import ShardRef, shard_refs
+from ..sources.shard_cache import stage_shards
 from .augment import Augment, SampleTransform
-from .bad_data import BadSample
 from .dali_augment import dali_augment, draw_inputs, needed_inputs
 from .dali_index import LABEL_WIDTH, ShardIndex, index_location, index_shards
 from .epoch_plan import (
@@ -44,10 +48,6 @@ from .epoch_plan import (
     window_permutation,
 )
 from .loader_base import Batch, Loader
-from .manifest import atomic_write_bytes
-from .shard_cache import stage_shards
-from .tar_members import split_name
-from .tar_reader import ShardRef, shard_refs
 
 log = logging.getLogger("shardface.data")
 VERIFY_MODES = ("header", "decode")

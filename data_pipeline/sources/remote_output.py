@@ -15,9 +15,9 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import byte_streams, remote_writes
-from .byte_streams import RemoteOptions, is_url
-from .manifest import MANIFEST_NAME, Manifest
+from ..formats.manifest import MANIFEST_NAME, Manifest
+from ..storage import byte_streams, remote_writes
+from ..storage.byte_streams import RemoteOptions, is_url
 
 ShardHook = Optional[Callable[[Path], None]]
 

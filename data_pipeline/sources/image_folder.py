@@ -7,8 +7,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from .bad_data import pil_message
-from .progress import Progress
+from ..bad_data import pil_message
+from ..progress import Progress
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif",
                               ".ppm", ".pgm"})

@@ -6,7 +6,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .bad_data import BadSample, BadSampleError, SkipReport, from_worker, log
+from ..bad_data import BadSample, BadSampleError, SkipReport, from_worker, log
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

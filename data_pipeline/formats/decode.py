@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .bad_data import WRONG_SIZE, decode_jpeg
+from ..bad_data import WRONG_SIZE, decode_jpeg
 
 try:  # optional: pip install shardface[fast-decode]
     import simplejpeg

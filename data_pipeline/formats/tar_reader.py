@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .bad_data import (
+from ..bad_data import (
     BAD_LABEL,
     MISSING_CLS,
     MISSING_JPG,
@@ -18,7 +18,7 @@ from .bad_data import (
 )
 
 # open_shard: every read of a data shard opens it there (local path or URL), re-exported here.
-from .byte_streams import RemoteOptions, SourceUnreachable, is_url, open_shard  # noqa: F401
+from ..storage.byte_streams import RemoteOptions, SourceUnreachable, is_url, open_shard  # noqa: F401
 from .tar_members import NotPlainTar, library_members, plain_members, split_name
 
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import byte_streams, remote_writes
-from .atomic import atomic_write_bytes, fsync_dir  # noqa: F401 - re-exported for the writers
-from .byte_streams import RemoteOptions, is_url
+from ..storage import byte_streams, remote_writes
+from ..storage.atomic import atomic_write_bytes, fsync_dir  # noqa: F401 - re-exported for the writers
+from ..storage.byte_streams import RemoteOptions, is_url
 
 FORMAT = "shardface-shards/1"
 MANIFEST_NAME = "manifest.json"

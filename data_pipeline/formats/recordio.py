@@ -24,7 +24,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from .progress import Progress
+from ..progress import Progress
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -189,7 +189,7 @@ class RecordIOSource:
         if not self.idx_path.is_file():
             raise FileNotFoundError(
                 f"RecordIO index {self.idx_path} does not exist: pass idx_path=... if it has "
-                f"another name, or rebuild it with `python -c \"from data_pipeline.recordio import "
+                f"another name, or rebuild it with `python -c \"from data_pipeline.formats.recordio import "
                 f"rebuild_index; rebuild_index('{self.rec_path}')\"`")
         self.name = f"recordio:{self.rec_path.resolve()}"
         self._file: BinaryIO | None = None

@@ -29,11 +29,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .bad_data import BAD_LABEL, CORRUPT_RECORD, BadSample, SkipLog, decode_jpeg
+from ..bad_data import BAD_LABEL, CORRUPT_RECORD, BadSample, SkipLog, decode_jpeg
+from ..formats.recordio import RecordIOError, read_record, unpack_payload
+from ..sources.rec_dataset import RecDataset, label_of
 from .epoch_plan import batches_per_rank, derive_seed, even_split, last_batch_padding
 from .loader_base import Batch, Loader, to_model_input
-from .rec_dataset import RecDataset, label_of
-from .recordio import RecordIOError, read_record, unpack_payload
 
 PERMUTATION_TAG, RESAMPLE_TAG, FLIP_TAG, WORKERS_TAG, TRANSFORM_TAG = 0x5045, 0x5253, 0x464C, 0x574B, 0x5458
 

@@ -13,7 +13,7 @@ from typing import overload
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .synthetic_params import Colour, FaceIdentity, Nuisance
+from .params import Colour, FaceIdentity, Nuisance
 
 SUPERSAMPLE = 2
 _ARC = np.linspace(0.0, math.pi, 13)

@@ -26,11 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .bad_data import CORRUPT_JPEG, WRONG_SIZE, BadSample, SkipLog
+from ..bad_data import CORRUPT_JPEG, WRONG_SIZE, BadSample, SkipLog
+from ..formats.jpeg import jpeg_size
+from ..sources.rec_dataset import RecDataset
 from .dali_loader import _import_dali
-from .jpeg import jpeg_size
 from .loader_base import Batch
-from .rec_dataset import RecDataset
 from .rec_loader import RecLoaderBase, RecordFile, fill_bad_slots
 
 log = logging.getLogger("shardface.data")

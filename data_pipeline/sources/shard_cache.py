@@ -17,10 +17,10 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from . import byte_streams
-from .bad_data import MISSING_SHARD, TRUNCATED_SHARD, UNREACHABLE_SHARD, BadSample
-from .byte_streams import RemoteOptions, SourceUnreachable
-from .tar_reader import ShardRef
+from ..bad_data import MISSING_SHARD, TRUNCATED_SHARD, UNREACHABLE_SHARD, BadSample
+from ..formats.tar_reader import ShardRef
+from ..storage import byte_streams
+from ..storage.byte_streams import RemoteOptions, SourceUnreachable
 
 log = logging.getLogger("shardface.data")
 GIB = 1 << 30

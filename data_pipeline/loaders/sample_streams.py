@@ -13,7 +13,8 @@ import random
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
-from .bad_data import SkipLog
+from ..bad_data import SkipLog
+from ..formats.tar_reader import RawSample, ShardRef, read_span
 from .epoch_plan import (
     Span,
     derive_seed,
@@ -23,7 +24,6 @@ from .epoch_plan import (
     spans_between,
     window_permutation,
 )
-from .tar_reader import RawSample, ShardRef, read_span
 
 # Tags keep the random streams of different purposes apart under the same (seed, epoch, ...).
 SHUFFLE_TAG, RESAMPLE_TAG = 0x5348, 0x5253

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .manifest import Manifest, atomic_write_bytes
-from .shards import write_shards
-from .synthetic import SynthConfig, SyntheticFaces, heldout_faces, render_jpegs
-from .verification import write_bin
+from ..formats.manifest import Manifest, atomic_write_bytes
+from ..formats.verification import write_bin
+from ..sources.shards import write_shards
+from .faces import SynthConfig, SyntheticFaces, heldout_faces, render_jpegs
 
 HELDOUT_NAME = "synthetic_heldout"
 HELDOUT_FILE = "synthetic_heldout.bin"  # the file stem is the set's name, however it is passed

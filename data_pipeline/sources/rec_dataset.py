@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from .jpeg import jpeg_size
-from .manifest import MANIFEST_NAME, Manifest
-from .recordio import RecordIOError, default_index_path, read_record, unpack_payload
+from ..formats.jpeg import jpeg_size
+from ..formats.manifest import MANIFEST_NAME, Manifest
+from ..formats.recordio import RecordIOError, default_index_path, read_record, unpack_payload
 
 log = logging.getLogger("shardface.data")
 PROPERTY_NAME = "property"

@@ -13,10 +13,10 @@ from typing import Any, Callable, Protocol, TextIO, runtime_checkable
 
 import numpy as np
 
-from .jpeg import describe_image, jpeg_size
-from .manifest import MANIFEST_NAME, Manifest, ShardInfo, atomic_write_bytes
-from .progress import Progress, quantity
-from .tar_writer import write_tar_atomic
+from ..formats.jpeg import describe_image, jpeg_size
+from ..formats.manifest import MANIFEST_NAME, Manifest, ShardInfo, atomic_write_bytes
+from ..formats.tar_writer import write_tar_atomic
+from ..progress import Progress, quantity
 
 JOURNAL_NAME = ".shardface-progress.jsonl"
 JOURNAL_FORMAT = "shardface-write/1"

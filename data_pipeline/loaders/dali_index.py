@@ -22,7 +22,7 @@ from pathlib import Path
 from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
-from .bad_data import (
+from ..bad_data import (
     BAD_LABEL,
     CORRUPT_JPEG,
     MISSING_CLS,
@@ -35,9 +35,9 @@ from .bad_data import (
     parse_label,
     pil_message,
 )
-from .manifest import atomic_write_bytes
-from .progress import Progress
-from .tar_reader import ShardRef
+from ..formats.manifest import atomic_write_bytes
+from ..formats.tar_reader import ShardRef
+from ..progress import Progress
 
 INDEX_FORMAT = "shardface-dali-index/1"
 LABEL_WIDTH = 10  # the .cls payload DALI batches as a fixed-width byte array
@@ -250,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m data_pipeline.dali_index MANIFEST``: write the indexes ahead of a run."""
     import argparse
 
-    from .manifest import Manifest
-    from .tar_reader import shard_refs
+    from ..formats.manifest import Manifest
+    from ..formats.tar_reader import shard_refs
     p = argparse.ArgumentParser(description="Write the DALI index files of a dataset's shards.")
     p.add_argument("manifest",
                    help="manifest.json or its directory (a URL: the shards are staged into the local cache)")
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     refs = shard_refs(m)
     if any(r.is_remote for r in refs):
         # DALI reads the staged copies of remote shards: stage them (the bounded cache) first.
-        from .shard_cache import stage_shards
+        from ..sources.shard_cache import stage_shards
         refs, failed = stage_shards(refs, [s.sha256 for s in m.shards], m.remote)
         for e in failed:
             print(f"not staged: {e.message()}")

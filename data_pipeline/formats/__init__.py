@@ -1,0 +1,1 @@
+"""File formats, one module each: tar shards, the manifest, RecordIO, JPEG, verification ``.bin``."""

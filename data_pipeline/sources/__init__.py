@@ -1,0 +1,1 @@
+"""Data sets as wholes: shard sets written and staged, image folders, ``.rec`` data sets."""
