@@ -5,8 +5,8 @@ import csv
 import io
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -121,9 +121,9 @@ def add_to_index(index_path: str | Path, model_path: str | Path, images: str | P
     return gallery
 
 
-def search_folder(index_path: str | Path, model_path: Optional[str | Path], images: str | Path, top: int = 5,
-                  out: Optional[str | Path] = None, fmt: Optional[str] = None, batch_size: int = 128,
-                  flip: bool = True, nprobe: Optional[int] = None, ef_search: Optional[int] = None) -> list[dict]:
+def search_folder(index_path: str | Path, model_path: str | Path | None, images: str | Path, top: int = 5,
+                  out: str | Path | None = None, fmt: str | None = None, batch_size: int = 128,
+                  flip: bool = True, nprobe: int | None = None, ef_search: int | None = None) -> list[dict]:
     """The ``top`` gallery matches of every image under ``images``; written as CSV or JSON to ``out``
     (the format from its suffix unless ``fmt`` is given) or to stdout."""
     from train.gallery_index import GalleryIndex

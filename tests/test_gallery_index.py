@@ -6,8 +6,14 @@ import pytest
 
 pytest.importorskip("faiss")
 
-from train.gallery_index import (GalleryIndex, IndexOptions, default_nlist, exact_top_k, leave_one_out_recall,  # noqa: E402
-                                 recall_at_k)
+from train.gallery_index import (
+    GalleryIndex,
+    IndexOptions,
+    default_nlist,
+    exact_top_k,
+    leave_one_out_recall,
+    recall_at_k,
+)
 
 
 def brute_force(gallery, queries, k):

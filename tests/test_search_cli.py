@@ -9,9 +9,9 @@ import torch
 
 pytest.importorskip("faiss")
 
-from launch.cli import main  # noqa: E402
-from train.backbones import build_backbone  # noqa: E402
-from train.export import export_embedding_model, load_embedding_model, load_image  # noqa: E402
+from launch.cli import main
+from train.backbones import build_backbone
+from train.export import export_embedding_model, load_embedding_model, load_image
 
 
 def _model(path, dim, seed=0):

@@ -19,9 +19,10 @@ import math
 import os
 import tempfile
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -46,7 +47,7 @@ class IndexOptions:
 
     kind: str = "flat"
     """One of ``flat`` (exact), ``ivf`` or ``hnsw`` (approximate, for large galleries)."""
-    nlist: Optional[int] = None
+    nlist: int | None = None
     """IVF: k-means cells; default ``4·sqrt(N)``, at most one cell per 39 gallery rows."""
     nprobe: int = 16
     """IVF: cells visited per query (more: slower, closer to exact)."""
@@ -184,7 +185,7 @@ class GalleryIndex:
     """How it was built; the search defaults."""
     model: dict = field(default_factory=dict)
     """What made the embeddings (backbone, config, file digest), checked when the index is grown or searched."""
-    recall: Optional[dict] = None
+    recall: dict | None = None
     """Last recall@K against exact search of an approximate index (k, value, queries, settings)."""
     use_gpu: bool = True
     """Search flat and IVF indexes on every GPU FAISS sees (HNSW has no GPU version)."""
@@ -200,7 +201,7 @@ class GalleryIndex:
 
     @classmethod
     def build(cls, embeddings: np.ndarray, names: Sequence[str], options: IndexOptions | None = None,
-              model: dict | None = None, progress: Callable[[int, int], None] | None = None) -> "GalleryIndex":
+              model: dict | None = None, progress: Callable[[int, int], None] | None = None) -> GalleryIndex:
         """A new index of ``embeddings`` (normalised here) named by ``names``; IVF cells are trained on them."""
         opts = options or IndexOptions()
         opts.validate()
@@ -227,7 +228,7 @@ class GalleryIndex:
                              "use the model the index was built with")
         clash = set(self.names).intersection(names)
         if clash or len(set(names)) != len(names):
-            which = sorted(clash)[0] if clash else Counter(names).most_common(1)[0][0]
+            which = min(clash) if clash else Counter(names).most_common(1)[0][0]
             raise ValueError(f"the gallery would hold the name {which!r} twice: give the new images "
                              "another prefix (--prefix)")
         for start in range(0, len(x), chunk):
@@ -244,8 +245,8 @@ class GalleryIndex:
             self._gpu_index = _faiss().index_cpu_to_all_gpus(self.index)
         return self._gpu_index if self._gpu_index is not None else self.index
 
-    def search(self, queries: np.ndarray, k: int, nprobe: Optional[int] = None,
-               ef_search: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None,
+               ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, row ids) ``[Q, k]`` of the best ``k`` rows per query (normalised here), best first;
         id -1 where the gallery has fewer than ``k`` rows."""
         if k < 1:
@@ -266,7 +267,7 @@ class GalleryIndex:
             self.index.make_direct_map()
         return self.index.reconstruct_n(0, len(self))
 
-    def measure_recall(self, k: Optional[int] = None, queries: Optional[int] = None,
+    def measure_recall(self, k: int | None = None, queries: int | None = None,
                        seed: int = 0) -> dict:
         """Leave-one-out recall@K of this index against exact search (see :func:`leave_one_out_recall`)."""
         k = k or self.options.recall_k
@@ -290,7 +291,7 @@ class GalleryIndex:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "GalleryIndex":
+    def load(cls, path: str | Path) -> GalleryIndex:
         """Read an index written by :meth:`save`."""
         faiss = _faiss()
         path, meta_file = Path(path), meta_path(path)
