@@ -21,7 +21,7 @@ def _model_and_info(model_path: str | Path):
 
     path = resolve_model(model_path)
     model = load_embedding_model(path)
-    info = {"backbone": model.backbone_name, "config": model.config, "file": str(path),
+    info = {"backbone": model.backbone_name, "config": model.config, "file": str(path.resolve()),
             "sha256": file_digest(path), "dim": embedding_size(model)}
     return model, info
 
