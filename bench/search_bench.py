@@ -24,8 +24,10 @@ they are given). Build time covers training and adding. Data:
   of a gallery identity (a mated search, as in deployment). This keeps the embeddings'
   anisotropy and identity structure at sizes no one could render on a CPU.
 
-Results go to the "Gallery search" section of bench/RESULTS.md after every finished
-(size, data) pair, so a run stopped during the largest size keeps the smaller ones.
+Results go to the "Gallery search" section of bench/RESULTS.md as each row is measured, the
+HNSW builds of a size after all its exact and IVF rows, so a run stopped during the largest
+size keeps everything finished; ``--keep`` runs sizes apart (``--sizes 1000000 --keep`` adds the
+1M rows to an earlier 10k/100k run).
 """
 from __future__ import annotations
 
@@ -135,42 +137,46 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
-def run_size(name: str, gallery: np.ndarray, queries: np.ndarray, args) -> list[list]:
+def run_size(name: str, gallery: np.ndarray, queries: np.ndarray, truth: np.ndarray | None, args,
+             emit, phase: str) -> np.ndarray:
+    """Time the ``exact`` phase (numpy, flat, IVF) or the ``hnsw`` phase on one gallery; each result
+    row goes to ``emit`` at once. Returns the exact top-K ids (the ground truth)."""
     import faiss
 
     n, d = gallery.shape
     q = len(queries)
-    rows: list[list] = []
 
     def row(method: str, settings: str, build_s, seconds: float, ids) -> None:
         recall = recall_at_k(ids, truth)
-        rows.append([f"{n:,}", name, method, settings, "" if build_s is None else f"{build_s:.1f}",
-                     f"{q / seconds:,.0f}", f"{recall:.4f}"])
+        emit([f"{n:,}", name, method, settings, "" if build_s is None else f"{build_s:.1f}",
+              f"{q / seconds:,.0f}", f"{recall:.4f}"])
         log(f"  {name} N={n:,} {method} {settings}: {q / seconds:,.0f} queries/s, recall@{K} {recall:.4f}"
             + ("" if build_s is None else f", build {build_s:.1f} s"))
 
-    (_, truth), sec = timed(lambda: exact_top_k(gallery, queries, K))
-    row("numpy matmul", "chunks of 65,536 rows", None, sec, truth)
+    if phase == "exact":
+        (_, truth), sec = timed(lambda: exact_top_k(gallery, queries, K))
+        row("numpy matmul", "chunks of 65,536 rows", None, sec, truth)
 
-    flat = faiss.IndexFlatIP(d)
-    _, build = timed(lambda: flat.add(gallery))
-    (_, ids), sec = timed(lambda: flat.search(queries, K))
-    row("flat (exact)", "IndexFlatIP", build, sec, ids)
-    del flat
+        flat = faiss.IndexFlatIP(d)
+        _, build = timed(lambda: flat.add(gallery))
+        (_, ids), sec = timed(lambda: flat.search(queries, K))
+        row("flat (exact)", "IndexFlatIP", build, sec, ids)
+        del flat
 
-    nlist = max(1, int(round(np.sqrt(n))))
-    ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-    sample = gallery[np.random.default_rng(0).choice(n, size=min(n, 64 * nlist), replace=False)]
-    _, build = timed(lambda: (ivf.train(sample), ivf.add(gallery)))
-    for nprobe in args.nprobe:
-        ivf.nprobe = nprobe
-        (_, ids), sec = timed(lambda: ivf.search(queries, K))
-        row("ivf", f"nlist {nlist}, nprobe {nprobe}", build, sec, ids)
-    del ivf
+        nlist = max(1, int(round(np.sqrt(n))))
+        ivf = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        sample = gallery[np.random.default_rng(0).choice(n, size=min(n, 64 * nlist), replace=False)]
+        _, build = timed(lambda: (ivf.train(sample), ivf.add(gallery)))
+        for nprobe in args.nprobe:
+            ivf.nprobe = nprobe
+            (_, ids), sec = timed(lambda: ivf.search(queries, K))
+            row("ivf", f"nlist {nlist}, nprobe {nprobe}", build, sec, ids)
+        del ivf
+        return truth
 
     hnsw = faiss.IndexHNSWFlat(d, args.hnsw_m, faiss.METRIC_INNER_PRODUCT)
     hnsw.hnsw.efConstruction = args.ef_construction
-    log(f"  building HNSW over {n:,} rows (M {args.hnsw_m}, efConstruction {args.ef_construction})")
+    log(f"  building HNSW over {n:,} {name} rows (M {args.hnsw_m}, efConstruction {args.ef_construction})")
 
     def add_hnsw():
         step = max(10_000, n // 10)
@@ -184,8 +190,22 @@ def run_size(name: str, gallery: np.ndarray, queries: np.ndarray, args) -> list[
         hnsw.hnsw.efSearch = ef
         (_, ids), sec = timed(lambda: hnsw.search(queries, K))
         row("hnsw", f"M {args.hnsw_m}, efConstruction {args.ef_construction}, efSearch {ef}", build, sec, ids)
-    del hnsw
-    return rows
+    return truth
+
+
+def earlier_rows(sizes: list[int]) -> list[list]:
+    """Table rows of other gallery sizes in the current RESULTS.md section (for ``--keep``)."""
+    from bench.results import RESULTS
+
+    text = RESULTS.read_text() if RESULTS.exists() else ""
+    start = text.find(f"## {TITLE}\n")
+    if start < 0:
+        return []
+    end = text.find("\n## ", start + 1)
+    section = text[start:end if end > 0 else None]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("| ") and not line.startswith("| gallery")]
+    return [r for r in rows if int(r[0].replace(",", "")) not in sizes]
 
 
 def write(rows: list[list], notes: list[str], args) -> None:
@@ -220,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    p.add_argument("--note", action="append", default=[], help="a line added under the settings")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the rows of other gallery sizes already in RESULTS.md (run the sizes apart)")
     args = p.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
     import faiss
@@ -238,8 +261,18 @@ def main(argv: list[str] | None = None) -> int:
             f"rendered {faces.fit_same:.3f} / {faces.fit_diff:.3f}, drawn "
             f"{float(np.mean(np.sum(g * qv, 1))):.3f} / {float(np.mean(np.sum(g * np.roll(qv, 1, 0), 1))):.3f}.")
         log(notes[-1])
-    rows: list[list] = []
+    rows: list[list] = earlier_rows(args.sizes) if args.keep else []
+    notes += [f"- {line}" for line in args.note]
+    if rows:
+        notes.append(f"- Rows of {len({r[0] for r in rows})} other gallery sizes kept from an earlier run "
+                     "of this script with the same settings (`--keep`).")
+
+    def emit(r: list) -> None:
+        rows.append(r)
+        write(rows, notes, args)
+
     for n in args.sizes:
+        data = {}
         for name in args.data:
             rng = np.random.default_rng([args.seed, n])
             log(f"{name}: drawing a gallery of {n:,} and {args.queries:,} queries")
@@ -247,9 +280,13 @@ def main(argv: list[str] | None = None) -> int:
                 gallery, queries = random_data(n, args.queries, args.dim, rng)
             else:
                 gallery, queries = faces.sample(n, args.queries, rng)
-            rows += run_size(name, gallery, queries, args)
+            truth = run_size(name, gallery, queries, None, args, emit, "exact")
+            data[name] = (gallery, queries, truth)
+        # HNSW builds last: the slowest step at 1M, after every exact and IVF figure is written.
+        for name in args.data:
+            gallery, queries, truth = data.pop(name)
+            run_size(name, gallery, queries, truth, args, emit, "hnsw")
             del gallery
-            write(rows, notes, args)
     print(markdown_table(["gallery", "data", "method", "settings", "build s", "queries/s", f"recall@{K}"], rows))
     return 0
 
