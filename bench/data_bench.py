@@ -3,12 +3,18 @@
 Rows:
 
 - ``webdataset`` and ``dali`` (CPU decode): ``build_loader(..., mode="exact")`` over the
-  shards, one rank, random flip on: what training gets;
+  shards, one rank, random flip on: what training gets (the webdataset loader decodes with
+  simplejpeg where it is installed; the ``PIL decode`` row forces PIL);
 - ``image folder``: the same JPEGs as files ``root/<label>/<key>.jpg`` read by a plain
   ``torch.utils.data.Dataset`` with PIL and a shuffling ``DataLoader`` (the usual setup);
 - ``PIL decode floor``: a bare loop decoding the JPEG bytes already in memory, one core:
-  any PIL-based loader pays at least this per image and core;
-- ``random_tensors``: in-memory tensors, no decode (what the loader contract costs by itself).
+  any PIL-based loader pays at least this per image and core; ``simplejpeg decode floor``:
+  the same with simplejpeg (into a reused array);
+- ``random_tensors``: in-memory tensors, no decode (what the loader contract costs by itself);
+- ``webdataset, HTTP`` and ``webdataset, S3``: the same shards streamed from loopback servers
+  in processes of their own (``python -m http.server``; moto's S3 server, reached through
+  ``AWS_ENDPOINT_URL`` as a user's S3 is): what streaming costs the loader beside local files
+  (the servers' own CPU time is not counted).
 
 Each row is the median of ``--repeats`` timed epochs after one untimed epoch (worker
 start-up, DALI index files and the page cache are warm). The data is rendered with
@@ -17,15 +23,19 @@ start-up, DALI index files and the page cache are warm). The data is rendered wi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import resource
+import socket
 import statistics
+import subprocess
 import sys
 import tarfile
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -33,7 +43,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.results import machine_description, markdown_table, write_section  # noqa: E402
+from bench.results import machine_description, markdown_table, results_path, write_section  # noqa: E402
 from data_pipeline.loaders import build_loader  # noqa: E402
 from data_pipeline.manifest import Manifest  # noqa: E402
 from data_pipeline.shards import write_shards  # noqa: E402
@@ -66,7 +76,7 @@ def make_data(root: Path, images: int) -> tuple[Manifest, list[bytes], Path]:
                       images_per_identity=per_identity, heldout_identities=0, heldout_pairs=0,
                       image_size=(112, 112))
     manifest = write_shards(SyntheticFaces(cfg), root / "shards", samples_per_shard=500,
-                            workers=2, progress=True)
+                            workers=1, progress=True)
     folder = root / "folder"
     jpegs: list[bytes] = []
     for path in manifest.shard_paths():
@@ -84,12 +94,36 @@ def make_data(root: Path, images: int) -> tuple[Manifest, list[bytes], Path]:
     return manifest, jpegs, folder
 
 
+def _live_descendants_seconds() -> float:
+    """CPU seconds of this process's descendants still running (Linux ``/proc``; else 0)."""
+    parent: dict[int, int] = {}
+    times: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        parent[int(entry)] = int(fields[1])
+        times[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    ours, total = {os.getpid()}, 0.0
+    for pid in sorted(parent):  # children have larger pids, except after pid wrap-around
+        if parent[pid] in ours:
+            ours.add(pid)
+            total += times[pid]
+    return total
+
+
 def _cpu_seconds() -> float:
-    # Loader worker processes are reaped at the end of each epoch, so their time is in
-    # RUSAGE_CHILDREN by then; DALI's threads are in RUSAGE_SELF.
+    # Loader workers that ended are in RUSAGE_CHILDREN once reaped; workers still alive
+    # (reaped later, or kept across epochs) are read from /proc; DALI's threads are in
+    # RUSAGE_SELF.
     own = resource.getrusage(resource.RUSAGE_SELF)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime + _live_descendants_seconds()
 
 
 def median_rate(epoch, count: int, repeats: int) -> tuple[float, float]:
@@ -108,11 +142,13 @@ def median_rate(epoch, count: int, repeats: int) -> tuple[float, float]:
     return count / statistics.median(times), 1e3 * statistics.median(cpu) / count
 
 
-def loader_rate(kind: str, manifest, workers: int, batch: int, repeats: int
-                ) -> tuple[float, float]:
+def loader_rate(kind: str, manifest, workers: int, batch: int, repeats: int,
+                decoder: str | None = None) -> tuple[float, float]:
     """images/s of one exact epoch of ``build_loader(kind, ...)`` on one rank."""
     loader = build_loader(kind, manifest, rank=0, world_size=1, batch_size=batch, workers=workers,
                           mode="exact")
+    if decoder is not None:
+        loader.decoder = loader._dataset.decoder = decoder
 
     def epoch() -> None:
         for _ in loader:
@@ -143,6 +179,67 @@ def floor_rate(jpegs: list[bytes], repeats: int) -> tuple[float, float]:
     return median_rate(epoch, len(jpegs), repeats)
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _server(argv: list[str], port: int) -> Iterator[str]:
+    """A server process on 127.0.0.1:``port`` for the block; yields its base URL."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.1):
+                break
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextlib.contextmanager
+def remote_copies(shards: Path) -> Iterator[list[tuple[str, str]]]:
+    """``[(row name, manifest URL)]`` of the shard folder served over HTTP and S3 on loopback."""
+    port = _free_port()
+    with contextlib.ExitStack() as stack:
+        http = stack.enter_context(_server([sys.executable, "-m", "http.server", "--bind", "127.0.0.1",
+                                            "-d", str(shards), str(port)], port))
+        rows = [("webdataset loader, HTTP (loopback)", f"{http}/manifest.json")]
+        try:
+            import fsspec
+            s3_port = _free_port()
+            endpoint = stack.enter_context(_server([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+                                                    "-p", str(s3_port)], s3_port))
+        except ImportError:
+            print("moto or s3fs not installed: no S3 row", flush=True)
+        else:
+            os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                              AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+            fs = fsspec.filesystem("s3")
+            fs.mkdir("bench-shards")
+            for f in sorted(shards.iterdir()):
+                if f.is_file() and not f.name.startswith("."):
+                    fs.put_file(str(f), f"s3://bench-shards/{f.name}")
+            rows.append(("webdataset loader, S3 (moto, loopback)", "s3://bench-shards/manifest.json"))
+        yield rows
+def simplejpeg_floor_rate(jpegs: list[bytes], repeats: int) -> tuple[float, float] | None:
+    """images/s of a bare simplejpeg decode loop into one reused array (None: not installed)."""
+    try:
+        import simplejpeg
+    except ImportError:
+        return None
+    out = np.empty((112, 112, 3), np.uint8)
+
+    def epoch() -> None:
+        for data in jpegs:
+            simplejpeg.decode_jpeg(data, colorspace="RGB", buffer=out)
+
+    return median_rate(epoch, len(jpegs), repeats)
+
+
 def main() -> None:
     """Run the comparison, print the table and record it in bench/RESULTS.md."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -150,6 +247,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3, help="timed epochs per row (median)")
     p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    p.add_argument("--no-remote", action="store_true", help="skip the HTTP and S3 streaming rows")
     args = p.parse_args()
     torch.set_num_threads(1)
 
@@ -163,22 +261,34 @@ def main() -> None:
         rows: list[tuple[str, str, float, float]] = [
             ("PIL decode floor (bytes in memory)", "1 (loop)", floor, floor_cpu)]
         print(f"PIL decode floor: {floor:,.0f} img/s, {floor_cpu:.3f} CPU ms/img", flush=True)
+        fast = simplejpeg_floor_rate(jpegs, args.repeats)
+        if fast is not None:
+            rows.append(("simplejpeg decode floor (bytes in memory)", "1 (loop)", *fast))
         b, r = args.batch_size, args.repeats
-        runs = [(f"{kind} loader", w, lambda k=kind, w=w: loader_rate(k, manifest, w, b, r))
-                for kind in ("webdataset", "dali") for w in (1, 2)]
+        runs = [("webdataset loader (in the training process)", 0,
+                 lambda: loader_rate("webdataset", manifest, 0, b, r))]
+        runs += [(f"{kind} loader", w, lambda k=kind, w=w: loader_rate(k, manifest, w, b, r))
+                 for kind in ("webdataset", "dali") for w in (1, 2)]
+        runs += [("webdataset loader, PIL decode", w,
+                  lambda w=w: loader_rate("webdataset", manifest, w, b, r, decoder="pil")) for w in (1, 2)]
         runs += [("image folder + PIL + DataLoader", w,
                   lambda w=w: folder_rate(folder, w, b, r)) for w in (1, 2)]
         runs += [("random_tensors loader (no decode)", 0,
                   lambda: loader_rate("random_tensors", manifest, 0, b, r))]
-        for name, workers, run in runs:
-            rate, cpu = run()
-            rows.append((name, str(workers), rate, cpu))
-            print(f"{name}, workers={workers}: {rate:,.0f} img/s, {cpu:.3f} CPU ms/img",
-                  flush=True)
+        with contextlib.ExitStack() as servers:
+            if not args.no_remote:
+                for name, url in servers.enter_context(remote_copies(Path(manifest.root))):
+                    runs += [(name, w, lambda u=url, w=w: loader_rate("webdataset", u, w, b, r)) for w in (1, 2)]
+            for name, workers, run in runs:
+                rate, cpu = run()
+                rows.append((name, str(workers), rate, cpu))
+                print(f"{name}, workers={workers}: {rate:,.0f} img/s, {cpu:.3f} CPU ms/img",
+                      flush=True)
 
-    headers = ["loader", "workers", "images/s", "vs PIL floor", "CPU ms/img (all processes)"]
-    table = markdown_table(headers, [[n, w, f"{r:,.0f}", f"{r / floor:.2f}x", f"{c:.3f}"]
-                                     for n, w, r, c in rows])
+    headers = ["loader", "workers", "images/s", "vs PIL floor", "CPU ms/img (all processes)",
+               "CPU vs PIL floor"]
+    table = markdown_table(headers, [[n, w, f"{r:,.0f}", f"{r / floor:.2f}x", f"{c:.3f}",
+                                      f"{c / floor_cpu:.2f}x"] for n, w, r, c in rows])
     print("\n" + table)
     if args.no_write:
         return
@@ -191,9 +301,13 @@ def main() -> None:
             f"{args.batch_size}, one rank, exact epochs with random flip; median of "
             f"{args.repeats} timed epochs after a warm-up epoch. CPU ms/img sums the time of "
             "every process and thread involved, which other load on the machine changes far "
-            "less than images/s. Written by `bench/data_bench.py`.")
+            "less than images/s; `CPU vs PIL floor` is its ratio to the PIL decode loop's. "
+            "The webdataset loader decodes with simplejpeg where it is installed (the `PIL "
+            "decode` rows force PIL); its DataLoader workers live across epochs (started in "
+            "the warm-up epoch). The HTTP and S3 rows stream the same shards from loopback servers "
+            "(their own CPU time not counted). Written by `bench/data_bench.py`.")
     write_section("Data loaders", note + "\n\n" + table)
-    print("\nwrote the 'Data loaders' section of bench/RESULTS.md")
+    print(f"\nwrote the 'Data loaders' section of {results_path()}")
 
 
 if __name__ == "__main__":

@@ -195,9 +195,10 @@ def run_size(name: str, gallery: np.ndarray, queries: np.ndarray, truth: np.ndar
 
 def earlier_rows(sizes: list[int]) -> list[list]:
     """Table rows of other gallery sizes in the current RESULTS.md section (for ``--keep``)."""
-    from bench.results import RESULTS
+    from bench.results import results_path
 
-    text = RESULTS.read_text() if RESULTS.exists() else ""
+    path = results_path()
+    text = path.read_text() if path.exists() else ""
     start = text.find(f"## {TITLE}\n")
     if start < 0:
         return []

@@ -19,9 +19,10 @@ MISSING_CLS = "missing_cls"
 BAD_LABEL = "bad_label"
 TRUNCATED_SHARD = "truncated_shard"
 MISSING_SHARD = "missing_shard"
+UNREACHABLE_SHARD = "unreachable_shard"  # a remote shard that failed every retry (its URL in the detail)
 CORRUPT_RECORD = "corrupt_record"  # a RecordIO record whose framing or header is damaged
 REASONS = (CORRUPT_JPEG, WRONG_SIZE, MISSING_JPG, MISSING_CLS, BAD_LABEL, TRUNCATED_SHARD,
-           MISSING_SHARD, CORRUPT_RECORD)
+           MISSING_SHARD, CORRUPT_RECORD, UNREACHABLE_SHARD)
 
 # Warnings for one reason: the first few in full, then one line at each power of ten.
 FULL_WARNINGS_PER_REASON = 5

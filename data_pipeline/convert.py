@@ -6,9 +6,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from .byte_streams import RemoteOptions
 from .image_folder import ImageFolderSource
 from .manifest import Manifest, atomic_write_bytes
 from .recordio import RecordIOSource
+from .remote_output import ShardHook, write_dataset_to
 from .shards import write_shards
 
 KINDS = ("recordio", "folder")
@@ -42,8 +44,12 @@ def _copy_bins(rec: Path, out: Path) -> dict[str, str]:
     return found
 
 
-def convert(kind: str, src: str | os.PathLike, out_dir: str | os.PathLike, **opts: Any) -> Manifest:
+def convert(kind: str, src: str | os.PathLike, out_dir: str | os.PathLike,
+            remote: RemoteOptions | None = None, **opts: Any) -> Manifest:
     """Convert ``src`` to a shard directory ``out_dir``; ``kind`` is "recordio" or "folder".
+
+    ``out_dir`` may be a URL (``s3://bucket/data``): shards are uploaded as they are written
+    and the manifest last (see :mod:`data_pipeline.remote_output`).
 
     Options: ``samples_per_shard``, ``seed``, ``workers``, ``progress`` (see ``write_shards``);
     for "recordio" ``idx_path`` and ``copy_bins`` (copy ``*.bin`` verification sets found beside
@@ -57,11 +63,15 @@ def convert(kind: str, src: str | os.PathLike, out_dir: str | os.PathLike, **opt
     if unknown:
         raise TypeError(f"convert({kind!r}) got unknown option(s) {', '.join(unknown)}: "
                         f"valid options are {', '.join(sorted(allowed))}")
+    return write_dataset_to(out_dir, lambda out, on_shard: _convert(kind, Path(src), out, on_shard, opts),
+                            remote)
+
+
+def _convert(kind: str, src: Path, out: Path, on_shard: ShardHook, opts: dict[str, Any]) -> Manifest:
     write_opts = {k: v for k, v in opts.items() if k in WRITE_OPTIONS}
+    write_opts["on_shard"] = on_shard
     progress = bool(opts.get("progress", True))
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    src = Path(src)
 
     if kind == "recordio":
         rec = _find_rec(src)

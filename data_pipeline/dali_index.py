@@ -241,12 +241,19 @@ def main(argv: list[str] | None = None) -> int:
     from .manifest import Manifest
     from .tar_reader import shard_refs
     p = argparse.ArgumentParser(description="Write the DALI index files of a dataset's shards.")
-    p.add_argument("manifest", help="manifest.json or its directory")
+    p.add_argument("manifest", help="manifest.json or its directory (a URL: the shards are staged into the local cache)")
     p.add_argument("--decode", action="store_true", help="decode every image with PIL (data.dali_verify=decode)")
     p.add_argument("--workers", type=int, default=None, help="indexing threads (default: one per core)")
     args = p.parse_args(argv)
     m = Manifest.load(args.manifest)
-    indexes = index_shards(shard_refs(m), m.num_classes, m.image_size, decode=args.decode, workers=args.workers)
+    refs = shard_refs(m)
+    if any(r.is_remote for r in refs):
+        # DALI reads the staged copies of remote shards: stage them (the bounded cache) first.
+        from .shard_cache import stage_shards
+        refs, failed = stage_shards(refs, [s.sha256 for s in m.shards], m.remote)
+        for e in failed:
+            print(f"not staged: {e.message()}")
+    indexes = index_shards(refs, m.num_classes, m.image_size, decode=args.decode, workers=args.workers)
     skipped = sum(e.count for ix in indexes for e in ix.skipped)
     print(f"{len(indexes)} shards indexed: {sum(ix.num_listed for ix in indexes)} samples listed, {skipped} left out")
     return 0

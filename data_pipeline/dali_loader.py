@@ -29,13 +29,17 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from .augment import Augment, SampleTransform
 from .bad_data import BadSample
+from .dali_augment import dali_augment, draw_inputs, needed_inputs
 from .dali_index import LABEL_WIDTH, ShardIndex, index_location, index_shards
 from .manifest import atomic_write_bytes
 from .epoch_plan import (batches_per_rank, derive_seed, even_split, group_spans, last_batch_padding,
                          shard_order, spans_between, window_permutation)
 from .loader_base import Batch, Loader
-from .tar_reader import shard_refs
+from .shard_cache import stage_shards
+from .tar_members import split_name
+from .tar_reader import ShardRef, shard_refs
 
 log = logging.getLogger("shardface.data")
 VERIFY_MODES = ("header", "decode")
@@ -71,7 +75,7 @@ class DaliLoader(Loader):
                  device: str, epoch_samples: int | None, local_rank: int | None = None,
                  barrier: Callable[[], None] | None = None, any_rank: Callable[[bool], bool] | None = None,
                  verify: str = "header",
-                 index_workers: int | None = None) -> None:
+                 index_workers: int | None = None, augment: Augment | None = None) -> None:
         _import_dali()
         if verify not in VERIFY_MODES:
             raise ValueError(f"verify={verify!r} is not one of {', '.join(VERIFY_MODES)}: 'header' checks "
@@ -91,12 +95,14 @@ class DaliLoader(Loader):
         self.manifest = manifest
         self.threads = max(1, workers)
         self.shuffle_buffer, self.flip, self.strict = shuffle_buffer, flip, strict
+        self.augment = augment or Augment()
         # Without a barrier every rank indexes for itself (one process, or ranks that cannot
         # meet): the writes are atomic, so ranks that race only repeat work.
         self.local_rank = rank if local_rank is None else local_rank
         self.barrier, self.any_rank = barrier, any_rank
         self.index_workers = index_workers
         self.verify = verify
+        self._refs, self._stage_events = self._stage(shard_refs(manifest))
         self._indexes = self._build_indexes(decode=self._wants_decode())
 
     @property
@@ -107,9 +113,31 @@ class DaliLoader(Loader):
         return last_batch_padding(self.manifest.num_samples, self.world_size, self.batch_size,
                                   self.rank)
 
+    def _stage(self, refs: list[ShardRef]) -> tuple[list[ShardRef], list[BadSample]]:
+        """Remote shards copied into the bounded local cache (DALI reads local files only).
+
+        Local rank 0 of each node downloads while the others wait, then they look the copies up.
+        """
+        if not any(r.is_remote for r in refs):
+            return refs, []
+        leader = self.barrier is None or self.local_rank == 0
+        checksums = [s.sha256 for s in self.manifest.shards]
+        staged: tuple[list[ShardRef], list[BadSample]] | None = None
+        failure: BaseException | None = None
+        if leader:
+            try:
+                staged = stage_shards(refs, checksums, self.manifest.remote)
+            except Exception as e:  # noqa: BLE001 - raised after the barrier, so no rank waits for it
+                failure = e
+        if self.barrier is not None:
+            self.barrier()
+        if failure is not None:
+            raise failure
+        return staged or stage_shards(refs, checksums, self.manifest.remote, download=False)
+
     def _marker(self) -> Path:
         """The file that says a decode failure was met: the next start verifies every decode."""
-        return index_location(shard_refs(self.manifest)[0]).with_name(DECODE_MARKER)
+        return index_location(self._refs[0]).with_name(DECODE_MARKER)
 
     def _wants_decode(self) -> bool:
         """Decode every image while indexing?  Every rank gets the same answer (``any_rank``)."""
@@ -129,7 +157,7 @@ class DaliLoader(Loader):
         failure: BaseException | None = None
         if leader:
             try:
-                indexes = index_shards(shard_refs(self.manifest), self.num_classes,
+                indexes = index_shards(self._refs, self.num_classes,
                                        self.manifest.image_size, decode=decode, workers=self.index_workers)
             except Exception as e:  # noqa: BLE001 - raised after the barrier, so no rank waits for it
                 failure = e
@@ -140,7 +168,7 @@ class DaliLoader(Loader):
         if indexes is None:
             # Current files are only read; one that no local rank 0 wrote for this file system
             # (e.g. a launcher whose local ranks do not start at 0) is built by this rank.
-            indexes = index_shards(shard_refs(self.manifest), self.num_classes,
+            indexes = index_shards(self._refs, self.num_classes,
                                    self.manifest.image_size, decode=decode, workers=self.index_workers)
         if decode and self.local_rank == 0 and self._marker().is_file():
             self._marker().unlink(missing_ok=True)
@@ -148,7 +176,10 @@ class DaliLoader(Loader):
 
     def _build_indexes(self, decode: bool) -> list[ShardIndex]:
         indexes = self._index_all(decode)
-        events: list[BadSample] = [e for ix in indexes for e in ix.skipped]
+        # A shard that could not be staged is reported by staging (with its URL), not as a missing file.
+        failed = {e.shard for e in self._stage_events}
+        events: list[BadSample] = self._stage_events + [e for ix in indexes for e in ix.skipped
+                                                        if ix.shard.name not in failed]
         if events and self.strict:
             raise events[0].error()
         # Indexing sees the whole dataset once, so its skips are counted once, not per epoch.
@@ -228,12 +259,40 @@ class DaliLoader(Loader):
             k = run_end
         return paths, index_paths
 
+    def _draws_source(self, epoch: int, entries: list[tuple[int, int]], names: tuple[str, ...]
+                      ) -> Callable[[Any], list]:
+        """The ``external_source`` callback of the augmentation draws of each batch.
+
+        A sample's draws are the webdataset loader's: keyed by ``(seed, epoch, shard name,
+        sample key)``, the key read from the index line that lists the sample.
+        """
+        lines: dict[int, list[str]] = {}
+        keys: list[tuple[str, str]] = []
+        for shard, i in entries:
+            if shard not in lines:
+                lines[shard] = self._indexes[shard].index_path.read_text().splitlines()[1:]
+            tokens = lines[shard][i].split()
+            name = next(tokens[t + 3] for t in range(0, len(tokens), 4) if tokens[t] == "jpg")
+            keys.append((self._indexes[shard].shard.name, str(split_name(name)[0])))
+        transform = SampleTransform(self.augment, self.seed)
+        h, w = self.manifest.image_size
+        b = self.batch_size
+
+        def source(info: Any) -> list:
+            lo = info.iteration * b
+            draws = [transform.draw_sample(epoch=epoch, shard=shard, key=key, h=h, w=w)
+                     for shard, key in keys[lo:lo + b]]
+            return draw_inputs(draws, h, w, names)
+
+        return source
+
     def _pipeline(self, epoch: int, start: int, folder: Path) -> Any:
         fn, types, Pipeline, _ = _import_dali()
         gpu = self.device.type == "cuda"
         device_id = (self.device.index if self.device.index is not None
                      else torch.cuda.current_device()) if gpu else None
-        paths, index_paths = self._view_indexes(self._entries(epoch, start), folder)
+        entries = self._entries(epoch, start)
+        paths, index_paths = self._view_indexes(entries, folder)
         seed = derive_seed(self.seed, epoch, self.rank) % (2 ** 31)
         batch_size, rank = self.batch_size, self.rank
 
@@ -252,6 +311,12 @@ class DaliLoader(Loader):
                 random_shuffle=False, missing_component_behavior="error", name="reader")
             images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu",
                                        output_type=types.RGB)
+            if self.augment.active:
+                names = needed_inputs(self.augment)
+                draws = fn.external_source(source=self._draws_source(epoch, entries, names),
+                                           num_outputs=len(names), batch=True, batch_info=True)
+                images = dali_augment(images, self.augment, self.manifest.image_size,
+                                      dict(zip(names, draws)), fn, types)
             mirror = fn.external_source(source=flips, batch=True, batch_info=True) if self.flip else 0
             # (x / 255 - 0.5) / 0.5 == (x - 127.5) / 127.5
             images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",

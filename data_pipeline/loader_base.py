@@ -22,6 +22,14 @@ def to_model_input(images_nhwc: torch.Tensor) -> torch.Tensor:
     return out.mul_(1 / 127.5).sub_(1.0)
 
 
+def planar_to_model_input(images_nchw: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[B, 3, H, W]`` → float32 ``[B, 3, H, W]`` in [-1, 1], on its device (same values
+    as :func:`to_model_input` of the HWC layout)."""
+    out = torch.empty(images_nchw.shape, dtype=torch.float32, device=images_nchw.device)
+    out.copy_(images_nchw)
+    return out.mul_(1 / 127.5).sub_(1.0)
+
+
 class LoaderSettingsMismatch(ValueError):
     """A saved loader position was taken under other data settings (batch size, shards, ...).
 

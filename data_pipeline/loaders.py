@@ -9,7 +9,9 @@ import os
 import warnings
 from typing import Any, Callable
 
+from .augment import Augment
 from .bad_data import REASONS, BadSampleError
+from .byte_streams import RemoteOptions, is_url
 from .kinds import LOADER_ALIASES, LOADER_KINDS, MODES, LoaderKind
 from .loader_base import Loader
 from .manifest import Manifest
@@ -26,9 +28,12 @@ def build_loader(kind: str, manifest: Manifest | str | os.PathLike | None, *, ra
                  strict: bool = False, device: str = "cpu", epoch_samples: int | None = None,
                  local_rank: int | None = None, barrier: Callable[[], None] | None = None,
                  any_rank: Callable[[bool], bool] | None = None, dali_verify: str = "header",
+                 remote: RemoteOptions | None = None, augment: Augment | None = None,
                  **random_tensors: Any) -> Loader:
     """A loader of ``kind`` over ``manifest`` (a :class:`Manifest`, its file or its directory).
 
+    The manifest and its shards may be URLs (``s3://``, ``gs://``, ``http(s)://``, ``pipe:``),
+    read as ``remote`` says (a loaded :class:`Manifest` carries its own).
     ``manifest`` may also be an insightface RecordIO ``train.rec`` (or its folder, or a
     :class:`~data_pipeline.rec_dataset.RecDataset`): ``kind="rec"`` reads it in Python,
     ``kind="dali"`` decodes it with DALI (see :mod:`data_pipeline.rec_loader`).
@@ -44,6 +49,9 @@ def build_loader(kind: str, manifest: Manifest | str | os.PathLike | None, *, ra
     node write the index files while the others wait; ``any_rank(flag)`` (a collective OR)
     makes the ranks agree on ``dali_verify`` (``header`` or ``decode``, see
     :mod:`data_pipeline.dali_loader`).
+
+    ``augment`` (webdataset and DALI): the per-sample transforms and their probabilities
+    (:class:`data_pipeline.augment.Augment`; None: none, only ``flip``).
     """
     if kind in LOADER_ALIASES:
         warnings.warn(f"loader kind {kind!r} is deprecated: use {LOADER_ALIASES[kind]!r}", FutureWarning, stacklevel=2)
@@ -75,15 +83,15 @@ def build_loader(kind: str, manifest: Manifest | str | os.PathLike | None, *, ra
     if kind == "random_tensors":
         from .tensor_loader import RandomTensorLoader
         if manifest is not None:
-            m = _load(manifest)
+            m = _load(manifest, remote)
             random_tensors = {"num_samples": m.num_samples, "num_classes": m.num_classes,
                               "image_size": m.image_size, **random_tensors}
         return RandomTensorLoader(**common, **random_tensors)
 
-    m = _load(manifest)
+    m = _load(manifest, remote)
     if kind == "rec" or isinstance(m, RecDataset):
         from .rec_loader import build_rec_loader
-        return build_rec_loader(kind, m, strict=strict, **common)
+        return build_rec_loader(kind, m, strict=strict, augment=augment, **common)
     if m.num_samples < 1 or not m.shards:
         raise ValueError(f"the manifest at {m.root} lists no samples: nothing to load")
     if mode == "exact" and m.num_samples < world_size:
@@ -91,14 +99,22 @@ def build_loader(kind: str, manifest: Manifest | str | os.PathLike | None, *, ra
                          f"{world_size}: an exact epoch needs at least one sample per rank")
     if kind == "webdataset":
         from .wds_loader import WebDatasetLoader
-        return WebDatasetLoader(m, shuffle_buffer=shuffle_buffer, strict=strict, **common)
+        return WebDatasetLoader(m, shuffle_buffer=shuffle_buffer, strict=strict, augment=augment, **common)
     from .dali_loader import DaliLoader
     return DaliLoader(m, shuffle_buffer=shuffle_buffer, strict=strict, local_rank=local_rank, barrier=barrier,
-                      any_rank=any_rank, verify=dali_verify, **common)
+                      any_rank=any_rank, verify=dali_verify, augment=augment, **common)
 
 
-def _load(manifest: Manifest | RecDataset | str | os.PathLike | None) -> Manifest | RecDataset:
+def _load(manifest: Manifest | RecDataset | str | os.PathLike | None,
+          remote: RemoteOptions | None = None) -> Manifest | RecDataset:
     if manifest is None:
         raise ValueError("this loader needs a manifest (a Manifest, manifest.json or its "
                          "directory, or a RecordIO train.rec); only kind='random_tensors' runs without one")
-    return manifest if isinstance(manifest, (Manifest, RecDataset)) else open_dataset(manifest)
+    if isinstance(manifest, (Manifest, RecDataset)):
+        return manifest
+    if is_url(manifest):
+        return Manifest.load(manifest, remote)
+    m = open_dataset(manifest)
+    if isinstance(m, Manifest) and remote is not None:
+        m.remote = remote
+    return m

@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import byte_streams, remote_writes
+from .byte_streams import RemoteOptions, is_url
+
 FORMAT = "shardface-shards/1"
 MANIFEST_NAME = "manifest.json"
 
@@ -31,7 +34,9 @@ class ShardInfo:
 
 def _check_relative(path: str, what: str) -> None:
     # Manifests travel with their directory (copied to a cluster, mounted elsewhere),
-    # so every path in them must stay inside that directory.
+    # so every path in them must stay inside that directory, or be a URL.
+    if is_url(path):
+        return
     p = Path(path)
     if p.is_absolute() or ".." in p.parts or path == "":
         raise ManifestError(f"{what} path {path!r} must be relative to the manifest's directory "
@@ -40,7 +45,11 @@ def _check_relative(path: str, what: str) -> None:
 
 @dataclass
 class Manifest:
-    """What a shard directory holds; ``root`` is the directory the relative paths refer to."""
+    """What a shard directory holds; ``root`` is the directory the relative paths refer to.
+
+    ``root`` is a local directory or a URL (``s3://bucket/data``, ``http://host/data``);
+    shard paths are relative to it or URLs themselves. ``remote`` says how URLs are read.
+    """
 
     num_samples: int
     num_classes: int
@@ -48,7 +57,8 @@ class Manifest:
     shards: list[ShardInfo]
     source: str = ""
     verification: dict[str, str] = field(default_factory=dict)
-    root: Path | None = field(default=None, compare=False)
+    root: Path | str | None = field(default=None, compare=False)
+    remote: RemoteOptions = field(default_factory=RemoteOptions, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.image_size = tuple(int(v) for v in self.image_size)  # type: ignore[assignment]
@@ -67,25 +77,52 @@ class Manifest:
                 raise ManifestError(f"shard {s.path} has num_samples={s.num_samples} < 0")
         for name, rel in self.verification.items():
             _check_relative(rel, f"verification set {name!r}")
-        if self.root is not None:
+        if self.root is not None and not is_url(self.root):
             self.root = Path(self.root)
 
     # -- paths -------------------------------------------------------------------------------
-    def _root(self) -> Path:
+    @property
+    def is_remote(self) -> bool:
+        """True when the manifest was read from (or saved to) a URL."""
+        return self.root is not None and is_url(self.root)
+
+    def _locate(self, rel: str) -> Path | str:
         if self.root is None:
             raise ManifestError("this manifest has no directory yet: load it with Manifest.load() "
                                 "or save it with .save() before asking for absolute paths")
-        return self.root
+        if is_url(rel):
+            return rel
+        if is_url(self.root):
+            return byte_streams.join(str(self.root), rel)
+        return Path(self.root).resolve() / rel
 
-    def shard_paths(self) -> list[Path]:
-        """Absolute paths of the data shards, in manifest order."""
-        root = self._root().resolve()
-        return [root / s.path for s in self.shards]
+    def shard_paths(self) -> list[Path | str]:
+        """Absolute paths (or URLs) of the data shards, in manifest order."""
+        return [self._locate(s.path) for s in self.shards]
 
     def verification_paths(self) -> dict[str, Path]:
-        """Absolute paths of the verification ``.bin`` files, by name."""
-        root = self._root().resolve()
-        return {name: root / rel for name, rel in self.verification.items()}
+        """Local paths of the verification ``.bin`` files, by name.
+
+        Remote ones are copied into the local cache first (they are small and read whole); one
+        that cannot be fetched is returned as its would-be cache path, which does not exist.
+        """
+        out: dict[str, Path] = {}
+        for name, rel in self.verification.items():
+            where = self._locate(rel)
+            out[name] = where if isinstance(where, Path) else self._fetch(where)
+        return out
+
+    def _fetch(self, url: str) -> Path:
+        import hashlib
+        dest = (self.remote.cache_root() / "files" / hashlib.sha256(url.encode()).hexdigest()[:16]
+                / url.rsplit("/", 1)[-1])
+        if not dest.is_file():
+            try:
+                byte_streams.download(url, dest, self.remote)
+            except OSError as e:
+                import logging
+                logging.getLogger("shardface.data").warning("could not fetch %s: %s", url, e)
+        return dest
 
     # -- (de)serialisation -------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -101,7 +138,7 @@ class Manifest:
         }
 
     @classmethod
-    def from_json(cls, doc: Any, root: Path | None = None, where: str = "manifest") -> "Manifest":
+    def from_json(cls, doc: Any, root: Path | str | None = None, where: str = "manifest") -> "Manifest":
         """Build a manifest from a parsed ``manifest.json``; errors name ``where`` and the key."""
         if not isinstance(doc, dict):
             raise ManifestError(f"{where}: expected a JSON object, got {type(doc).__name__}")
@@ -142,8 +179,10 @@ class Manifest:
             raise ManifestError(f"{where}: {e}") from None
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Manifest":
-        """Read ``manifest.json`` (``path`` is the file or its directory)."""
+    def load(cls, path: str | os.PathLike, remote: RemoteOptions | None = None) -> "Manifest":
+        """Read ``manifest.json`` (``path`` is the file or its directory, local or a URL)."""
+        if is_url(path):
+            return cls._load_url(os.fspath(path), remote or RemoteOptions())
         p = Path(path)
         if p.is_dir():
             p = p / MANIFEST_NAME
@@ -153,11 +192,45 @@ class Manifest:
         try:
             doc = json.loads(p.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            from .file_kind import file_kind
+            kind = file_kind(p)
+            if kind is not None:
+                raise ManifestError(f"{p} is {kind}, not a manifest: give the manifest.json written by "
+                                    "`shardface data synth|convert` (or its folder)") from None
             raise ManifestError(f"{p} is not valid JSON ({e}): the file is damaged, rewrite it") from None
-        return cls.from_json(doc, root=p.parent, where=str(p))
+        m = cls.from_json(doc, root=p.parent, where=str(p))
+        if remote is not None:
+            m.remote = remote
+        return m
 
-    def save(self, path: str | os.PathLike) -> Path:
+    @classmethod
+    def _load_url(cls, url: str, remote: RemoteOptions) -> "Manifest":
+        if not url.endswith(".json"):
+            url = byte_streams.join(url, MANIFEST_NAME)
+        try:
+            raw = byte_streams.read_bytes(url, remote)
+        except byte_streams.SourceUnreachable as e:
+            hint = ("check the URL (write one with `shardface data convert --out URL`)" if e.missing
+                    else "check the server, the endpoint and the credentials")
+            raise ManifestError(f"cannot read the manifest {url}: {e.detail}; {hint}") from None
+        try:
+            doc = json.loads(raw.decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ManifestError(f"{url} is not valid JSON ({e}): the file is damaged, rewrite it") from None
+        m = cls.from_json(doc, root=byte_streams.parent(url), where=url)
+        m.remote = remote
+        return m
+
+    def save(self, path: str | os.PathLike) -> Path | str:
         """Write ``manifest.json`` atomically (``path`` is the file or its directory); returns the file."""
+        if is_url(path):
+            url = os.fspath(path)
+            if not url.endswith(".json"):
+                url = byte_streams.join(url, MANIFEST_NAME)
+            remote_writes.write_bytes(url, (json.dumps(self.to_json(), indent=1) + "\n").encode("utf-8"),
+                                     self.remote)
+            self.root = byte_streams.parent(url)
+            return url
         p = Path(path)
         if p.is_dir():
             p = p / MANIFEST_NAME

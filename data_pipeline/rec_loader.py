@@ -306,8 +306,12 @@ class RecLoader(RecLoaderBase):
 
 def build_rec_loader(kind: str, data: Any, *, rank: int, world_size: int, batch_size: int,
                      workers: int, seed: int, mode: str, flip: bool, strict: bool, device: str,
-                     epoch_samples: int | None) -> Loader:
-    """``kind="rec"`` (Python) or ``"dali"`` over a :class:`RecDataset` (see ``build_loader``)."""
+                     epoch_samples: int | None, augment: Any = None) -> Loader:
+    """``kind="rec"`` (Python) or ``"dali"`` over a :class:`RecDataset` (see ``build_loader``).
+
+    ``augment`` (an :class:`~data_pipeline.augment.Augment`) plugs its per-sample transforms
+    into ``kind="rec"``; the DALI reader of a ``.rec`` refuses active ones.
+    """
     if not isinstance(data, RecDataset):
         raise ValueError(f"loader kind 'rec' reads an insightface train.rec, but the dataset at "
                          f"{getattr(data, 'root', data)} is a shard directory: use "
@@ -323,6 +327,11 @@ def build_rec_loader(kind: str, data: Any, *, rank: int, world_size: int, batch_
                                   seed=seed, mode=mode, flip=flip, strict=strict, device=device,
                                   epoch_samples=epoch_samples)
     if kind == "rec":
-        return RecLoader(data, **common)
+        from .augment import SampleTransform
+        transform = SampleTransform(augment, seed).apply if augment is not None and augment.active else None
+        return RecLoader(data, sample_transform=transform, **common)
+    if augment is not None and augment.active:
+        raise ValueError(f"data.aug_* augmentations are not available in the DALI reader of a .rec "
+                         f"({data.rec_path}): use data.loader=rec, or convert it to shards for DALI")
     from .rec_dali_loader import RecDaliLoader
     return RecDaliLoader(data, **common)

@@ -9,13 +9,13 @@ import re
 from collections import deque
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Protocol, TextIO, runtime_checkable
+from typing import Any, Callable, Protocol, TextIO, runtime_checkable
 
 import numpy as np
 
 from .jpeg import describe_image, jpeg_size
 from .manifest import MANIFEST_NAME, Manifest, ShardInfo, atomic_write_bytes
-from .progress import Progress
+from .progress import Progress, quantity
 from .tar_writer import write_tar_atomic
 
 JOURNAL_NAME = ".shardface-progress.jsonl"
@@ -245,14 +245,16 @@ def _resume_state(out: Path, journal_path: Path, fingerprint: dict[str, Any], si
 def write_shards(source: SampleSource, out_dir: str | os.PathLike, *, samples_per_shard: int = 10000,
                  seed: int = 0, workers: int = 1, progress: bool = True,
                  verification: Mapping[str, str] | None = None,
-                 num_classes: int | None = None) -> Manifest:
+                 num_classes: int | None = None,
+                 on_shard: Callable[[Path], None] | None = None) -> Manifest:
     """Write ``source`` as globally shuffled data shards plus ``manifest.json`` in ``out_dir``.
 
     Sample order is a seeded permutation of source indices. Each shard is written to
     ``.tar.tmp``, fsynced and renamed; the manifest is written last. A re-run with the same
     arguments keeps complete shards whose checksum matches and writes only the rest.
     ``verification`` maps names to ``.bin`` files already in ``out_dir``; ``num_classes``
-    overrides ``source.num_classes``.
+    overrides ``source.num_classes``. ``on_shard(path)`` is called with each finished shard
+    (an upload to remote storage, see :mod:`data_pipeline.remote_output`).
     """
     classes = int(num_classes if num_classes is not None else getattr(source, "num_classes", 0))
     n = _check_args(source, samples_per_shard, workers, classes)
@@ -281,7 +283,7 @@ def write_shards(source: SampleSource, out_dir: str | os.PathLike, *, samples_pe
     todo = [s for s in range(len(sizes)) if s not in kept]
     todo_indices = (np.concatenate([order[starts[s]:starts[s + 1]] for s in todo])
                     if todo else np.empty(0, np.int64))
-    bar = Progress(f"writing {len(sizes)} shards", n, enabled=progress,
+    bar = Progress(f"writing {quantity(len(sizes), 'shard')}", n, enabled=progress,
                    initial=n - len(todo_indices))
     stream = _stream_samples(source, todo_indices, workers)
 
@@ -310,9 +312,11 @@ def write_shards(source: SampleSource, out_dir: str | os.PathLike, *, samples_pe
                 kept[s] = {"shard": s, "num_samples": sizes[s], "sha256": sha,
                            "image_size": list(image_size)}  # type: ignore[arg-type]
                 _append_line(journal, kept[s])
+                if on_shard is not None:
+                    on_shard(out / shard_name(s))
     finally:
         stream.close()
-    bar.close(note=f"{len(todo)} shards written, {len(sizes) - len(todo)} kept")
+    bar.close(note=f"{quantity(len(todo), 'shard')} written, {len(sizes) - len(todo)} kept")
 
     assert image_size is not None
     manifest = Manifest(num_samples=n, num_classes=classes, image_size=image_size,

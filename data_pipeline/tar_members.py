@@ -13,7 +13,7 @@ import tarfile
 from typing import BinaryIO, Callable, Iterator
 
 from webdataset.handlers import reraise_exception
-from webdataset.tariterators import tar_file_iterator
+from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
@@ -36,9 +36,23 @@ def _octal(field: bytes) -> int:
     return int(digits, 8) if digits else 0
 
 
+def split_name(fname: str) -> tuple[str | None, str | None]:
+    """``(key, extension)`` of a member name, as WebDataset's ``base_plus_ext`` splits it.
+
+    The usual ``dir/key.ext`` is split with two string searches (the regular expression
+    costs ~3x more, and it runs for every member); other names go to WebDataset's function.
+    """
+    slash = fname.rfind("/")
+    dot = fname.find(".", slash + 1)
+    if dot > slash + 1:
+        return fname[:dot], fname[dot + 1:]
+    return base_plus_ext(fname)
+
+
 def _checksum_ok(header: bytes) -> bool:
     want = _octal(header[148:156])
-    unsigned = sum(header[:148]) + 8 * 32 + sum(header[156:])
+    # The checksum field itself counts as eight spaces.
+    unsigned = sum(header) - sum(header[148:156]) + 8 * 32
     if unsigned == want:
         return True
     # Some old writers summed signed bytes.

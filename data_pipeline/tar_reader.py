@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Iterator
 
-from webdataset.tariterators import base_plus_ext
 
 from .bad_data import (BAD_LABEL, MISSING_CLS, MISSING_JPG, MISSING_SHARD, TRUNCATED_SHARD,
-                       BadSample, SkipLog, parse_label)
-from .tar_members import NotPlainTar, library_members, plain_members
+                       UNREACHABLE_SHARD, BadSample, SkipLog, parse_label)
+# open_shard: every read of a data shard opens it there (local path or URL), re-exported here.
+from .byte_streams import RemoteOptions, SourceUnreachable, is_url, open_shard  # noqa: F401
+from .tar_members import NotPlainTar, library_members, plain_members, split_name
 
 
 @dataclass(frozen=True)
@@ -24,22 +25,28 @@ class RawSample:
 
 @dataclass(frozen=True)
 class ShardRef:
-    """A data shard as the readers need it: absolute path, name for messages, manifest count."""
+    """A data shard as the readers need it: absolute path or URL, name for messages, manifest count.
 
-    path: Path
+    ``remote`` says how a URL is read (retries, client options); open it with
+    :func:`data_pipeline.byte_streams.open_shard`.
+    """
+
+    path: Path | str
     name: str
     num_samples: int
+    remote: RemoteOptions | None = None
+
+    @property
+    def is_remote(self) -> bool:
+        """True when ``path`` is a URL (``s3://``, ``http://``, ``pipe:``...)."""
+        return is_url(self.path)
 
 
 def shard_refs(manifest) -> list[ShardRef]:
-    """The manifest's data shards as :class:`ShardRef` (absolute paths, manifest order)."""
-    return [ShardRef(path, info.path, info.num_samples)
+    """The manifest's data shards as :class:`ShardRef` (absolute paths or URLs, manifest order)."""
+    remote = getattr(manifest, "remote", None)
+    return [ShardRef(path, info.path, info.num_samples, remote)
             for path, info in zip(manifest.shard_paths(), manifest.shards)]
-
-
-def open_shard(shard: ShardRef) -> BinaryIO:
-    """The shard's bytes as a seekable binary stream: every read of a data shard opens it here."""
-    return open(shard.path, "rb")
 
 
 class _SpanDone(Exception):
@@ -57,7 +64,7 @@ class _Positions:
     def select(self, fname: str) -> bool:
         # Called for every member before its data is read, so members outside
         # [start, stop) are skipped without being copied into memory.
-        key, _ = base_plus_ext(fname)
+        key, _ = split_name(fname)
         if key is None:
             return False
         if key != self.key:
@@ -77,7 +84,7 @@ class _Groups:
         self.done = start  # positions before this one are settled (yielded or reported)
 
     def add(self, fname: str, data: bytes) -> Iterator[RawSample]:
-        key, ext = base_plus_ext(fname)
+        key, ext = split_name(fname)
         if key != self.key:
             yield from self.close()
             self.key = key
@@ -96,14 +103,19 @@ def read_span(shard: ShardRef, start: int, stop: int, num_classes: int,
     stop = min(stop, shard.num_samples)
     if start >= stop:
         return
-    if not shard.path.is_file():
+    if not shard.is_remote and not Path(shard.path).is_file():
         log.add(BadSample(MISSING_SHARD, shard.name, f"#{start}", f"{shard.path} does not exist; "
                           "copy the shard back or rewrite the manifest", count=stop - start))
+        return
+    try:
+        opened = open_shard(shard)
+    except SourceUnreachable as e:
+        log.add(_unreachable(shard, e, f"#{start}", stop - start))
         return
     groups = _Groups(shard, num_classes, log, start)
     positions = _Positions(start, stop)
     failure: Exception | None = None
-    with open_shard(shard) as stream:
+    with opened as stream:
         try:
             try:
                 for fname, data in plain_members(stream, positions.select):
@@ -126,6 +138,9 @@ def read_span(shard: ShardRef, start: int, stop: int, num_classes: int,
         # Name the first lost sample: the half-read one, else the one whose member failed.
         where = groups.key or (positions.key if positions.pos >= groups.done
                                else f"#{groups.done}")
+        if isinstance(failure, SourceUnreachable):
+            log.add(_unreachable(shard, failure, where, stop - groups.done))
+            return
         log.add(BadSample(TRUNCATED_SHARD, shard.name, where, f"unreadable after "
                           f"{groups.done - start} of {stop - start} samples ({failure}); "
                           "re-copy or re-create the shard", count=stop - groups.done))
@@ -135,6 +150,14 @@ def read_span(shard: ShardRef, start: int, stop: int, num_classes: int,
         log.add(BadSample(TRUNCATED_SHARD, shard.name, f"#{groups.done}", f"the shard ends after "
                           f"{groups.done} samples, the manifest says {shard.num_samples}; "
                           "re-copy or re-create it", count=stop - groups.done))
+
+
+def _unreachable(shard: ShardRef, err: SourceUnreachable, where: str, count: int) -> BadSample:
+    if err.missing:
+        return BadSample(MISSING_SHARD, shard.name, where, f"{err.url} does not exist ({err.detail}); "
+                         "upload the shard again or rewrite the manifest", count=count)
+    return BadSample(UNREACHABLE_SHARD, shard.name, where, f"{err.url} is unreachable ({err.detail}); "
+                     "check the server, the endpoint and credentials (or raise data.retries)", count=count)
 
 
 def _finish(shard: ShardRef, key: str, group: dict[str, bytes], num_classes: int,

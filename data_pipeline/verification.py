@@ -98,6 +98,12 @@ def write_bin(path: str | os.PathLike, jpegs: Sequence[bytes], issame: Sequence[
     atomic_write_bytes(path, pickle.dumps((bins, flags), protocol=4))
 
 
+def check_bin(path: str | os.PathLike) -> int:
+    """Read a .bin's pairs without decoding its images; returns the number of pairs (raises like load_bin)."""
+    _, issame = _read_pickle(Path(path))
+    return len(issame)
+
+
 def _read_pickle(path: Path) -> tuple[list, list]:
     if not path.is_file():
         raise FileNotFoundError(f"verification set {path} does not exist; check the path "

@@ -15,7 +15,8 @@ pytest.importorskip("nvidia.dali")
 
 from data_pipeline import dali_index, dali_loader  # noqa: E402
 from data_pipeline.bad_data import (BAD_LABEL, CORRUPT_JPEG, MISSING_CLS, MISSING_JPG,  # noqa: E402
-                                    MISSING_SHARD, TRUNCATED_SHARD, WRONG_SIZE, BadSampleError)
+                                    MISSING_SHARD, TRUNCATED_SHARD, UNREACHABLE_SHARD, WRONG_SIZE,
+                                    BadSampleError)
 from data_pipeline.dali_loader import labels_from_digits  # noqa: E402
 from data_pipeline.loaders import build_loader  # noqa: E402
 from shard_helpers import pil_reference, write_dataset  # noqa: E402
@@ -138,7 +139,8 @@ def test_dali_skips_and_counts_bad_data(tmp_path, caplog):
                               mode="exact")
         labels = torch.cat([y for _, y in loader]).tolist()
     assert loader.stats == {CORRUPT_JPEG: 1, MISSING_JPG: 1, MISSING_CLS: 1, BAD_LABEL: 1,
-                            TRUNCATED_SHARD: 3, MISSING_SHARD: 4, WRONG_SIZE: 0, "corrupt_record": 0}
+                            TRUNCATED_SHARD: 3, MISSING_SHARD: 4, WRONG_SIZE: 0, "corrupt_record": 0,
+                            UNREACHABLE_SHARD: 0}
     # 16 manifest samples make 8 batches on one rank; the 5 good ones fill them by repetition.
     assert set(labels) == {0, 2, 4, 5, 7} and len(labels) == 16
     assert any("train-000000.tar" in m and "000000001" in m for m in caplog.messages)

@@ -20,3 +20,8 @@ def test_quick_demo_clears_a_bar_far_above_chance(tmp_path):
     assert list((out / "run" / "eval").glob("*.png")), "no ROC image"
     assert (out / "data" / "contact_sheet.png").exists()
     assert "held-out verification accuracy" in result.stdout
+    # Identification: rank-1 of the held-out identities, without and with 200 rendered strangers.
+    ident = report["identification"]
+    assert ident["sizes"] == [0, 200] and ident["num_enrolled"] == 100 and ident["num_probes"] == 300
+    assert ident["rank1"][0] >= ident["rank1"][1] and ident["rank1"][0] > 0.2, ident
+    assert (out / "run" / "eval" / "rank1_vs_distractors.png").exists() and "rank-1" in result.stdout

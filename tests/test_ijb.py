@@ -94,4 +94,4 @@ def test_command_line_prints_the_table(tmp_path, capsys):
     assert main(["--features", str(tmp_path / "emb.npy"), "--names", str(tmp_path / "emb.txt"),
                  "--faces", str(faces), "--pairs", str(pairs)]) == 0
     out = capsys.readouterr().out
-    assert "| emb | n/a | n/a | n/a | n/a | n/a | 75.00 |" in out and "AUC 0.87500" in out
+    assert "| emb | n/a | n/a | n/a | n/a | n/a | 75.00 |" in out and "auc 87.50%, num_pairs 14, num_templates 15" in out

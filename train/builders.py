@@ -83,6 +83,10 @@ def load_manifest(data: DataConfig) -> Optional[Any]:
     """The dataset manifest, or None when the config names none (random tensors)."""
     if not data.manifest:
         return None
+    from data_pipeline.byte_streams import is_url
+    from data_pipeline.manifest import Manifest
+    if is_url(data.manifest):  # s3://, gs://, http(s)://: read through fsspec with retries
+        return Manifest.load(data.manifest, remote_options(data))
     from data_pipeline.rec_dataset import find_rec, open_dataset
     path = Path(data.manifest)
     if find_rec(path) is not None:  # insightface RecordIO, read directly
@@ -92,7 +96,28 @@ def load_manifest(data: DataConfig) -> Optional[Any]:
     if not path.is_file():
         raise FileNotFoundError(f"data.manifest={data.manifest!r} does not exist: give the manifest.json "
                                 "written by `shardface data synth|convert` (or its folder), or a train.rec")
-    return open_dataset(path)
+    manifest = open_dataset(path)
+    if isinstance(manifest, Manifest):  # its shards may be URLs
+        manifest.remote = remote_options(data)
+    return manifest
+
+
+def remote_options(d: DataConfig) -> Any:
+    """How remote manifests and shards are read (``data.retries``, ``data.storage_options``...)."""
+    from data_pipeline.byte_streams import RemoteOptions
+    return RemoteOptions(retries=d.retries, backoff_s=d.retry_backoff_s, storage_options=dict(d.storage_options),
+                         cache_dir=d.cache_dir, cache_gb=d.cache_gb)
+
+
+def check_image_size(data: DataConfig, manifest: Optional[Any]) -> None:
+    """data.image_size must be the manifest's image size: the loader does not resize."""
+    size = getattr(manifest, "image_size", None)
+    if size is None:
+        return
+    h, w = (size, size) if isinstance(size, int) else tuple(size)[:2]
+    if (h, w) != (data.image_size, data.image_size):
+        raise ConfigError(f"data.image_size={data.image_size} but the images of data.manifest={data.manifest!r} "
+                          f"are {h}x{w}: set data.image_size={h}" + ("" if h == w else " (the backbone needs square images)"))
 
 
 def build_data(d: DataConfig, ctx: DistContext, manifest: Optional[Any], seed: int) -> Any:
@@ -102,6 +127,9 @@ def build_data(d: DataConfig, ctx: DistContext, manifest: Optional[Any], seed: i
                                   workers=d.workers, seed=seed, mode=d.mode, shuffle_buffer=d.shuffle_buffer,
                                   flip=d.flip, strict=d.strict, device=str(ctx.device),
                                   epoch_samples=d.epoch_samples)
+    if d.loader in ("webdataset", "dali", "rec"):
+        from data_pipeline.augment import Augment
+        kwargs["augment"] = Augment.from_config(d)
     if d.loader == "dali":
         # Index files are written once per node (local rank 0) while the other ranks wait.
         kwargs.update(local_rank=ctx.local_rank, barrier=ctx.barrier, any_rank=ctx.any_rank,
@@ -154,7 +182,7 @@ def build_backbone_module(m: ModelConfig, image_size: int, device: torch.device)
 def build_head(cfg: TrainConfig, ctx: DistContext, num_classes: int) -> nn.Module:
     """This rank's classifier shard: PartialFC with the configured margin."""
     from partial_fc import PartialFC
-    from partial_fc.margins import build_margin, margin_parameters
+    from partial_fc.margins import MarginOptionError, build_margin, margin_parameters
     lo = cfg.loss
     seed = cfg.seed if lo.head_seed is None else lo.head_seed
     options = dict(lo.margin_options)
@@ -162,6 +190,8 @@ def build_head(cfg: TrainConfig, ctx: DistContext, num_classes: int) -> nn.Modul
         if "seed" in margin_parameters(lo.margin) and "seed" not in options:
             options["seed"] = seed  # a random margin (ElasticFace) follows the run's seed unless told otherwise
         margin = build_margin(lo.margin, **options)
+    except MarginOptionError as err:
+        raise ConfigError(f"loss.margin_options.{err}") from None
     except (ValueError, TypeError, KeyError) as err:
         raise ConfigError(f"loss.margin={lo.margin!r} with loss.margin_options={lo.margin_options}: {err}") from err
     precision = classifier_precision(cfg.precision, ctx.device)

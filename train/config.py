@@ -54,7 +54,7 @@ class DataConfig(Section):
     ALIASES = {"loader": LOADER_ALIASES}
 
     manifest: str = ""
-    """Path of the dataset's manifest.json (data shards, class count, verification sets), or of an insightface train.rec (or its folder) to train from RecordIO directly."""
+    """Path or URL (s3://, gs://, http(s)://) of the dataset's manifest.json (data shards, class count, verification sets), or of an insightface train.rec (or its folder) to train from RecordIO directly."""
     loader: LoaderKind = "webdataset"
     """Loader kind: webdataset (tar shards, PIL), dali (NVIDIA DALI; shards or a .rec), rec (a .rec read in Python, PIL) or random_tensors (random in-memory images and labels; the former name synthetic is deprecated)."""
     batch_size: int = 128
@@ -69,8 +69,30 @@ class DataConfig(Section):
     """Least samples per shuffle window (shards read whole and permuted together; a shard this big is one window); 0 or 1: no shuffle."""
     flip: bool = True
     """Random horizontal flip of training images."""
+    aug_crop: float = 0.0
+    """Probability per sample of a random resized crop (64-100% of the area, aspect 3/4-4/3, resized back); 0: off."""
+    aug_lowres: float = 0.0
+    """Probability per sample of a low-resolution resize (down to 50-80% of the side and back up, as insightface's dali_aug); 0: off."""
+    aug_blur: float = 0.0
+    """Probability per sample of a Gaussian blur (sigma 0.5-1.5 px); 0: off."""
+    aug_color: float = 0.0
+    """Probability per sample of a brightness, contrast and saturation jitter (each factor 0.8-1.2); 0: off."""
+    aug_gray: float = 0.0
+    """Probability per sample of conversion to grayscale (BT.601 luma in all three channels); 0: off."""
+    aug_erase: float = 0.0
+    """Probability per sample of random erasing: a mid-gray rectangle over 2-20% of the area (occlusion); 0: off."""
     strict: bool = False
     """Stop on an undecodable sample instead of skipping and counting it."""
+    retries: int = 5
+    """Remote data (URLs): failed attempts in a row, opening or reading, before a shard counts as unreachable (skipped and counted as unreachable_shard; an error with strict)."""
+    retry_backoff_s: float = 1.0
+    """Remote data: first wait before a retry, doubled after each failure (at most 30 s)."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """Remote data: fsspec client options per protocol, e.g. {s3: {endpoint_url: "http://host:9000"}}; credentials are best left to the client's own settings (AWS_* variables, ~/.aws)."""
+    cache_dir: str = ""
+    """Remote data: local folder for staged copies (loader=dali, verification sets); empty: ~/.cache/shardface/remote."""
+    cache_gb: float = 50.0
+    """Remote data: bound on the staged copies in cache_dir, in GiB (loader=dali refuses a remote dataset larger than this)."""
     dali_verify: Literal["header", "decode"] = "header"
     """loader=dali: what indexing checks per image, header (fast) or decode (every image decoded once with PIL)."""
     epoch_samples: Optional[int] = None
@@ -89,6 +111,16 @@ class DataConfig(Section):
         self.at_least("epoch_samples", 1)
         self.at_least("num_classes", 1)
         self.at_least("num_samples", 1)
+        self.at_least("retries", 0)
+        self.at_least("retry_backoff_s", 0.0)
+        if not self.cache_gb > 0:
+            raise ConfigError(f"data.cache_gb={self.cache_gb} must be positive (GiB of staged remote shards)")
+        if not isinstance(self.storage_options, dict) or \
+                not all(isinstance(v, dict) for v in self.storage_options.values()):
+            raise ConfigError(f"data.storage_options={self.storage_options!r} must map a protocol to its options, "
+                              "e.g. {s3: {endpoint_url: 'http://host:9000'}}")
+        for name in ("crop", "lowres", "blur", "color", "gray", "erase"):
+            self.within(f"aug_{name}", 0.0, 1.0, hint="a probability per sample; 0 turns it off")
         if self.epoch_samples is not None and self.mode == "exact":
             raise ConfigError(f"data.epoch_samples={self.epoch_samples} applies to data.mode=resampled only: "
                               "an exact epoch is the whole dataset; drop it or use data.mode=resampled")
@@ -109,7 +141,7 @@ class ModelConfig(Section):
     PATH = "model"
 
     backbone: str = "iresnet50"
-    """Backbone name from train.backbones (iresnet18/34/50/100/200, mobilefacenet, vit_t/s/b, iresnet_tiny, ...)."""
+    """Backbone name from train.backbones (iresnet18/34/50/100/200, mobilefacenet, vit_t/s/b, iresnet_tiny, ...; aliases r18/r34/r50/r100/r200, mbf = mobilefacenet_mbf)."""
     embedding_size: int = 512
     """Width D of the embedding."""
     dropout: float = 0.0
@@ -492,7 +524,7 @@ class TrainConfig(Section):
         try:
             values = yaml.safe_load(text) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"config is not valid YAML: {err}") from err
+            raise ConfigError(f"config is not valid YAML: {yaml_error_line(err)}") from err
         return cls.from_dict(values)
 
     def to_yaml(self) -> str:
@@ -512,7 +544,7 @@ class TrainConfig(Section):
             try:
                 values = yaml.safe_load(path.read_text()) or {}
             except yaml.YAMLError as err:
-                raise ConfigError(f"{path} is not valid YAML: {err}") from err
+                raise ConfigError(f"{path} is not valid YAML: {yaml_error_line(err)}") from err
             if not isinstance(values, dict):
                 raise ConfigError(f"{path} must hold a mapping of config sections")
         for text in overrides or []:
@@ -562,6 +594,15 @@ def apply_override(values: dict, parts: list[str], value: str, text: str) -> Non
         section = values.get(parts[0]) or {}
         values[parts[0]] = section
         section[parts[1]] = value
+
+
+def yaml_error_line(err: Exception) -> str:
+    """A YAML error on one line: ``line 3, column 7: mapping values are not allowed here``."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    context = getattr(err, "context", None)
+    return where + str(problem) + (f" ({context})" if context else "")
 
 
 def list_presets() -> list[str]:

@@ -44,6 +44,8 @@ def _json_safe(value: Any) -> Any:
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     """Train as configured; returns the run's summary (final loss, evaluation, throughput, paths)."""
     args = build_parser().parse_args(argv)
+    from .quiet import quiet_libraries
+    quiet_libraries()
     cfg = TrainConfig.load(args.config, args.set)
     if args.print_config:
         print(cfg.to_yaml(), end="")

@@ -198,10 +198,21 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     }
     if not cfg.parallel.deepspeed_config:
         return generated
-    path = Path(cfg.parallel.deepspeed_config)
-    if not path.is_file():
-        raise FileNotFoundError(f"parallel.deepspeed_config={str(path)!r} does not exist")
-    return _merge(generated, json.loads(path.read_text()))
+    return _merge(generated, json.loads(resolve_deepspeed_config(cfg.parallel.deepspeed_config).read_text()))
+
+
+def resolve_deepspeed_config(value: str) -> Path:
+    """The file of ``parallel.deepspeed_config``: the path itself, or a relative path looked up
+    beside the installed packages (``launch/deepspeed_zero2.json`` works outside a checkout)."""
+    path = Path(value)
+    if path.is_file():
+        return path
+    # The packages sit side by side (a checkout or site-packages): launch/*.json is package data.
+    packaged = Path(__file__).resolve().parent.parent / path
+    if not path.is_absolute() and packaged.is_file():
+        return packaged
+    raise FileNotFoundError(f"parallel.deepspeed_config={value!r} does not exist (relative paths are also looked "
+                            f"up in the installed package, e.g. launch/deepspeed_zero2.json)")
 
 
 def _merge(base: dict, user: dict) -> dict:

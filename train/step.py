@@ -119,6 +119,9 @@ class TrainStep:
 
     def _head_finite(self) -> torch.Tensor:
         """True (a device tensor) when the classifier's row gradients are finite."""
+        finite = getattr(self.head, "row_grads_finite", None)
+        if finite is not None:  # PartialFC: checks without completing a deferred row correction
+            return finite()
         row_grads = getattr(self.head, "row_grads", None)
         if row_grads is None:
             return torch.tensor(bool(self.head_optimizer.grads_finite()), device=self.ctx.device)

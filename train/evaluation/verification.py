@@ -84,7 +84,7 @@ def evaluate_scores(scores: np.ndarray, issame: np.ndarray, folds: int = 10,
         "accuracy_std": float(accuracies.std()),
         "threshold": float(thresholds.mean()),
         "auc": roc_auc(s, y),
-        "num_pairs": float(s.size),
+        "num_pairs": int(s.size),
     }
     for far in fars:
         result[far_key(far)] = tar_at_far(s, y, far)[0]
@@ -110,8 +110,9 @@ def evaluate_embeddings(embeddings: np.ndarray | torch.Tensor, issame: np.ndarra
 
 
 def scalars(result: Mapping[str, Any]) -> dict[str, float]:
-    """The float entries of a result (everything but the ROC arrays), e.g. for logging."""
-    return {k: float(v) for k, v in result.items() if k != "roc"}
+    """The number entries of a result (everything but the ROC arrays), e.g. for logging; counts stay ints."""
+    from .report import COUNT_KEYS
+    return {k: int(v) if k in COUNT_KEYS else float(v) for k, v in result.items() if k != "roc"}
 
 
 @torch.no_grad()
