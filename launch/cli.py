@@ -172,13 +172,13 @@ def _index_options(a: argparse.Namespace):
 def _cmd_index_build(a: argparse.Namespace) -> int:
     from launch.search_commands import build_index
     build_index(a.model, a.images, a.out, _index_options(a), batch_size=a.batch_size, flip=a.flip,
-                prefix=a.prefix, append=a.append)
+                prefix=a.prefix or "", append=a.append)
     return 0
 
 
 def _cmd_index_add(a: argparse.Namespace) -> int:
     from launch.search_commands import add_to_index
-    add_to_index(a.index, a.model, a.images, batch_size=a.batch_size, flip=a.flip, prefix=a.prefix)
+    add_to_index(a.index, a.model, a.images, batch_size=a.batch_size, flip=a.flip, prefix=a.prefix or "")
     return 0
 
 
@@ -287,14 +287,14 @@ def _add_search_parsers(sub) -> None:
     ib.add_argument("--hnsw-m", type=int, default=32, help="HNSW neighbours per node")
     ib.add_argument("--ef-construction", type=int, default=80, help="HNSW build candidate list")
     ib.add_argument("--ef-search", type=int, default=64, help="HNSW search candidate list")
-    ib.add_argument("--prefix", default="", help="prefix of the stored names (PREFIX/relative/path.jpg)")
+    ib.add_argument("--prefix", default=None, help="prefix of the stored names (PREFIX/relative/path.jpg)")
     ib.add_argument("--append", action="store_true", help="add to OUT if it exists instead of replacing it")
     ib.set_defaults(func=_cmd_index_build)
     ia = _command(idx, "add", help="embed a folder and append it to an existing gallery index")
     ia.add_argument("--index", required=True)
     ia.add_argument("--model", required=True, help="the model the index was built with")
     _add_embedding_options(ia)
-    ia.add_argument("--prefix", default="", help="prefix of the stored names (keeps them unique)")
+    ia.add_argument("--prefix", default=None, help="prefix of the stored names (keeps them unique)")
     ia.set_defaults(func=_cmd_index_add)
 
     se = _command(sub, "search", help="the top-K gallery matches (names, scores) of each image in a folder")
