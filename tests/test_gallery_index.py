@@ -143,3 +143,33 @@ def test_errors(tmp_path):
     (tmp_path / "g.index.json").unlink()
     with pytest.raises(FileNotFoundError, match="is missing"):
         GalleryIndex.load(tmp_path / "g.index")
+
+
+def test_flat_and_ivf_go_to_the_gpus_hnsw_stays(monkeypatch):
+    """With a GPU build (faked here: copies and parameter space recorded), flat/IVF search runs on the copy."""
+    import faiss
+
+    import train.gallery_index as gi
+
+    copies, spaces = [], []
+
+    class Space(faiss.ParameterSpace):
+        def set_index_parameter(self, index, name, value):
+            spaces.append((name, value))
+            super().set_index_parameter(index, name, value)
+
+    def to_gpus(index):
+        copies.append(index)
+        return faiss.clone_index(index)
+
+    monkeypatch.setattr(gi, "_gpu_count", lambda: 1)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", to_gpus, raising=False)
+    monkeypatch.setattr(faiss, "GpuParameterSpace", Space, raising=False)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((400, 8)).astype(np.float32)
+    for kind in ("flat", "ivf", "hnsw"):
+        index = GalleryIndex.build(x, [str(i) for i in range(400)], IndexOptions(kind=kind, recall_queries=20))
+        _, ids = index.search(x[:3], 1, nprobe=5)
+        assert ids[:, 0].tolist() == [0, 1, 2]
+    assert len(copies) == 2, "flat and IVF copied once each (HNSW has no GPU index)"
+    assert spaces[-1] == ("nprobe", 5)
