@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -209,10 +210,16 @@ def earlier_rows(sizes: list[int]) -> list[list]:
     return [r for r in rows if int(r[0].replace(",", "")) not in sizes]
 
 
+def shown_command(argv: list[str]) -> str:
+    """The command line of this run, its ``--note`` texts left out (they are printed below it)."""
+    shown = [a for i, a in enumerate(argv) if a != "--note" and (i == 0 or argv[i - 1] != "--note")]
+    return " ".join(["python", "bench/search_bench.py", *map(shlex.quote, shown)])
+
+
 def write(rows: list[list], notes: list[str], args) -> None:
     headers = ["gallery", "data", "method", "settings", "build s", "queries/s", f"recall@{K}"]
     body = "\n".join([
-        f"`python bench/search_bench.py {' '.join(args.argv)}`".replace(" `", "`"),
+        f"`{shown_command(args.argv)}`",
         "",
         f"{machine_description()}; FAISS with {args.threads} threads; {args.queries:,} queries per batch, "
         f"top-{K}; recall@{K} against the numpy result (exact).",
