@@ -10,19 +10,20 @@ from pathlib import Path
 
 import numpy as np
 
-from launch.model_commands import resolve_model
+from launch.model_commands import _load
 
 OUTPUT_FORMATS = ("csv", "json")
 
 
 def _model_and_info(model_path: str | Path):
-    from train.export import load_embedding_model
+    """The embedding model behind ``--model`` (a model.pt, a run folder or a checkpoint) and what
+    identifies it: backbone, config, path, embedding size and, for a file, its sha256."""
     from train.gallery_index import file_digest
 
-    path = resolve_model(model_path)
-    model = load_embedding_model(path)
-    info = {"backbone": model.backbone_name, "config": model.config, "file": str(path.resolve()),
-            "sha256": file_digest(path), "dim": embedding_size(model)}
+    model, source = _load(model_path)
+    path = source.path.resolve()
+    info = {"backbone": model.backbone_name, "config": model.config, "file": str(path),
+            "sha256": file_digest(path) if path.is_file() else None, "dim": embedding_size(model)}
     return model, info
 
 
