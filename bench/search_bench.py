@@ -61,7 +61,8 @@ def random_data(n: int, q: int, dim: int, rng: np.random.Generator) -> tuple[np.
     return unit(rng.standard_normal((n, dim), dtype=np.float32)), unit(rng.standard_normal((q, dim), dtype=np.float32))
 
 
-def face_embeddings(model_path: str | None, identities: int, images: int, dim: int, seed: int) -> tuple[np.ndarray, str]:
+def face_embeddings(model_path: str | None, identities: int, images: int, dim: int,
+                    seed: int) -> tuple[np.ndarray, str]:
     """Embeddings ``[identities, images, D]`` of rendered synthetic faces, and the model's description."""
     import torch
 

@@ -117,13 +117,15 @@ def test_errors_are_one_line(tmp_path, capsys):
     _images(tmp_path / "g", ["a.png", "b.png"], 0)
     (tmp_path / "empty").mkdir()
     index = str(tmp_path / "g.index")
-    assert run(capsys, "index", "build", "--model", str(model16), "--images", str(tmp_path / "g"), "--out", index)[0] == 0
+    code, _, _ = run(capsys, "index", "build", "--model", str(model16), "--images", str(tmp_path / "g"), "--out", index)
+    assert code == 0
 
     code, _, err = run(capsys, "search", "--index", index, "--model", str(model8), "--images", str(tmp_path / "g"))
     assert code == 2
     one_line(err, "gives 8-d embeddings but the index")
     one_line(err, "holds 16-d ones")
-    code, _, err = run(capsys, "index", "add", "--index", index, "--model", str(model8), "--images", str(tmp_path / "g"))
+    code, _, err = run(capsys, "index", "add", "--index", index, "--model", str(model8),
+                       "--images", str(tmp_path / "g"))
     one_line(err, "gives 8-d embeddings")
     code, _, err = run(capsys, "search", "--index", str(tmp_path / "none.index"), "--images", str(tmp_path / "g"))
     assert code == 2

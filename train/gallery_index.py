@@ -157,7 +157,7 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -306,7 +306,8 @@ class GalleryIndex:
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise ValueError(f"{meta_file} is not a shardface gallery index description")
         if meta.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{path} has gallery index version {meta.get('version')}, this code reads {FORMAT_VERSION}")
+            raise ValueError(f"{path} has gallery index version {meta.get('version')}, "
+                             f"this code reads {FORMAT_VERSION}")
         try:
             index = faiss.read_index(str(path))
         except RuntimeError as err:
