@@ -175,6 +175,32 @@ def _cmd_embed(a: argparse.Namespace) -> int:
     return 0
 
 
+def _index_options(a: argparse.Namespace):
+    from train.gallery_index import IndexOptions
+    return IndexOptions(kind=a.kind, nlist=a.nlist, nprobe=a.nprobe, hnsw_m=a.hnsw_m,
+                        ef_construction=a.ef_construction, ef_search=a.ef_search)
+
+
+def _cmd_index_build(a: argparse.Namespace) -> int:
+    from launch.search_commands import build_index
+    build_index(a.model, a.images, a.out, _index_options(a), batch_size=a.batch_size, flip=a.flip,
+                prefix=a.prefix or "", append=a.append)
+    return 0
+
+
+def _cmd_index_add(a: argparse.Namespace) -> int:
+    from launch.search_commands import add_to_index
+    add_to_index(a.index, a.model, a.images, batch_size=a.batch_size, flip=a.flip, prefix=a.prefix or "")
+    return 0
+
+
+def _cmd_search(a: argparse.Namespace) -> int:
+    from launch.search_commands import search_folder
+    search_folder(a.index, a.model, a.images, top=a.top, out=a.out, fmt=a.format, batch_size=a.batch_size,
+                  flip=a.flip, nprobe=a.nprobe, ef_search=a.ef_search)
+    return 0
+
+
 def _cmd_import_insightface(a: argparse.Namespace) -> int:
     from train.insightface import import_insightface
     path, ours = import_insightface(a.weights, a.backbone, a.out)
@@ -260,6 +286,49 @@ def _synth_defaults() -> tuple[Any, int]:
     return SynthConfig(), _inspect.signature(make_synthetic_dataset).parameters["samples_per_shard"].default
 
 
+def _add_embedding_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", required=True, help="folder of aligned face images (searched recursively)")
+    p.add_argument("--batch-size", type=int, default=128, help="images per forward")
+    p.add_argument("--no-flip", dest="flip", action="store_false",
+                   help="embed each image alone (default: add the mirrored image's embedding)")
+
+
+def _add_search_parsers(sub) -> None:
+    idx = _command(sub, "index", help="a FAISS gallery index of face images (build, add)").add_subparsers(
+        dest="index_command", required=True, metavar="INDEX_COMMAND")
+    ib = _command(idx, "build", help="embed a folder into a new gallery index (names beside it)")
+    ib.add_argument("--model", required=True, help="embedding model file or run directory")
+    _add_embedding_options(ib)
+    ib.add_argument("--out", required=True, help="index file to write (names go to OUT.json)")
+    ib.add_argument("--kind", choices=["flat", "ivf", "hnsw"], default="flat",
+                    help="flat: exact; ivf, hnsw: approximate, for large galleries")
+    ib.add_argument("--nlist", type=int, default=None, help="IVF cells (default 4*sqrt(N), >= 39 rows per cell)")
+    ib.add_argument("--nprobe", type=int, default=16, help="IVF cells visited per query")
+    ib.add_argument("--hnsw-m", type=int, default=32, help="HNSW neighbours per node")
+    ib.add_argument("--ef-construction", type=int, default=80, help="HNSW build candidate list")
+    ib.add_argument("--ef-search", type=int, default=64, help="HNSW search candidate list")
+    ib.add_argument("--prefix", default=None, help="prefix of the stored names (PREFIX/relative/path.jpg)")
+    ib.add_argument("--append", action="store_true", help="add to OUT if it exists instead of replacing it")
+    ib.set_defaults(func=_cmd_index_build)
+    ia = _command(idx, "add", help="embed a folder and append it to an existing gallery index")
+    ia.add_argument("--index", required=True)
+    ia.add_argument("--model", required=True, help="the model the index was built with")
+    _add_embedding_options(ia)
+    ia.add_argument("--prefix", default=None, help="prefix of the stored names (keeps them unique)")
+    ia.set_defaults(func=_cmd_index_add)
+
+    se = _command(sub, "search", help="the top-K gallery matches (names, scores) of each image in a folder")
+    se.add_argument("--index", required=True, help="gallery index from `shardface index build`")
+    se.add_argument("--model", default=None, help="embedding model (default: the one the index records)")
+    _add_embedding_options(se)
+    se.add_argument("--top", type=int, default=5, help="matches per query")
+    se.add_argument("--out", default=None, help="results file, .csv or .json (default: CSV on stdout)")
+    se.add_argument("--format", choices=["csv", "json"], default=None, help="override the format --out implies")
+    se.add_argument("--nprobe", type=int, default=None, help="IVF: cells visited (default: the index's)")
+    se.add_argument("--ef-search", type=int, default=None, help="HNSW: candidate list (default: the index's)")
+    se.set_defaults(func=_cmd_search)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``shardface``."""
     p = argparse.ArgumentParser(prog="shardface", description="Distributed face-recognition training.",
@@ -341,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="embed each image alone (default: add the mirrored image's embedding)")
     m.set_defaults(func=_cmd_embed)
 
+    _add_search_parsers(sub)
+
     j = _command(sub, "eval-ijb", help="IJB-B/IJB-C templates of embedded faces: 1:1 verification (TAR@FAR table, "
                                        "--pairs) or 1:N identification (rank-k and TPIR@FPIR, --gallery/--probes)")
     j.add_argument("--features", required=True, help=".npy of face features [N, D] (`shardface embed` output)")
@@ -367,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     ii.set_defaults(func=_cmd_import_insightface)
 
     b = _command(sub, "bench", help="run a benchmark from bench/ and record its table in a Markdown file")
-    b.add_argument("which", choices=["partial_fc", "data", "train"], help="which benchmark")
+    b.add_argument("which", choices=["partial_fc", "data", "train", "search"], help="which benchmark")
     b.add_argument("--results", default="bench_results.md",
                    help="Markdown file the table is written into (relative to the current folder)")
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")

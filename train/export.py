@@ -220,21 +220,17 @@ def _print_progress(done: int, total: int) -> None:
 
 
 @torch.no_grad()
-def embed_folder(model: nn.Module, folder: str | Path, out_path: str | Path, batch_size: int = 64,
-                 device: str | torch.device = "cpu", flip: bool = True, normalize: bool = True,
-                 progress: Callable[[int, int], None] | None = _print_progress) -> tuple[Path, Path]:
-    """Embed every image under ``folder``: ``out_path`` gets a float32 ``[N, D]`` .npy, and the same
-    path with suffix ``.txt`` the relative file names, one per line, in row order.
+def embed_files(model: nn.Module, files: Sequence[str | Path], batch_size: int = 64,
+                device: str | torch.device = "cpu", flip: bool = True, normalize: bool = True,
+                progress: Callable[[int, int], None] | None = _print_progress) -> np.ndarray:
+    """Float32 ``[len(files), D]`` embeddings of the image files, in batches of ``batch_size``.
 
-    With ``flip`` the embedding of the mirrored image is added; with ``normalize`` rows are L2-normalised.
+    With ``flip`` the embedding of the mirrored image is added; with ``normalize`` rows are
+    L2-normalised; ``progress(done, total)`` is called after each batch.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1")
-    out_path = Path(out_path)
-    if out_path.suffix == ".txt":
-        raise ValueError(f"out_path {out_path} would be overwritten by the list of names: use a .npy path")
     image_size = int(getattr(model, "image_size", getattr(unwrap(model), "input_size", 112)))
-    files = list_images(folder)
     device = torch.device(device)
     rows: list[np.ndarray] = []
     with _eval_mode(model):
@@ -248,10 +244,29 @@ def embed_folder(model: nn.Module, folder: str | Path, out_path: str | Path, bat
             rows.append(emb.cpu().numpy())
             if progress is not None:
                 progress(min(start + batch_size, len(files)), len(files))
+    return np.concatenate(rows).astype(np.float32)
+
+
+def embed_folder(model: nn.Module, folder: str | Path, out_path: str | Path, batch_size: int = 64,
+                 device: str | torch.device = "cpu", flip: bool = True, normalize: bool = True,
+                 progress: Callable[[int, int], None] | None = _print_progress) -> tuple[Path, Path]:
+    """Embed every image under ``folder``: ``out_path`` gets a float32 ``[N, D]`` .npy, and the same
+    path with suffix ``.txt`` the relative file names, one per line, in row order.
+
+    With ``flip`` the embedding of the mirrored image is added; with ``normalize`` rows are L2-normalised.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be at least 1")
+    out_path = Path(out_path)
+    if out_path.suffix == ".txt":
+        raise ValueError(f"out_path {out_path} would be overwritten by the list of names: use a .npy path")
+    files = list_images(folder)
+    embeddings = embed_files(model, files, batch_size=batch_size, device=device, flip=flip,
+                             normalize=normalize, progress=progress)
     names_path = out_path.with_suffix(".txt")
     with atomic_path(out_path) as tmp:
         with open(tmp, "wb") as f:
-            np.save(f, np.concatenate(rows).astype(np.float32))
+            np.save(f, embeddings)
     root = Path(folder)
     with atomic_path(names_path) as tmp:
         tmp.write_text("".join(f"{p.relative_to(root).as_posix()}\n" for p in files))
