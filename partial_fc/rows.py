@@ -34,7 +34,7 @@ BLOCK_ELEMENTS = 1 << 19
 # barrier, which costs a scheduler time slice (milliseconds) whenever one of its threads is
 # descheduled (a machine with more runnable processes than cores).  Hundreds of cache-sized
 # ops then cost far more than the extra DRAM passes of a few large ones; 16M float32 =
-# 64 MiB per tensor makes the step of a 50k-row shard one block.
+# 64 MiB per tensor: 32k rows of D = 512 per block.
 PARALLEL_BLOCK_ELEMENTS = 1 << 24
 
 
