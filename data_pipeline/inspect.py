@@ -9,10 +9,12 @@ import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image
 
 from . import byte_streams
+from .bad_data import pil_message
 from .manifest import Manifest
 from .progress import Progress, quantity
 from .shards import LABEL_WIDTH, SHARD_PATTERN
@@ -151,7 +153,7 @@ class InspectReport:
 class _HashingReader:
     """A read-only stream wrapper hashing what is read, so one pass both parses and checksums."""
 
-    def __init__(self, f: io.BufferedReader) -> None:
+    def __init__(self, f: BinaryIO) -> None:
         self.f, self.sha = f, hashlib.sha256()
 
     def read(self, n: int = -1) -> bytes:
@@ -231,7 +233,7 @@ class _Checker:
                 im.load()
                 fmt, (w, h) = im.format, im.size
         except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
-            self.problem(shard, key, "undecodable", f"{type(e).__name__}: {e}")
+            self.problem(shard, key, "undecodable", f"{type(e).__name__}: {pil_message(e)}")
             return
         if fmt != "JPEG":
             self.problem(shard, key, "undecodable", f"{fmt} data, not JPEG")
@@ -251,13 +253,14 @@ class _Checker:
             try:
                 # Streaming mode: one sequential pass, no seeking back.
                 with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
-                    key, members = None, {}
+                    key: str | None = None
+                    members: dict[str, bytes] = {}
                     for info in tar:
                         if not info.isfile():
                             continue
                         base = os.path.basename(info.name)
                         k, _, ext = base.partition(".")
-                        data = tar.extractfile(info).read()  # type: ignore[union-attr]
+                        data = tar.extractfile(info).read()
                         if k != key:
                             if key is not None:
                                 self.sample(check.path, key, members)

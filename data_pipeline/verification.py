@@ -136,8 +136,7 @@ def _decode(blob: object, path: Path, k: int, size: tuple[int, int] | None) -> n
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise ValueError(f"{path}: image {k} is a {type(blob).__name__}, not encoded image bytes")
     try:
-        img = Image.open(io.BytesIO(blob))
-        img = img.convert("RGB")
+        img = Image.open(io.BytesIO(blob)).convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise ValueError(f"{path}: image {k} cannot be decoded ({e}); the file is corrupt, regenerate it") from e
     if size is not None and (img.height, img.width) != size:

@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from .torchrun import LaunchSpec, failure_file, torchrun_command, under_torchrun
 
@@ -23,8 +23,8 @@ class UsageError(Exception):
 
 # --------------------------------------------------------------------------- data
 def _cmd_data_synth(a: argparse.Namespace) -> int:
-    from data_pipeline.synthetic import SynthConfig
     from data_pipeline.progress import quantity
+    from data_pipeline.synthetic import SynthConfig
     from data_pipeline.synthetic_dataset import make_synthetic_dataset
     chosen = dict(num_identities=a.identities, images_per_identity=a.images_per_identity,
                   heldout_identities=a.heldout_identities, heldout_pairs=a.pairs,
@@ -45,10 +45,19 @@ def _cmd_data_convert(a: argparse.Namespace) -> int:
         raise UsageError(f"input {a.src} does not exist")
     from data_pipeline.convert import convert
     from data_pipeline.progress import quantity
+    extra: dict[str, Any] = {}
+    if a.skip_bad:
+        if a.source != "folder":
+            raise UsageError("--skip-bad applies to --from folder only (a .rec is checked record by record)")
+        extra["skip_bad"] = True
     manifest = convert(a.source, a.src, a.out, samples_per_shard=a.samples_per_shard, seed=a.seed,
-                       workers=a.workers)
+                       workers=a.workers, **extra)
     print(f"wrote {manifest.num_samples} images of {manifest.num_classes} classes in "
           f"{quantity(len(manifest.shards), 'shard')} to {a.out}")
+    skipped = Path(a.out) / "skipped_images.txt"
+    if a.skip_bad and skipped.is_file():
+        count = len(skipped.read_text(encoding="utf-8").splitlines())
+        print(f"left out {count} unreadable image(s), listed in {skipped}")
     return 0
 
 
@@ -110,6 +119,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
         print(cfg.to_yaml(), end="")
         return 0
     _check_launch(cfg, spec)
+    from train.run_folder import check_run_folder
+    check_run_folder(cfg)  # before torchrun starts or anything is written
     train_args = ["--config", a.config] + [x for item in overrides for x in ("--set", item)]
     if spec.needs_torchrun and not under_torchrun():
         from .supervise import Supervisor, supervised_command
@@ -127,8 +138,9 @@ def _cmd_train(a: argparse.Namespace) -> int:
                               Path(cfg.output_dir) / "summary.json", env=env).run()
             if code not in (0, 130, PREEMPTED_EXIT_CODE):
                 # The failing rank's error, last: not a timeout or a kill of some other rank.
-                print(f"shardface: error: {read_failure() or 'a training process ended without a report (killed by a signal or exited by itself); torchrun names it above'}",
-                      file=sys.stderr)
+                unreported = ("a training process ended without a report (killed by a signal or exited by itself); "
+                              "torchrun names it above")
+                print(f"shardface: error: {read_failure() or unreported}", file=sys.stderr)
         return code
     from train.main import main as train_main
     return PREEMPTED_EXIT_CODE if train_main(train_args).get("preempted") else 0
@@ -172,8 +184,16 @@ def _cmd_import_insightface(a: argparse.Namespace) -> int:
 
 
 def _cmd_eval_ijb(a: argparse.Namespace) -> int:
-    from launch.ijb_command import run_ijb
-    run_ijb(a.features, a.faces, a.pairs, names=a.names, flipped=a.flipped, face_scores=a.face_scores, out=a.out)
+    from launch.ijb_command import run_ijb, run_ijb_1n
+    one_to_one, one_to_n = a.pairs is not None, bool(a.gallery) or a.probes is not None
+    if one_to_one == one_to_n or (one_to_n and not (a.gallery and a.probes)):
+        raise ValueError("eval-ijb needs either --pairs (1:1 verification) or both --gallery and --probes "
+                         "(1:N identification)")
+    if one_to_n:
+        run_ijb_1n(a.features, a.faces, a.gallery, a.probes, names=a.names, flipped=a.flipped,
+                   face_scores=a.face_scores, out=a.out)
+    else:
+        run_ijb(a.features, a.faces, a.pairs, names=a.names, flipped=a.flipped, face_scores=a.face_scores, out=a.out)
     return 0
 
 
@@ -231,7 +251,7 @@ def _command(sub: "argparse._SubParsersAction", name: str, **kw) -> argparse.Arg
     return sub.add_parser(name, formatter_class=_HelpFormatter, parents=[_debug_option()], **kw)
 
 
-def _synth_defaults() -> tuple[object, int]:
+def _synth_defaults() -> tuple[Any, int]:
     """The generator's own defaults (one source of truth for the CLI, the docs and the API)."""
     import inspect as _inspect
 
@@ -272,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--samples-per-shard", type=int, default=10000, help="images per tar shard")
     c.add_argument("--seed", type=int, default=0, help="seed of the global shuffle")
     c.add_argument("--workers", type=int, default=1, help="encoding processes")
+    c.add_argument("--skip-bad", action="store_true",
+                   help="--from folder: leave out unreadable images (listed in OUT/skipped_images.txt)")
     c.set_defaults(func=_cmd_data_convert)
     i = _command(data, "inspect", help="summarise a manifest and check its shards")
     i.add_argument("path", help="dataset directory or manifest.json, local or a URL (http(s)://, s3://, gs://)")
@@ -297,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gallery distractor counts for --identification (default 0 10 100 1000)")
     e.add_argument("--probes-per-identity", type=int, default=3, help="probe images per held-out identity")
     e.add_argument("--distractor-features", default=None,
-                   help=".npy of distractor embeddings (e.g. `shardface embed` of a photo folder) instead of rendered ones")
+                   help=".npy of distractor embeddings (e.g. `shardface embed` of a photo folder) "
+                        "instead of rendered ones")
     e.add_argument("--out", default=None, help="where to write results.json, roc.png and the identification plots "
                                                "(default: eval/ beside the model)")
     e.add_argument("--batch-size", type=int, default=256, help="images per forward")
@@ -318,12 +341,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="embed each image alone (default: add the mirrored image's embedding)")
     m.set_defaults(func=_cmd_embed)
 
-    j = _command(sub, "eval-ijb", help="IJB-B/IJB-C template 1:1 verification of embedded faces (TAR@FAR table)")
+    j = _command(sub, "eval-ijb", help="IJB-B/IJB-C templates of embedded faces: 1:1 verification (TAR@FAR table, "
+                                       "--pairs) or 1:N identification (rank-k and TPIR@FPIR, --gallery/--probes)")
     j.add_argument("--features", required=True, help=".npy of face features [N, D] (`shardface embed` output)")
     j.add_argument("--names", default=None, help="image name of each feature row (the .txt beside the .npy); "
                                                  "without it the rows must follow the face list")
     j.add_argument("--faces", required=True, help="*_face_tid_mid.txt: image, template id, media id per face")
-    j.add_argument("--pairs", required=True, help="*_template_pair_label.txt: template 1, template 2, label")
+    j.add_argument("--pairs", default=None, help="1:1: *_template_pair_label.txt: template 1, template 2, label")
+    j.add_argument("--gallery", nargs="+", default=None, help="1:N: gallery CSVs, e.g. ijbc_1N_gallery_G1.csv "
+                   "ijbc_1N_gallery_G2.csv (one result each, and their mean)")
+    j.add_argument("--probes", default=None, help="1:N: probe CSV, e.g. ijbc_1N_probe_mixed.csv")
     j.add_argument("--flipped", default=None, help=".npy of the mirrored faces' features, added to --features "
                                                    "(leave out when `embed` already added the flip)")
     j.add_argument("--face-scores", default=None, help="detector score per face (.npy, or text whose last "
@@ -356,11 +383,13 @@ def build_parser() -> argparse.ArgumentParser:
     st = _command(sub, "study", help="studies: compare losses on the same data and budget")
     st_sub = st.add_subparsers(dest="study", required=True, metavar="STUDY")
     sl = _command(st_sub, "losses", help="train once per loss; table, feature geometry and margin curves")
-    sl.add_argument("--out", default="runs/loss_study", help="study folder: results, figures, runs (default runs/loss_study)")
+    sl.add_argument("--out", default="runs/loss_study",
+                    help="study folder: results, figures, runs (default runs/loss_study)")
     sl.add_argument("--losses", nargs="+", default=None, help="default: every margin and metric loss")
     sl.add_argument("--steps", type=int, default=None, help="optimiser steps per loss (default 1200)")
     sl.add_argument("--parallel", type=int, default=1, help="losses trained at the same time")
-    sl.add_argument("--data", default=None, help="dataset directory (default: render 300 synthetic identities into OUT/data)")
+    sl.add_argument("--data", default=None,
+                    help="dataset directory (default: render 300 synthetic identities into OUT/data)")
     sl.add_argument("--batch-size", type=int, default=None, help="local batch per process (default 32)")
     sl.add_argument("--nproc", type=int, default=None, help="training processes per loss (default 2, torchrun)")
     sl.add_argument("--seed", type=int, default=None, help="seed of every run and of the study's data (default 0)")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -29,8 +30,13 @@ import torch
 
 from data_pipeline.synthetic import SynthConfig
 
-from .study_data import ensure_synthetic_dataset, heldout_labelled_set, labelled_images, load_manifest, \
-    synthetic_config_of
+from .study_data import (
+    ensure_synthetic_dataset,
+    heldout_labelled_set,
+    labelled_images,
+    load_manifest,
+    synthetic_config_of,
+)
 from .study_jobs import Job, format_seconds, run_jobs, run_logged
 from .study_losses import StudyLoss, study_losses
 from .torchrun import LaunchSpec, torchrun_command
@@ -62,7 +68,7 @@ class StudySettings:
     geometry_steps: int = 200
     """Steps of each 2-D / 3-D geometry run; 0 skips the geometry pictures."""
     synth: SynthConfig = field(default_factory=lambda: SynthConfig(
-        num_identities=300, images_per_identity=30, heldout_identities=100, heldout_pairs=2000, image_size=56))
+        num_identities=300, images_per_identity=30, heldout_identities=100, heldout_pairs=2000, image_size=(56, 56)))
     """The study's own dataset when ``data`` is None."""
     heldout_per_identity: int = 10
     """Images per held-out identity in the labelled set used for the angles."""
@@ -181,7 +187,8 @@ class LossStudy:
         if s.geometry_steps:
             base = synthetic_config_of(self.data_dir) or s.synth
             cfg = SynthConfig(num_identities=s.geometry_identities, images_per_identity=s.geometry_train_images,
-                              heldout_identities=0, heldout_pairs=0, image_size=s.geometry_image_size,
+                              heldout_identities=0, heldout_pairs=0,
+                              image_size=(s.geometry_image_size, s.geometry_image_size),
                               difficulty=base.difficulty, seed=s.seed)
             ensure_synthetic_dataset(cfg, self.out / "geometry" / "data", samples_per_shard=10 ** 6)
             later = range(s.geometry_train_images, s.geometry_train_images + 24)
@@ -225,7 +232,7 @@ class LossStudy:
             fingerprint = {"kind": "main", "loss": loss.name, "nproc": self.s.nproc, "settings": settings,
                            "data": self.manifest.source, "heldout": self.heldout is not None}
             jobs.append(Job(f"{loss.name}", run_dir / "done.json", fingerprint,
-                            lambda loss=loss, run_dir=run_dir: self._run_main(loss, run_dir), _describe_main))
+                            functools.partial(self._run_main, loss, run_dir), _describe_main))
         return jobs
 
     # ------------------------------------------------------------------ geometry runs
@@ -258,7 +265,7 @@ class LossStudy:
                 settings = [o for o in self._geometry_overrides(loss, dim, run_dir) if not o.startswith("output_dir=")]
                 fingerprint = {"kind": "geometry", "loss": loss.name, "dim": dim, "settings": settings}
                 jobs.append(Job(f"{loss.name} ({dim}-D)", run_dir / "done.json", fingerprint,
-                                lambda loss=loss, dim=dim, run_dir=run_dir: self._run_geometry(loss, dim, run_dir),
+                                functools.partial(self._run_geometry, loss, dim, run_dir),
                                 _describe_geometry))
         return jobs
 

@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from .checks import check_global_batch, check_mode, input_report
-from .cosine import RowCorrection, cosine_logits, row_norms
 from .comm import ProcessGroup, gather_batch, gather_sizes, rank_and_world
+from .cosine import RowCorrection, cosine_logits, row_norms
 from .filtering import filter_similar_negatives
 from .generator_state import portable_state, restore_state
 from .guard import tag_row_gradient_params
@@ -320,10 +320,10 @@ class PartialFC(nn.Module):
 
         inp = MarginInput(cos=cos, target=target, feature_norm=feature_norm, weight_norm=weight_norm,
                           bias=chosen.bias, group=self.group)
-        fused = margin_cross_entropy(self.margin, inp, accuracy, workspace) if fused else None
-        if fused is not None:
+        fused_out = margin_cross_entropy(self.margin, inp, accuracy, workspace) if fused else None
+        if fused_out is not None:
             # s·cos margins: margin and softmax share one [N, c] buffer (partial_fc.margin_softmax).
-            loss, self.accuracy = fused
+            loss, self.accuracy = fused_out
         elif accuracy:
             logits = self.margin(inp).float()
             # Ranked by the loss's own logits: the cosine ranks wrongly where logits are not
@@ -360,14 +360,14 @@ class PartialFC(nn.Module):
             if done[0].weight is self.weight:
                 return None, self.weight.grad, (self.bias.grad if self.bias is not None else None)
             w = torch.stack([c.weight.grad for c in done]).sum(0)
-            b = torch.stack([c.bias.grad for c in done]).sum(0) if self.bias is not None else None
+            b = torch.stack([c.bias.grad for c in done if c.bias is not None]).sum(0) if self.bias is not None else None
             return None, w, b
         if len(done) == 1:
             only = done[0]
             return only.index, only.weight.grad, (only.bias.grad if only.bias is not None else None)
         index = torch.cat([c.index for c in done])
         w = torch.cat([c.weight.grad for c in done])
-        b = torch.cat([c.bias.grad for c in done]) if self.bias is not None else None
+        b = torch.cat([c.bias.grad for c in done if c.bias is not None]) if self.bias is not None else None
         index, inverse = torch.unique(index, return_inverse=True)
         w = w.new_zeros((index.numel(),) + w.shape[1:]).index_add_(0, inverse, w)
         if b is not None:
@@ -396,7 +396,9 @@ class PartialFC(nn.Module):
         if (len(done) == 1 and done[0].correction is not None and done[0].correction.coef is not None
                 and self.gathered_weight_rows() is not None):
             only = done[0]
-            coef, only.correction.coef = only.correction.coef, None
+            correction = only.correction
+            assert correction is not None and correction.coef is not None  # checked just above
+            coef, correction.coef = correction.coef, None
             return (only.index, only.weight.grad, coef.view(only.weight.shape[0], -1),
                     only.bias.grad if only.bias is not None else None)
         index, w, b = self.row_grads()

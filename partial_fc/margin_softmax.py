@@ -104,7 +104,8 @@ def margin_cross_entropy(margin: Margin, inp: MarginInput, accuracy: bool = Fals
     Returns None when ``margin`` is not of that form (:meth:`Margin.logit_scale` is None):
     the caller then runs the margin module and :func:`partial_fc.softmax.sharded_cross_entropy`.
     The accuracy ranks the logits (margin included at the target), as the unfused path does,
-    and costs nothing: the row maximum and the target logit are the softmax's own.  The backward may run once (its buffer is reused in place).  ``workspace``: keeps
+    and costs nothing: the row maximum and the target logit are the softmax's own.  The backward
+    may run once (its buffer is reused in place).  ``workspace``: keeps
     that [N, c] buffer between steps (as :func:`partial_fc.cosine.cosine_logits`'s).
     """
     scale = margin.logit_scale()

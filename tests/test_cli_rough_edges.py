@@ -215,9 +215,11 @@ def test_library_noise_is_filtered_but_ours_is_not(tmp_path, capsys, monkeypatch
         from train.quiet import quiet_libraries
         quiet_libraries.__globals__["_installed"] = False
         quiet_libraries()  # after simplefilter: the filters must take precedence
-        warnings.warn("`torch.distributed.all_gather_into_tensor` is deprecated. Please use x", FutureWarning)
-        warnings.warn("This DataLoader will create 8 worker processes in total. Our suggested max ...", UserWarning)
-        warnings.warn("shardface: something of ours", UserWarning)
+        warnings.warn("`torch.distributed.all_gather_into_tensor` is deprecated. Please use x", FutureWarning,
+                      stacklevel=1)
+        warnings.warn("This DataLoader will create 8 worker processes in total. Our suggested max ...", UserWarning,
+                      stacklevel=1)
+        warnings.warn("shardface: something of ours", UserWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["shardface: something of ours"]
     with caplog.at_level(logging.INFO):
         logging.getLogger("DeepSpeed").warning("**** You are using ZeRO with an untested optimizer, proceed ****")
@@ -312,7 +314,6 @@ def test_bench_writes_where_the_user_says(tmp_path, capsys, monkeypatch):
 
 def test_eval_ijb_takes_flips_and_detector_scores(tmp_path, capsys):
     from test_ijb import write_protocol
-
     from train.evaluation.ijb import evaluate_ijb
     features, faces, pairs = write_protocol(tmp_path, [0.05 * k for k in range(1, 11)], [0.95, 0.7, 0.46, 0.32])
     rng = np.random.default_rng(0)
@@ -340,11 +341,10 @@ def test_eval_ijb_takes_flips_and_detector_scores(tmp_path, capsys):
 def test_backbone_aliases_and_set_names(tmp_path):
     from data_pipeline.synthetic import SynthConfig
     from data_pipeline.synthetic_dataset import make_synthetic_dataset
-    from train.backbones import build_backbone, canonical_backbone
+    from train.backbones import ALIASES, build_backbone, canonical_backbone
     from train.config import TrainConfig
-    from train.validation import verification_sets
-    from train.backbones import ALIASES
     from train.insightface import CORRESPONDENCES
+    from train.validation import verification_sets
     assert [canonical_backbone(n) for n in ("r18", "r50", "r100", "mbf", "vit_t")] == [
         "iresnet18", "iresnet50", "iresnet100", "mobilefacenet_mbf", "vit_t"]
     for short, ours in ALIASES.items():  # the same network their weights import into

@@ -117,7 +117,8 @@ def check_image_size(data: DataConfig, manifest: Optional[Any]) -> None:
     h, w = (size, size) if isinstance(size, int) else tuple(size)[:2]
     if (h, w) != (data.image_size, data.image_size):
         raise ConfigError(f"data.image_size={data.image_size} but the images of data.manifest={data.manifest!r} "
-                          f"are {h}x{w}: set data.image_size={h}" + ("" if h == w else " (the backbone needs square images)"))
+                          f"are {h}x{w}: set data.image_size={h}"
+                          + ("" if h == w else " (the backbone needs square images)"))
 
 
 def build_data(d: DataConfig, ctx: DistContext, manifest: Optional[Any], seed: int) -> Any:
@@ -137,7 +138,9 @@ def build_data(d: DataConfig, ctx: DistContext, manifest: Optional[Any], seed: i
     if d.loader == "random_tensors" and manifest is None:
         # In-memory data without shards: its shape comes from the config.
         kwargs.update(num_classes=d.num_classes, num_samples=d.num_samples, image_size=(d.image_size, d.image_size))
-    return build_loader(d.loader, manifest, **kwargs)
+    loader = build_loader(d.loader, manifest, **kwargs)
+    loader.max_bad_fraction = d.max_bad_fraction
+    return loader
 
 
 def resolve_num_classes(data: DataConfig, manifest: Optional[Any], loader: Any) -> int:
@@ -155,7 +158,8 @@ def resolve_num_classes(data: DataConfig, manifest: Optional[Any], loader: Any) 
 
 
 def backbone_options(m: ModelConfig, image_size: int) -> dict[str, Any]:
-    """Keyword arguments of ``build_backbone`` (also stored in the embedding export); ``image_size``: data.image_size."""
+    """Keyword arguments of ``build_backbone`` (also stored in the embedding export);
+    ``image_size``: data.image_size."""
     options: dict[str, Any] = dict(embedding_size=m.embedding_size, dropout=m.dropout, input_size=image_size)
     if m.gradient_checkpointing:
         options["gradient_checkpointing"] = True

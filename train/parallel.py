@@ -169,7 +169,8 @@ class DDPRunner(BackboneRunner):
     def load_state_dict(self, state: dict, folder: Path, same_world: bool) -> list[str]:
         """Weights, optimiser and scaler (the same at any world size: the backbone is replicated)."""
         if "backbone" not in state:
-            raise ValueError(f"checkpoint {folder} holds a DeepSpeed backbone; resume it with parallel.strategy=deepspeed")
+            raise ValueError(f"checkpoint {folder} holds a DeepSpeed backbone; "
+                             "resume it with parallel.strategy=deepspeed")
         self.module.load_state_dict(state["backbone"])
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
@@ -241,7 +242,8 @@ class DeepSpeedRunner(BackboneRunner):
         try:
             import deepspeed
         except ImportError:
-            raise ImportError("parallel.strategy=deepspeed needs the deepspeed package: pip install deepspeed") from None
+            raise ImportError("parallel.strategy=deepspeed needs the deepspeed package: "
+                              "pip install deepspeed") from None
         self.ctx, self.cfg = ctx, cfg
         # DeepSpeed reads the local rank from the environment (torchrun sets it; a plain or
         # externally initialised process group may not have).
@@ -258,7 +260,7 @@ class DeepSpeedRunner(BackboneRunner):
             """The client optimiser's step, or nothing while a skipped step is being applied."""
             return None if self._skip else client_step(*args, **kwargs)
 
-        client.step = guarded_step  # type: ignore[method-assign]
+        client.step = guarded_step
         self.config = deepspeed_config(cfg, ctx.world_size)
         self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=client, config=self.config,
                                                     dist_init_required=False)

@@ -25,7 +25,8 @@ LOG_LINES: dict[str, tuple[str, ...]] = {
     "DeepSpeed": (
         r"Setting ds_accelerator to",  # the accelerator it found by itself: the start-up line names the device
         r"Setting accelerator to CPU",  # the same on a machine without GPU (as a warning)
-        r"untested optimizer",  # our SGD/AdamW under ZeRO are trained in tests/test_trainer.py; the generated config allows them
+        # Our SGD/AdamW under ZeRO are trained in tests/test_trainer.py; the generated config allows them.
+        r"untested optimizer",
     ),
 }
 """Logger name → patterns of the log records dropped."""

@@ -207,7 +207,7 @@ class TrainStep:
                 for b, saved in zip(list(self.runner.module.buffers()) + list(self.head.buffers()),
                                     buffers + head_buffers):
                     b.copy_(saved)
-        if journal is not None:
+        if journal is not None and self.metric_loss is not None:
             (self.metric_loss.commit_updates if ok and applied else self.metric_loss.rollback_updates)()
         if input_error is not None:
             report, sizes = input_error

@@ -12,8 +12,20 @@ from typing import Any, Iterator, Optional
 
 from torch import nn
 
-from .builders import (apply_precision_settings, build_backbone_module, build_data, build_head, build_loggers, build_metric, load_manifest,
-                       check_image_size, rank_seed, resolve_num_classes, seed_everything, set_deterministic)
+from .builders import (
+    apply_precision_settings,
+    build_backbone_module,
+    build_data,
+    build_head,
+    build_loggers,
+    build_metric,
+    check_image_size,
+    load_manifest,
+    rank_seed,
+    resolve_num_classes,
+    seed_everything,
+    set_deterministic,
+)
 from .checkpoint import CheckpointManager, checkpoint_name
 from .components import ClassifierState, LoaderState, RngState, RunnerState, ScheduleState
 from .config import TrainConfig
@@ -68,7 +80,8 @@ class Trainer:
 
         seed_everything(cfg.seed)  # the same initial backbone on every rank
         self.injected_backbone = backbone is not None
-        module = backbone.to(ctx.device) if backbone is not None else build_backbone_module(cfg.model, cfg.data.image_size, ctx.device)
+        module = backbone.to(ctx.device) if backbone is not None else \
+            build_backbone_module(cfg.model, cfg.data.image_size, ctx.device)
         self.lr, self.head_lr = scaled_lrs(o, self.samples_per_step)
         self.runner = build_runner(module, cfg, ctx, self.lr)
         self.head = build_head(cfg, ctx, self.num_classes)
@@ -91,6 +104,7 @@ class Trainer:
         self.logger: Logger = Logger()
         self.eval_results: dict[str, dict[str, float]] = {}
         self._batch_iter: Optional[Iterator[Batch]] = None
+        self._claimed = False  # the run folder was checked (and cleared with overwrite) by fit()
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -174,7 +188,8 @@ class Trainer:
     def _describe(self) -> str:
         cfg, ctx, head = self.cfg, self.ctx, self.head
         bytes_per_class = head.bytes_per_class(cfg.optim.name) if hasattr(head, "bytes_per_class") else 0
-        parallel = f"{cfg.parallel.strategy}{' ZeRO-' + str(cfg.parallel.zero_stage) if cfg.parallel.strategy == 'deepspeed' else ''}"
+        zero = f" ZeRO-{cfg.parallel.zero_stage}" if cfg.parallel.strategy == "deepspeed" else ""
+        parallel = f"{cfg.parallel.strategy}{zero}"
         # One process has no process group and nothing to replicate: say so instead of "(none) | ddp".
         layout = ("single process (no process group)" if ctx.backend == "none"
                   else f"world size {ctx.world_size} ({ctx.backend}) | {parallel}")
@@ -239,6 +254,7 @@ class Trainer:
     def _start(self) -> Optional[Path]:
         """Resume if configured, write config.yaml, start the loggers, print the derived quantities."""
         cfg, ctx = self.cfg, self.ctx
+        cleared = self._claim_run_folder()
         self.checkpoints.check_storage()
         self.checkpoints.clean_stale()
         folder = self.checkpoints.resolve(cfg.checkpoint.resume)
@@ -251,11 +267,33 @@ class Trainer:
         self.logger = build_loggers(cfg, ctx, self.total_steps, self.wandb_run_id)
         self.wandb_run_id = self.logger.run_id or self.wandb_run_id
         self.logger.log_text(self._describe())
+        if cleared:
+            self.logger.log_text(f"overwrite=true: removed the earlier run's {', '.join(cleared)} from {self.run_dir}")
         for note in notes:
             self.logger.log_text(f"note: {note}")
         self.logger.log_config({"derived": {"samples_per_step": self.samples_per_step, "total_steps": self.total_steps,
                                             "num_classes": self.num_classes, "world_size": ctx.world_size}})
         return folder
+
+    def _claim_run_folder(self) -> list[str]:
+        """Refuse to start over an earlier run (unless resuming), or clear it with ``overwrite``; before any write."""
+        if self._claimed:  # fit() called again on this trainer: the folder is already this run's
+            return []
+        self._claimed = True
+        from .config_parse import ConfigError
+        from .distributed import broadcast_object
+        from .run_folder import clear_checkpoints, clear_export, refusal
+        error: Any = refusal(self.cfg, self.checkpoint_dir) if self.ctx.is_main else None
+        error = broadcast_object(error, self.ctx)
+        if error:
+            raise ConfigError(error)
+        cleared: list[str] = []
+        if self.cfg.overwrite and self.cfg.checkpoint.resume in ("none", ""):
+            if self.checkpoints.publisher:
+                cleared += clear_checkpoints(self.checkpoint_dir)
+            if self.ctx.is_main:
+                cleared += clear_export(self.run_dir)
+        return cleared
 
     def fit(self, stop_at_step: Optional[int] = None,
             preemption: Optional[PreemptionHandler] = None) -> dict[str, Any]:
@@ -287,6 +325,8 @@ class Trainer:
             preemption = PreemptionHandler(self.ctx, cfg.preempt.signals).install()
         preemption.step = lambda: self.step
         preempted = preemption.should_stop() and self.step < self.total_steps  # a signal during start-up
+        if self.watch is not None:
+            self.watch.started()  # set-up and restore are done: from here steps get failure.hang_timeout_s
         try:
             while self.step < end and not preempted:
                 self.schedule.set_step(self.step)
@@ -342,7 +382,8 @@ class Trainer:
             "wandb_run_id": self.wandb_run_id, "preempted": preempted,
         }
         self.logger.log_text(f"{'done' if finished else 'stopped'}: step {self.step}/{self.total_steps}, "
-                             f"{steps_run} steps in {format_duration(elapsed)}, final loss {_loss_text(summary['final_loss'])}, "
+                             f"{steps_run} steps in {format_duration(elapsed)}, "
+                             f"final loss {_loss_text(summary['final_loss'])}, "
                              f"skipped {self.skipped_steps}; run folder {self.run_dir}")
         self.logger.finish(summary)
         return summary
@@ -399,7 +440,9 @@ class Trainer:
         path = self.run_dir / "model.pt"
         with self.runner.full_parameters() as module:
             if self.ctx.is_main:
-                name = canonical_backbone(self.cfg.model.backbone)  # the export names the registered backbone, not an alias
-                export_embedding_model(module, name, backbone_options(self.cfg.model, self.cfg.data.image_size), path)
+                # The export names the registered backbone, not an alias.
+                name = canonical_backbone(self.cfg.model.backbone)
+                options = backbone_options(self.cfg.model, self.cfg.data.image_size)
+                export_embedding_model(module, name, options, path)
         self.ctx.barrier()
         return path

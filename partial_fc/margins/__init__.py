@@ -30,7 +30,7 @@ MARGINS: dict[str, type] = {cls.name: cls for cls in (
 def margin_parameters(name: str) -> dict[str, Any]:
     """Hyper-parameters of the margin ``name`` and their defaults."""
     cls = _lookup(name)
-    params = inspect.signature(cls.__init__).parameters
+    params = inspect.signature(cls).parameters  # the class: its __init__ without self
     return {k: p.default for k, p in params.items() if k != "self"}
 
 

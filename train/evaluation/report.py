@@ -12,13 +12,15 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-COUNT_KEYS = frozenset({"num_pairs", "num_templates", "num_faces"})
+COUNT_KEYS = frozenset({"num_pairs", "num_templates", "num_faces",
+                        "num_gallery", "num_mated", "num_nonmated", "num_probes", "num_enrolled"})
 """Result keys that count things: shown and stored as integers."""
 
 
 def is_fraction(key: str) -> bool:
-    """Whether ``key`` is a rate in [0, 1] (shown as a percentage)."""
-    return key in ("accuracy", "accuracy_std", "auc") or key.startswith("tar@")
+    """Whether ``key`` is a rate in [0, 1] (shown as a percentage): accuracy, AUC, TAR, rank-k, TPIR."""
+    return (key in ("accuracy", "accuracy_std", "auc") or key.startswith(("tar@", "tpir@"))
+            or (key.startswith("rank") and key[4:].isdigit()))
 
 
 def format_value(key: str, value: Any) -> str:
@@ -51,6 +53,19 @@ def json_values(values: Mapping[str, Any]) -> dict[str, Any]:
         else:
             out[k] = float(v) if math.isfinite(v) else None
     return out
+
+
+def json_tree(doc: Any) -> Any:
+    """``doc`` (nested dicts, lists, numbers, numpy scalars) with every NaN/inf as None, for :func:`write_json`."""
+    if isinstance(doc, Mapping):
+        return {str(k): json_tree(v) for k, v in doc.items()}
+    if isinstance(doc, (list, tuple)):
+        return [json_tree(v) for v in doc]
+    if hasattr(doc, "tolist") and not isinstance(doc, (str, bytes)):  # numpy scalars and arrays
+        return json_tree(doc.tolist())
+    if isinstance(doc, float):
+        return doc if math.isfinite(doc) else None
+    return doc
 
 
 def write_json(path: str | Path, doc: Any) -> Path:

@@ -17,8 +17,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from .metrics import (accuracy_at, as_scores_and_labels, best_threshold, far_key, roc_auc, roc_curve,
-                      tar_at_far, thin_roc)
+from .metrics import (
+    accuracy_at,
+    as_scores_and_labels,
+    best_threshold,
+    far_key,
+    roc_auc,
+    roc_curve,
+    tar_at_far,
+    thin_roc,
+)
 
 DEFAULT_FARS = (1e-2, 1e-3, 1e-4)
 METRICS = ("cosine", "sql2")
