@@ -169,3 +169,15 @@ def test_blocks_grow_when_ops_run_on_several_threads(monkeypatch):
         torch.set_num_threads(before)
     assert [s.stop - s.start for s in one] == [8] * 16
     assert [s.stop - s.start for s in two] == [64, 64]
+
+
+def test_bf16_truncation_by_halves_equals_masking_and_converting():
+    # Contiguous rows take the upper 16-bit halves; other layouts mask and convert: same bits.
+    torch.manual_seed(4)
+    x = torch.randn(7, 6) * torch.logspace(-30, 30, 6)
+    x[0, 0], x[1, 1], x[2, 2] = float("inf"), float("-inf"), 3.3895e38  # rounds up to inf or stays
+    row, col = rounding_noise(7, 6, torch.Generator().manual_seed(5), x.device)
+    fast = round_to_bf16_(x.clone(), row, col, torch.empty(7, 6, dtype=torch.bfloat16))
+    slow = round_to_bf16_(x.clone(), row, col, torch.empty(6, 7, dtype=torch.bfloat16).t())
+    assert torch.equal(fast.view(torch.int16), slow.contiguous().view(torch.int16))
+    assert fast[0, 0] == float("inf") and fast[1, 1] == float("-inf")
