@@ -160,5 +160,5 @@ def round_to_bf16_(x: torch.Tensor, row: torch.Tensor, col: torch.Tensor, out: t
     return out.copy_(x)
 
 
-__all__ = ["BLOCK_ELEMENTS", "PARALLEL_BLOCK_ELEMENTS", "elements_per_block", "Workspace", "as_words", "blocks", "copy_rows_", "gather_rows", "rounding_noise",
-           "round_to_bf16_"]
+__all__ = ["BLOCK_ELEMENTS", "PARALLEL_BLOCK_ELEMENTS", "elements_per_block", "Workspace", "as_words", "blocks",
+           "copy_rows_", "gather_rows", "rounding_noise", "round_to_bf16_"]
