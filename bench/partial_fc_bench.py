@@ -271,9 +271,9 @@ def main(argv=None) -> None:
                   "momentum in their storage dtype: the traffic any sparse update needs (the bf16 floor moves "
                   "half the bytes, as 4-byte words like the step). Step and floor alternate, so load from other "
                   "work falls on both alike; step/floor is the median of the pairs' ratios. With 2 threads on a "
-                  "loaded 2-core machine every small op waits for a descheduled thread at OpenMP's barrier, "
-                  "which falls on the step's many cache-sized ops far more than on the floor's few large ones; "
-                  "the 1-thread rows measure the work itself.")
+                  "loaded 2-core machine every parallel op waits for a descheduled thread at OpenMP's barrier, "
+                  "which falls on the step's few dozen ops (row blocks grow with the thread count) more than on "
+                  "the floor's seven; the 1-thread rows measure the work itself.")
     print(floor_body)
     if not args.no_write:
         write_section("Partial FC step against its floor", floor_body)

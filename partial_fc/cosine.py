@@ -22,7 +22,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from .rows import BLOCK_ELEMENTS, Workspace
+from .rows import Workspace, elements_per_block
 
 _NORM_EPS = 1e-12
 HALF_DTYPES = (torch.bfloat16, torch.float16)
@@ -91,13 +91,13 @@ class RowCorrection:
 
 
 def row_blocks(shape: tuple) -> list[slice]:
-    """Slices of the rows of an [N, c] tensor, each about ``BLOCK_ELEMENTS`` elements.
+    """Slices of the rows of an [N, c] tensor, each about :func:`partial_fc.rows.elements_per_block`.
 
     Several elementwise steps over one block run while it is in cache, so the [N, c]
     tensor crosses memory once for all of them instead of once per step.
     """
     n, c = shape
-    per = max(1, BLOCK_ELEMENTS // max(1, c))
+    per = max(1, elements_per_block() // max(1, c))
     return [slice(lo, min(n, lo + per)) for lo in range(0, n, per)]
 
 

@@ -22,19 +22,32 @@ product of rounded rows has the same rounding variance as with independent noise
 """
 from __future__ import annotations
 
+import sys
 from typing import Iterator, Optional
 
 import torch
 
-# Elements per block: 512k float32 = 2 MiB per tensor, so a block of weight, state,
-# gradient and noise fits in this machine class's L2 + L3; larger blocks gain nothing and
-# smaller ones pay Python dispatch per op.
+# Elements per block at one thread: 512k float32 = 2 MiB per tensor, so a block of weight,
+# state, gradient and noise fits in this machine class's L2 + L3; larger blocks gain nothing
+# and smaller ones pay Python dispatch per op.
 BLOCK_ELEMENTS = 1 << 19
+# Elements per block when ops run on several threads: every parallel op ends at an OpenMP
+# barrier, which costs a scheduler time slice (milliseconds) whenever one of its threads is
+# descheduled (a machine with more runnable processes than cores).  Hundreds of cache-sized
+# ops then cost far more than the extra DRAM passes of a few large ones; 16M float32 =
+# 64 MiB per tensor: 32k rows of D = 512 per block.
+PARALLEL_BLOCK_ELEMENTS = 1 << 24
+
+
+def elements_per_block() -> int:
+    """Elements per block for the current torch thread count (see the two constants above)."""
+    return BLOCK_ELEMENTS if torch.get_num_threads() <= 1 else max(BLOCK_ELEMENTS, PARALLEL_BLOCK_ELEMENTS)
 
 
 def blocks(num_rows: int, width: int, block_elements: Optional[int] = None) -> Iterator[slice]:
-    """Slices of ``range(num_rows)`` of about ``block_elements`` elements each (whole rows)."""
-    per = max(1, (block_elements or BLOCK_ELEMENTS) // max(1, width))
+    """Slices of ``range(num_rows)`` of about ``block_elements`` elements each (whole rows);
+    None: :func:`elements_per_block`."""
+    per = max(1, (block_elements or elements_per_block()) // max(1, width))
     for lo in range(0, num_rows, per):
         yield slice(lo, min(num_rows, lo + per))
 
@@ -138,9 +151,14 @@ def round_to_bf16_(x: torch.Tensor, row: torch.Tensor, col: torch.Tensor, out: t
     """
     noise = torch.bitwise_xor(row, col, out=noise)
     bits = x.view(torch.int32)
-    bits.add_(noise).bitwise_and_(-65536)  # the upper 16 bits are now the bf16 value, exactly
+    bits.add_(noise)
+    if sys.byteorder == "little" and x.dim() == 2 and x.is_contiguous() and out.is_contiguous():
+        # Truncation is the upper 16-bit half of each word: one strided copy, no mask pass.
+        out.view(torch.int16).copy_(bits.view(torch.int16)[:, 1::2])
+        return out
+    bits.bitwise_and_(-65536)  # the upper 16 bits are now the bf16 value, exactly
     return out.copy_(x)
 
 
-__all__ = ["BLOCK_ELEMENTS", "Workspace", "as_words", "blocks", "copy_rows_", "gather_rows", "rounding_noise",
-           "round_to_bf16_"]
+__all__ = ["BLOCK_ELEMENTS", "PARALLEL_BLOCK_ELEMENTS", "elements_per_block", "Workspace", "as_words", "blocks",
+           "copy_rows_", "gather_rows", "rounding_noise", "round_to_bf16_"]

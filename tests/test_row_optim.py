@@ -38,6 +38,7 @@ def _reference_sparse_update(name, weight, state, index, grad, lr, wd, grad_scal
 @pytest.mark.parametrize("block", [3 * D, 1 << 18])  # several blocks of 3 rows; one block
 def test_blockwise_update_equals_unblocked_update_bit_for_bit(monkeypatch, name, block):
     monkeypatch.setattr(rows_mod, "BLOCK_ELEMENTS", block)
+    monkeypatch.setattr(rows_mod, "PARALLEL_BLOCK_ELEMENTS", block)  # the same blocks at any thread count
     torch.manual_seed(0)
     head = PartialFC(D, C, CosFace(), sample_rate=0.3, seed=3)
     opt = build_head_optimizer(head, name, lr=0.3, weight_decay=0.05)
@@ -152,3 +153,31 @@ def test_bf16_rows_resume_bit_identically_from_the_saved_generators():
     run(resumed, ropt, data[3:])
     assert torch.equal(resumed.weight, head.weight)
     assert all(torch.equal(v, opt.state_rows()[k]) for k, v in ropt.state_rows().items())
+
+
+def test_blocks_grow_when_ops_run_on_several_threads(monkeypatch):
+    # Several threads: few large blocks (each parallel op pays a barrier); one thread: cache-sized.
+    monkeypatch.setattr(rows_mod, "BLOCK_ELEMENTS", 8 * D)
+    monkeypatch.setattr(rows_mod, "PARALLEL_BLOCK_ELEMENTS", 64 * D)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = list(rows_mod.blocks(128, D))
+        torch.set_num_threads(2)
+        two = list(rows_mod.blocks(128, D))
+    finally:
+        torch.set_num_threads(before)
+    assert [s.stop - s.start for s in one] == [8] * 16
+    assert [s.stop - s.start for s in two] == [64, 64]
+
+
+def test_bf16_truncation_by_halves_equals_masking_and_converting():
+    # Contiguous rows take the upper 16-bit halves; other layouts mask and convert: same bits.
+    torch.manual_seed(4)
+    x = torch.randn(7, 6) * torch.logspace(-30, 30, 6)
+    x[0, 0], x[1, 1], x[2, 2] = float("inf"), float("-inf"), 3.3895e38  # rounds up to inf or stays
+    row, col = rounding_noise(7, 6, torch.Generator().manual_seed(5), x.device)
+    fast = round_to_bf16_(x.clone(), row, col, torch.empty(7, 6, dtype=torch.bfloat16))
+    slow = round_to_bf16_(x.clone(), row, col, torch.empty(6, 7, dtype=torch.bfloat16).t())
+    assert torch.equal(fast.view(torch.int16), slow.contiguous().view(torch.int16))
+    assert fast[0, 0] == float("inf") and fast[1, 1] == float("-inf")
