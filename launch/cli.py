@@ -169,7 +169,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 
 
 def _cmd_study(a: argparse.Namespace) -> int:
-    from launch.study import run_loss_study
+    from train.loss_study.study import run_loss_study
     return run_loss_study(a)
 
 

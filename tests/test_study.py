@@ -10,14 +10,14 @@ from PIL import Image
 from data_pipeline.synthetic import SynthConfig
 from data_pipeline.synthetic_dataset import make_synthetic_dataset
 from launch.cli import main as cli_main
-from launch.study_jobs import failure_reason
-from launch.study_losses import default_loss_names, study_losses
 from partial_fc.margins import MARGINS, MarginInput
 from partial_fc.metric_losses import METRIC_LOSSES
 from train.config import ConfigError
 from train.distributed import init_distributed
-from train.evaluation.geometry import geometry_metrics, pair_angles
-from train.evaluation.margin_curves import standard_curves
+from train.loss_study.geometry import geometry_metrics, pair_angles
+from train.loss_study.jobs import failure_reason
+from train.loss_study.losses import default_loss_names, study_losses
+from train.loss_study.margin_curves import standard_curves
 from train.trainer import Trainer
 from train_fixtures import SplitLoader, plain_net, tiny_config
 

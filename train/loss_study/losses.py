@@ -60,7 +60,7 @@ def default_loss_names() -> list[str]:
     """Every margin of ``partial_fc.margins.MARGINS``, then every metric loss."""
     missing = sorted(set(METRIC_LOSSES) - set(_METRIC))
     if missing:
-        raise RuntimeError(f"metric loss(es) {missing} have no study entry in launch/study_losses.py")
+        raise RuntimeError(f"metric loss(es) {missing} have no study entry in train/loss_study/losses.py")
     return list(MARGINS) + list(METRIC_LOSSES)
 
 

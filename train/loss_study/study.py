@@ -2,9 +2,9 @@
 
 Every loss is trained through the normal training path (``python -m train.main``, under
 torchrun with ``--nproc`` processes) with the same steps, batch, learning-rate schedule and
-seed; only the ``loss.*`` settings differ (:mod:`launch.study_losses`).  After each run the
+seed; only the ``loss.*`` settings differ (:mod:`train.loss_study.losses`).  After each run the
 study embeds a labelled set of held-out identities and measures compactness and separation
-(:mod:`train.evaluation.geometry`).  Small 2-D and 3-D runs on a few identities give the
+(:mod:`train.loss_study.geometry`).  Small 2-D and 3-D runs on a few identities give the
 feature pictures.  Each run leaves a done marker, so a killed study continues where it stopped.
 
 Outputs in ``--out``: ``results.md``, ``results.csv``, ``angles.png``, ``geometry_2d.png``,
@@ -28,14 +28,14 @@ import numpy as np
 import torch
 
 from data_pipeline.synthetic import SynthConfig
+from launch.torchrun import LaunchSpec, torchrun_command
 
-from .study_data import ensure_synthetic_dataset, heldout_labelled_set, labelled_images, load_manifest, \
+from .data import ensure_synthetic_dataset, heldout_labelled_set, labelled_images, load_manifest, \
     synthetic_config_of
-from .study_jobs import Job, format_seconds, run_jobs, run_logged
-from .study_losses import StudyLoss, study_losses
-from .torchrun import LaunchSpec, torchrun_command
+from .jobs import Job, format_seconds, run_jobs, run_logged
+from .losses import StudyLoss, study_losses
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 GEOMETRY_DIMS = (2, 3)
 
 
@@ -209,7 +209,7 @@ class LossStudy:
             record["verification_set"] = name
             record.update(summary["eval"][name])
         if self.heldout is not None:
-            from train.evaluation.geometry import embed_labelled, geometry_metrics, unit_rows
+            from .geometry import embed_labelled, geometry_metrics, unit_rows
             images, labels = self.heldout
             emb = embed_labelled(_load_model(run_dir), images, batch_size=256)
             np.save(run_dir / "heldout_embeddings.npy", unit_rows(emb).astype(np.float32))
@@ -236,7 +236,7 @@ class LossStudy:
             _schedule(self.s, self.s.geometry_steps) + list(loss.overrides)
 
     def _run_geometry(self, loss: StudyLoss, dim: int, run_dir: Path) -> dict[str, Any]:
-        from train.evaluation.geometry import embed_labelled, geometry_metrics, unit_rows
+        from .geometry import embed_labelled, geometry_metrics, unit_rows
         _fresh(run_dir)
         _train_in_process(self._geometry_overrides(loss, dim, run_dir), run_dir / "train.log")
         assert self.geometry_set is not None
@@ -265,7 +265,7 @@ class LossStudy:
     # ------------------------------------------------------------------ outputs
     def write_table(self, records: dict[str, dict[str, Any]]) -> None:
         """results.md and results.csv from the finished main runs."""
-        from .study_report import write_results
+        from .report import write_results
         s = self.s
         header = (f"Same backbone (iresnet_tiny, 128-D), data ({self.manifest.num_classes} identities, "
                   f"{self.manifest.num_samples} images, {self.manifest.image_size[0]} px) and budget "
@@ -275,10 +275,10 @@ class LossStudy:
 
     def write_figures(self, records: dict[str, dict[str, Any]], geometry: dict[str, dict[str, Any]]) -> list[Path]:
         """angles.png, geometry_2d.png, geometry_3d.png and margin_curves.png (from what has finished)."""
-        from train.evaluation.geometry import pair_angles
-        from train.evaluation.margin_curves import standard_curves
+        from .geometry import pair_angles
+        from .margin_curves import standard_curves
 
-        from .study_plots import plot_angle_histograms, plot_geometry, plot_margin_curves
+        from .plots import plot_angle_histograms, plot_geometry, plot_margin_curves
         written = [plot_margin_curves(standard_curves(), self.out / "margin_curves.png")]
         if self.heldout is not None:
             labels = self.heldout[1]

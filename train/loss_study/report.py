@@ -9,7 +9,7 @@ from typing import Any, Optional, Sequence
 
 from data_pipeline.manifest import atomic_write_bytes
 
-from .study_losses import StudyLoss
+from .losses import StudyLoss
 
 CSV_COLUMNS = ("loss", "trained_as", "verification_set", "accuracy", "accuracy_std", "tar_at_far_1e-3", "auc",
                "intra_angle_deg", "inter_angle_deg", "inter_over_intra", "train_s", "job_s", "final_loss",

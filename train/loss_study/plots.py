@@ -1,7 +1,7 @@
 """Figures of the loss study: feature geometry (circle, sphere), pair-angle histograms, margin curves.
 
-Plotting only: the numbers come from :mod:`train.evaluation.geometry` and
-:mod:`train.evaluation.margin_curves`.  matplotlib is imported lazily with the Agg backend.
+Plotting only: the numbers come from :mod:`train.loss_study.geometry` and
+:mod:`train.loss_study.margin_curves`.  matplotlib is imported lazily with the Agg backend.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from train.evaluation.geometry import class_centres, geometry_metrics
-from train.evaluation.margin_curves import MarginCurve
+from .geometry import class_centres, geometry_metrics
+from .margin_curves import MarginCurve
 
 DPI = 90
 ELEV, AZIM = 20.0, 35.0

@@ -127,7 +127,7 @@ def embed_labelled(model: nn.Module, images: torch.Tensor, batch_size: int = 256
                    device: str | torch.device = "cpu",
                    progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
     """[N, D] embeddings of ``images``: image + flipped image, as in the verification protocol."""
-    from .verification import embed_pairs  # one embedding routine for pairs and labelled sets
+    from train.evaluation.verification import embed_pairs  # one embedding routine for pairs and labelled sets
 
     plain, flipped = embed_pairs(model, image_batches(images, batch_size), device, progress=progress)
     return plain + flipped
