@@ -168,7 +168,7 @@ def study(tmp_path_factory):
                       image_size=32, seed=3)
     make_synthetic_dataset(cfg, root / "data", samples_per_shard=24, progress=False)
     args = ["study", "losses", "--out", str(root / "out"), "--data", str(root / "data"), "--losses", *STUDY_LOSSES,
-            "--steps", "2", "--geometry-steps", "2", "--batch-size", "8", "--parallel", "2"]
+            "--steps", "2", "--seeds", "2", "--nproc", "1", "--geometry-steps", "2", "--batch-size", "8", "--parallel", "2"]
     assert cli_main(args) == 0
     return root / "out", args
 
@@ -178,39 +178,50 @@ def test_study_writes_the_table_and_figures(study):
     out, _ = study
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["loss"] for r in rows] == STUDY_LOSSES
+    assert [(r["loss"], r["seed"]) for r in rows] == [(n, s) for s in ("0", "1") for n in STUDY_LOSSES]
     labels = np.load(out / "heldout_labelled.npz")["labels"]
     for r in rows:
         assert 0.0 <= float(r["accuracy"]) <= 1.0 and float(r["train_s"]) > 0
         assert r["verification_set"] == "synthetic_heldout" and int(float(r["steps"])) == 2
         # The table's angles are those of the saved held-out embeddings.
-        m = geometry_metrics(np.load(out / "runs" / r["loss"] / "heldout_embeddings.npy"), labels)
+        m = geometry_metrics(np.load(out / "runs" / r["loss"] / f"seed{r['seed']}" / "heldout_embeddings.npy"), labels)
         assert float(r["intra_angle_deg"]) == pytest.approx(m["intra_angle"], abs=1e-3)
         assert float(r["inter_angle_deg"]) == pytest.approx(m["inter_angle"], abs=1e-3)
+    # The summary is the mean and sample std of the per-seed rows.
+    with open(out / "results_summary.csv") as f:
+        summary = {r["loss"]: r for r in csv.DictReader(f)}
+    for name in STUDY_LOSSES:
+        acc = np.array([float(r["accuracy"]) for r in rows if r["loss"] == name])
+        assert int(summary[name]["seeds"]) == 2
+        assert float(summary[name]["accuracy"]) == pytest.approx(acc.mean())
+        assert float(summary[name]["accuracy_seed_std"]) == pytest.approx(acc.std(ddof=1))
     table = (out / "results.md").read_text()
     assert [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")][1:] == STUDY_LOSSES
+    assert table.count(" ± ") >= 3 * len(STUDY_LOSSES)
     for name in FIGURES:
         with Image.open(out / name) as img:
             img.load()
             assert img.width > 300 and img.height > 200, name
-    assert (out / "runs" / "triplet" / "train.log").read_text().count("acc nan") >= 1  # no classifier trained
+    assert (out / "runs" / "triplet" / "seed0" / "train.log").read_text().count("acc nan") >= 1  # no classifier
+    geo = (out / "geometry" / "2d" / "arcface" / "train.log").read_text()
+    assert "training accuracy (nearest class centre)" in geo and '"s": 16' in geo  # the toy's own scale
 
 
 @pytest.mark.slow
 def test_study_resumes_with_the_losses_not_done(study, capsys):
     out, args = study
-    redo = out / "runs" / "center"
-    kept = {n: (out / "runs" / n / "done.json").stat().st_mtime_ns for n in ("arcface", "triplet")}
+    redo = out / "runs" / "center" / "seed1"
+    kept = {n: (out / "runs" / n / "seed1" / "done.json").stat().st_mtime_ns for n in ("arcface", "triplet")}
     # As if the study had been killed while training "center": no marker, a half-written run folder.
     (redo / "done.json").unlink()
     (redo / "leftover.txt").write_text("partial")
     capsys.readouterr()
     assert cli_main(args) == 0
     lines = capsys.readouterr().out
-    assert "arcface: done earlier, skipped" in lines and "triplet: done earlier, skipped" in lines
-    assert "center: done earlier" not in lines and "] center: accuracy" in lines
+    assert "arcface seed 1: done earlier, skipped" in lines and "center seed 0: done earlier, skipped" in lines
+    assert "center seed 1: done earlier" not in lines and "] center seed 1: accuracy" in lines
     assert lines.count("(2-D): done earlier, skipped") == 3
-    assert {n: (out / "runs" / n / "done.json").stat().st_mtime_ns for n in kept} == kept
+    assert {n: (out / "runs" / n / "seed1" / "done.json").stat().st_mtime_ns for n in kept} == kept
     assert (redo / "done.json").is_file() and not (redo / "leftover.txt").exists()
     # Other settings in the same folder are refused before anything is trained.
     other = list(args)

@@ -54,6 +54,19 @@ def class_centres(unit: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.
     return classes, unit_rows(sums)
 
 
+def centre_accuracy(embeddings: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of samples whose nearest class centre (by angle) is their own class's.
+
+    A training accuracy that every loss has, with or without a classifier (metric losses
+    train none), read from the features alone.
+    """
+    unit = unit_rows(embeddings)
+    labels = _check_labels(unit, labels)
+    classes, centres = class_centres(unit, labels)
+    nearest = classes[np.argmax(unit @ centres.T, axis=1)]
+    return float(np.mean(nearest == labels))
+
+
 def intra_class_angles(unit: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """[N] angle of each sample to its own class centre."""
     classes, centres = class_centres(unit, labels)
