@@ -10,13 +10,15 @@ from PIL import Image
 from data_pipeline.synthetic import SynthConfig
 from data_pipeline.synthetic_dataset import make_synthetic_dataset
 from launch.cli import main as cli_main
-from partial_fc.margins import MARGINS, MarginInput
+from partial_fc.margins import MARGINS, MarginInput, build_margin
 from partial_fc.metric_losses import METRIC_LOSSES
 from train.config import ConfigError
 from train.distributed import init_distributed
-from train.loss_study.geometry import geometry_metrics, pair_angles
+from train.loss_study.geometry import centre_accuracy, geometry_metrics, pair_angles
 from train.loss_study.jobs import failure_reason
-from train.loss_study.losses import default_loss_names, study_losses
+from train.loss_study.losses import TOY_SCALE, default_loss_names, study_losses, toy_overrides, toy_room_deg
+from train.loss_study.report import indistinguishable_from_best, ranking_note, seed_summary
+from train.loss_study.study import plateaued
 from train.loss_study.margin_curves import standard_curves
 from train.trainer import Trainer
 from train_fixtures import SplitLoader, plain_net, tiny_config
@@ -151,6 +153,56 @@ def test_default_study_covers_every_margin_and_metric_loss():
         study_losses(["arcfce"])
     with pytest.raises(ValueError, match="more than once"):
         study_losses(["arcface", "arcface"])
+
+
+def test_centre_accuracy_counts_samples_nearest_their_own_centre():
+    # Class 0 around 0°, class 1 around 90°; the sample at 60° is nearer class 1's centre.
+    emb = _on_circle([-10, 10, 60, 80, 100, 120])
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    centres = np.stack([unit[labels == c].mean(0) for c in (0, 1)])
+    own = np.array([unit[i] @ centres[labels[i]] >= unit[i] @ centres[1 - labels[i]] for i in range(6)])
+    assert centre_accuracy(emb * 3.0, labels) == pytest.approx(own.mean())
+    assert centre_accuracy(emb, labels) < 1.0
+
+
+def test_toy_margins_fit_the_circle_and_sphere():
+    assert toy_room_deg(2, 8) == pytest.approx(45.0) and toy_room_deg(128, 8) == 90.0
+    assert 70.0 < toy_room_deg(3, 8) < 85.0  # near the 74.9° of the best 8-point arrangement
+    import json
+    for name in ("cosface", "arcface", "combined", "magface"):
+        loss = study_losses([name])[0]
+        (item,) = toy_overrides(loss, 2, 8)
+        options = json.loads(item.split("=", 1)[1])
+        assert options["s"] == TOY_SCALE
+        paper = build_margin(name).describe()
+        for key, value in options.items():
+            if key != "s":
+                assert value == pytest.approx(paper[key] * 0.5, abs=1e-4)  # 45° of 90° room
+    # CosFace's paper margin could never rank the target first against a neighbour 45° away; the toy's can.
+    cos_m = json.loads(toy_overrides(study_losses(["cosface"])[0], 2, 8)[0].split("=", 1)[1])["m"]
+    assert build_margin("cosface").describe()["m"] > 1 - math.cos(math.radians(45)) > cos_m
+    assert toy_overrides(study_losses(["triplet"])[0], 2, 8) == () == toy_overrides(study_losses(["softmax"])[0], 2, 8)
+
+
+def test_plateau_rule():
+    assert not plateaued([0.2, 0.4, 0.6], patience=2, gain=0.005)
+    assert plateaued([0.2, 0.8, 0.801, 0.803], patience=2, gain=0.005)
+    assert not plateaued([0.2, 0.8, 0.801, 0.81], patience=2, gain=0.005)
+    assert plateaued([0.5, 1.0], patience=4, gain=0.005)  # nothing left to learn
+
+
+def test_seed_summary_and_overlapping_intervals():
+    recs = [{"accuracy": a, "intra_angle": i, "verification_set": "v"} for a, i in ((0.90, 30.0), (0.94, 34.0))]
+    out = seed_summary(recs)
+    assert out["seeds"] == 2 and out["accuracy"] == pytest.approx(0.92)
+    assert out["accuracy_seed_std"] == pytest.approx(np.std([0.90, 0.94], ddof=1))
+    assert out["intra_angle_deg_seed_std"] == pytest.approx(np.std([30.0, 34.0], ddof=1))
+    assert seed_summary(recs[:1])["accuracy_seed_std"] is None
+    summary = {"a": {"accuracy": 0.95, "accuracy_seed_std": 0.01}, "b": {"accuracy": 0.935, "accuracy_seed_std": 0.01},
+               "c": {"accuracy": 0.90, "accuracy_seed_std": 0.01}, "d": {"accuracy": None}}
+    assert indistinguishable_from_best(summary) == ["a", "b"]
+    assert "indistinguishable from it" in ranking_note(summary) and "b" in ranking_note(summary)
 
 
 def test_failure_reason_skips_the_launcher_report():
