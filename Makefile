@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.shardface-installed
 
-.PHONY: demo test bench bench-gpu install clean
+.PHONY: demo test lint bench bench-gpu install clean
 
 install: $(STAMP)
 
@@ -21,8 +21,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/shardface demo
 
-test: $(STAMP)
+# Lint (ruff: style, bugs, import order) and types (mypy), then the tests; see docs/architecture.md.
+test: lint
 	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 bench: $(STAMP)
 	$(PY) bench/partial_fc_bench.py

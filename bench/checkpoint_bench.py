@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.results import RESULTS, machine_description, markdown_table, write_section  # noqa: E402
+from bench.results import machine_description, markdown_table, results_path, write_section  # noqa: E402
 from partial_fc import PartialFC, build_head_optimizer  # noqa: E402
 from partial_fc.margins import ArcFace  # noqa: E402
 from train.checkpoint import CheckpointManager  # noqa: E402
@@ -122,7 +122,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--saves", type=int, default=3, help="saves per mode (median)")
     p.add_argument("--work-steps", type=int, default=20, help="matrix products of the no-write baseline")
-    p.add_argument("--output", type=Path, default=RESULTS, help="RESULTS.md to write the section into")
+    p.add_argument("--output", type=Path, default=results_path(), help="RESULTS.md to write the section into")
     p.add_argument("--no-write", action="store_true", help="print only")
     args = p.parse_args(argv)
     load = os.getloadavg()[0]

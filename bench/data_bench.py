@@ -43,7 +43,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.results import machine_description, markdown_table, write_section  # noqa: E402
+from bench.results import machine_description, markdown_table, results_path, write_section  # noqa: E402
 from data_pipeline.loaders import build_loader  # noqa: E402
 from data_pipeline.manifest import Manifest  # noqa: E402
 from data_pipeline.shards import write_shards  # noqa: E402
@@ -307,7 +307,7 @@ def main() -> None:
             "the warm-up epoch). The HTTP and S3 rows stream the same shards from loopback servers "
             "(their own CPU time not counted). Written by `bench/data_bench.py`.")
     write_section("Data loaders", note + "\n\n" + table)
-    print("\nwrote the 'Data loaders' section of bench/RESULTS.md")
+    print(f"\nwrote the 'Data loaders' section of {results_path()}")
 
 
 if __name__ == "__main__":

@@ -38,11 +38,29 @@ from typing import Callable, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.gpu_parts import (DRY_SIZES, GPU_SIZES, PEAK_BF16_TFLOPS, Run, backbone_macs,  # noqa: E402
-                             backbone_step, build_backbone_and_optimizer, build_classifier, classifier_flops,
-                             classifier_step, count_syncs, error_text, free_memory, full_step,
-                             head_takes_compute_dtype, images_and_labels, is_oom, mfu, rows_per_step, time_ms)
-from bench.gpu_parts import head_context  # noqa: E402,F401 - part of what the script offers
+from bench.gpu_parts import (  # noqa: E402
+    DRY_SIZES,
+    GPU_SIZES,
+    PEAK_BF16_TFLOPS,
+    Run,
+    backbone_macs,
+    backbone_step,
+    build_backbone_and_optimizer,
+    build_classifier,
+    classifier_flops,
+    classifier_step,
+    count_syncs,
+    error_text,
+    free_memory,
+    full_step,
+    head_context,  # noqa: E402,F401 - part of what the script offers
+    head_takes_compute_dtype,
+    images_and_labels,
+    is_oom,
+    mfu,
+    rows_per_step,
+    time_ms,
+)
 from bench.results import RESULTS, markdown_table, write_section  # noqa: E402
 from partial_fc import PartialFC  # noqa: E402
 
@@ -60,7 +78,8 @@ def section_setup(run: Run) -> str:
             else "torch.autocast(bfloat16) around the classifier")
     peak = f"{run.peak_tflops:g} TFLOP/s dense bf16 (data-sheet figure, stated, not measured)" \
         if run.peak_tflops else "unknown for this device: MFU not given (pass --peak-tflops)"
-    rows = [["device", name], ["torch", torch.__version__ + (f", CUDA {torch.version.cuda}" if torch.version.cuda else "")],
+    cuda = f", CUDA {torch.version.cuda}" if torch.version.cuda else ""
+    rows = [["device", name], ["torch", torch.__version__ + cuda],
             ["backbone", f"{s.backbone} {s.image_size}x{s.image_size}, D = {s.embedding}, "
                          f"{prof.flops / 1e9:.3f} GMAC/image forward, {prof.params / 1e6:.1f}M parameters"],
             ["training FLOPs/image", f"6 x MACs = {6 * prof.flops / 1e9:.2f} GFLOP (+ classifier GEMMs)"],

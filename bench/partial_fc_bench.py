@@ -8,7 +8,8 @@ machine) so that the peak resident memory of a rank belongs to that configuratio
 The floor is the traffic and arithmetic any sparse step needs: the step's three matrix
 products (logits, grad of features, grad of the weight rows) into preallocated outputs,
 plus one gather and one scatter of the sampled rows of the weight and of the momentum in
-their storage dtype.  Step and floor are timed in alternation, so load from other work on
+their storage dtype (bfloat16 rows moved as 4-byte words, as the step moves them).  Step and
+floor are timed in alternation, so load from other work on
 the machine falls on both alike.  Columns:
 
 - ``step ms``: median wall time of one step per rank;
@@ -37,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.results import machine_description, markdown_table, write_section  # noqa: E402
 from partial_fc import PartialFC, build_head_optimizer  # noqa: E402
 from partial_fc.margins import ArcFace  # noqa: E402
+from partial_fc.rows import as_words  # noqa: E402
 
 
 def _peak_rss_mib() -> float:
@@ -95,6 +97,8 @@ def _floor(args, columns: int, weight: torch.Tensor, momentum: torch.Tensor):
     gen = torch.Generator().manual_seed(1)
     w_rows = torch.empty(columns, weight.shape[1], dtype=weight.dtype)
     m_rows = torch.empty(columns, momentum.shape[1], dtype=momentum.dtype)
+    # bfloat16 rows move as int32 words, the fastest index kernels (as the step moves them).
+    weight, momentum, w_rows, m_rows = (as_words(t) for t in (weight, momentum, w_rows, m_rows))
 
     def step():
         # Index drawing is not part of the floor; the rows are written back unchanged.
@@ -111,8 +115,9 @@ def _floor(args, columns: int, weight: torch.Tensor, momentum: torch.Tensor):
     return step
 
 
-def _time_pair(step, floor, repeats: int) -> tuple[float, float]:
-    """Median ms of ``step`` and of ``floor`` (which times itself), run in alternation."""
+def _time_pair(step, floor, repeats: int) -> tuple[float, float, float]:
+    """Median ms of ``step`` and of ``floor`` (which times itself), run in alternation, and the
+    median of the pairs' ratios (robust to load that changes between pairs)."""
     steps, floors = [], []
     for _ in range(repeats):
         dist.barrier()
@@ -121,19 +126,21 @@ def _time_pair(step, floor, repeats: int) -> tuple[float, float]:
         steps.append(time.perf_counter() - t0)
         dist.barrier()
         floors.append(floor())
-    return statistics.median(steps) * 1e3, statistics.median(floors) * 1e3
+    ratio = statistics.median(s / f for s, f in zip(steps, floors))
+    return statistics.median(steps) * 1e3, statistics.median(floors) * 1e3, ratio
 
 
 def _worker(rank, args, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.world_size))
+    threads = getattr(args, "threads", None) or max(1, (os.cpu_count() or 1) // args.world_size)
+    torch.set_num_threads(threads)
     dist.init_process_group("gloo", rank=rank, world_size=args.world_size)
     torch.manual_seed(rank)
     base = _peak_rss_mib()
     if args.layout == "replicated":
         step, rows, columns = _replicated_step(args, rank)
         step()  # warm-up: allocates optimiser state
-        ms, floor_ms = _time(step, args.steps), float("nan")
+        ms, floor_ms, ratio = _time(step, args.steps), float("nan"), float("nan")
         peak = _peak_rss_mib() - base
     else:
         step, head, opt = _partial_fc_step(args, rank)
@@ -142,8 +149,8 @@ def _worker(rank, args, out):
         step()
         peak = _peak_rss_mib() - base
         momentum = opt.state_rows()["weight.momentum_buffer"]
-        ms, floor_ms = _time_pair(step, _floor(args, columns, head.weight.detach(), momentum), args.steps)
-    out.put((rank, ms, floor_ms, peak, rows))
+        ms, floor_ms, ratio = _time_pair(step, _floor(args, columns, head.weight.detach(), momentum), args.steps)
+    out.put((rank, ms, floor_ms, peak, rows, ratio))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -172,7 +179,8 @@ def run_config(args) -> dict:
     floor_ms = max(r[2] for r in results)
     peak = max(r[3] for r in results)
     rows = results[0][4]
-    return dict(ms=ms, floor=floor_ms, peak=peak, bytes_per_class=peak * 2 ** 20 / rows)
+    ratio = max(r[5] for r in results)
+    return dict(ms=ms, floor=floor_ms, ratio=ratio, peak=peak, bytes_per_class=peak * 2 ** 20 / rows)
 
 
 def _mem_available_gib() -> float:
@@ -184,20 +192,23 @@ def _mem_available_gib() -> float:
 
 
 def _floor_table(args) -> tuple[str, list]:
-    """One rank's step against its floor, float32 and bfloat16 storage."""
+    """One rank's step against its floor, float32 and bfloat16 storage, per thread count."""
     rows = []
-    for bf16 in (False, True):
-        cfg = argparse.Namespace(**{**vars(args), "classes": args.floor_classes, "rate": args.floor_rate,
-                                    "layout": "partial_fc", "bf16": bf16, "world_size": 1,
-                                    "batch": args.floor_batch, "steps": args.floor_steps})
-        label = "bf16" if bf16 else "fp32"
-        print(f"running floor comparison C={args.floor_classes:,} r={args.floor_rate} {label} ...", flush=True)
-        r = run_config(cfg)
-        if "failed" in r:
-            rows.append([label, r["failed"], "", ""])
-            continue
-        rows.append([label, f"{r['ms']:.1f}", f"{r['floor']:.1f}", f"{r['ms'] / r['floor']:.2f}×"])
-    return markdown_table(["row storage", "step ms", "floor ms", "step/floor"], rows), rows
+    for threads in args.floor_threads:
+        for bf16 in (False, True):
+            cfg = argparse.Namespace(**{**vars(args), "classes": args.floor_classes, "rate": args.floor_rate,
+                                        "layout": "partial_fc", "bf16": bf16, "world_size": 1,
+                                        "batch": args.floor_batch, "steps": args.floor_steps,
+                                        "threads": threads})
+            label = "bf16" if bf16 else "fp32"
+            print(f"running floor comparison C={args.floor_classes:,} r={args.floor_rate} {label} "
+                  f"{threads} thread(s) ...", flush=True)
+            r = run_config(cfg)
+            if "failed" in r:
+                rows.append([threads, label, r["failed"], "", ""])
+                continue
+            rows.append([threads, label, f"{r['ms']:.1f}", f"{r['floor']:.1f}", f"{r['ratio']:.2f}×"])
+    return markdown_table(["threads", "row storage", "step ms", "floor ms", "step/floor"], rows), rows
 
 
 def main(argv=None) -> None:
@@ -213,6 +224,8 @@ def main(argv=None) -> None:
     p.add_argument("--floor-rate", type=float, default=0.1)
     p.add_argument("--floor-batch", type=int, default=128, help="global batch of the floor table")
     p.add_argument("--floor-steps", type=int, default=9, help="alternated step/floor pairs timed")
+    p.add_argument("--floor-threads", type=int, nargs="+", default=[1, os.cpu_count() or 1],
+                   help="torch threads of the one-rank floor table (each count is one pair of rows)")
     p.add_argument("--skip-scale", action="store_true",
                    help="only the floor table (its own section of RESULTS.md)")
     p.add_argument("--no-write", action="store_true", help="print only, do not touch RESULTS.md")
@@ -241,7 +254,7 @@ def main(argv=None) -> None:
             if "failed" in r:
                 rows.append([f"{classes:,}", label, rate, r["failed"], "", "", "", ""])
                 continue
-            ratio = r["ms"] / r["floor"] if r["floor"] == r["floor"] else float("nan")
+            ratio = r["ratio"]
             rows.append([f"{classes:,}", label, rate, f"{r['ms']:.1f}",
                          "" if r["floor"] != r["floor"] else f"{r['floor']:.1f}",
                          "" if ratio != ratio else f"{ratio:.2f}×", f"{r['peak']:.0f}",
@@ -256,7 +269,11 @@ def main(argv=None) -> None:
                   "The floor is the step's three matrix products (logits, grad of features, grad of the rows) "
                   "into preallocated outputs plus one gather and one scatter of the sampled rows of weight and "
                   "momentum in their storage dtype: the traffic any sparse update needs (the bf16 floor moves "
-                  "half the bytes). Step and floor alternate, so load from other work falls on both alike.")
+                  "half the bytes, as 4-byte words like the step). Step and floor alternate, so load from other "
+                  "work falls on both alike; step/floor is the median of the pairs' ratios. With 2 threads on a "
+                  "loaded 2-core machine every small op waits for a descheduled thread at OpenMP's barrier, "
+                  "which falls on the step's many cache-sized ops far more than on the floor's few large ones; "
+                  "the 1-thread rows measure the work itself.")
     print(floor_body)
     if not args.no_write:
         write_section("Partial FC step against its floor", floor_body)

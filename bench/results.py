@@ -5,6 +5,7 @@ import os
 import platform
 import re
 from pathlib import Path
+from typing import Optional
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 HEADER = "# Benchmark results\n\nEach section is written by the script named in it; re-run the script to refresh it.\n"
@@ -22,8 +23,16 @@ def machine_description() -> str:
     return f"{os.cpu_count()}-core {platform.machine()} CPU, no GPU, torch {torch_version}"
 
 
-def write_section(title: str, body: str, path: Path = RESULTS) -> None:
-    """Replace (or append) the ``## title`` section of RESULTS.md with ``body``."""
+def results_path() -> Path:
+    """Where sections go: ``SHARDFACE_BENCH_RESULTS`` (set by ``shardface bench --results``), else bench/RESULTS.md."""
+    chosen = os.environ.get("SHARDFACE_BENCH_RESULTS")
+    return Path(chosen) if chosen else RESULTS
+
+
+def write_section(title: str, body: str, path: Optional[Path] = None) -> None:
+    """Replace (or append) the ``## title`` section of the results file (:func:`results_path`) with ``body``."""
+    path = Path(path) if path is not None else results_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
     text = path.read_text() if path.exists() else HEADER
     section = f"## {title}\n\n{body.strip()}\n"
     pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)

@@ -218,11 +218,11 @@ class SampleTransform:
 
         out = image
         if fire["crop"]:
-            out = np.asarray(Image.fromarray(out).resize((w, h), Image.BILINEAR, box=box))
+            out = np.asarray(Image.fromarray(out).resize((w, h), Image.Resampling.BILINEAR, box=box))
         if fire["lowres"]:
             s = max(1, round(side * h)), max(1, round(side * w))
-            small = Image.fromarray(out).resize((s[1], s[0]), Image.BILINEAR)
-            out = np.asarray(small.resize((w, h), Image.BILINEAR))
+            small = Image.fromarray(out).resize((s[1], s[0]), Image.Resampling.BILINEAR)
+            out = np.asarray(small.resize((w, h), Image.Resampling.BILINEAR))
         if fire["blur"]:
             out = gaussian_blur(out, sigma)
         if fire["color"] or fire["gray"]:

@@ -6,7 +6,8 @@ web URL (``s3://``, ``gs://``, ``http(s)://`` and anything else fsspec knows) or
 gcsfs), configured as their users configure them (``FSSPEC_S3``, ``AWS_ENDPOINT_URL`` and
 ``AWS_*`` credentials, ...), plus :class:`RemoteOptions.storage_options` per protocol.
 
-(Writing to object stores is in :mod:`data_pipeline.remote_writes`.) A connection that fails mid-stream is opened again at the byte after the last one handed on
+(Writing to object stores is in :mod:`data_pipeline.remote_writes`.) A connection that fails
+mid-stream is opened again at the byte after the last one handed on
 (``Range: bytes=pos-`` over HTTP; a seek for object stores; a server or command that can only
 start over is read from the start and the first ``pos`` bytes dropped), so a reader sees every
 byte exactly once. After ``retries`` failed attempts in a row the stream raises
@@ -211,6 +212,23 @@ def _open_at(url: str, pos: int, options: RemoteOptions) -> tuple[Any, int, bool
     return f, 0, True
 
 
+def _received_before(f: Any) -> bytes:
+    """The bytes an HTTP connection had received before it failed, or ``b""``.
+
+    aiohttp, under fsspec's streamed HTTP file, raises a broken connection's error (e.g.
+    ``ContentLengthError``) on the next read even when body bytes that arrived before the break
+    are still in its buffer; whether a read sees those bytes first is a race with the close.
+    """
+    content = getattr(getattr(f, "r", None), "content", None)
+    take = getattr(content, "_read_nowait", None)
+    if content is None or take is None or getattr(content, "exception", lambda: None)() is None:
+        return b""
+    try:
+        return bytes(take(-1))
+    except Exception:  # noqa: BLE001 - a client that keeps its buffer otherwise: nothing saved
+        return b""
+
+
 DEAD_FOR_S = 60.0
 """After a URL failed every retry, later opens in the same process try it once, for this long."""
 
@@ -230,6 +248,7 @@ class ResumingReader(io.RawIOBase):
         self.retried = 0  # reconnections after a failure, over the stream's life
         self._file: Any = None
         self._cheap_seek = False
+        self._pending = b""  # bytes received before a connection broke, not yet handed on
         dead = time.monotonic() - _dead_since.get(url, -DEAD_FOR_S) < DEAD_FOR_S
         # Open now: an unreachable URL is reported at open (a recently dead one after one try).
         self._retrying(lambda: None, retries=0 if dead else None)
@@ -263,7 +282,7 @@ class ResumingReader(io.RawIOBase):
         failures = 0
         while True:
             try:
-                if self._file is None:
+                if self._file is None and not self._pending:
                     self._connect()
                 return action()
             except RemoteSetupError:
@@ -298,9 +317,29 @@ class ResumingReader(io.RawIOBase):
     def tell(self) -> int:
         return self.pos
 
+    def _read(self, n: int) -> bytes:
+        if self._pending:  # bytes saved from a broken connection come first
+            data, self._pending = self._pending[:n], self._pending[n:]
+            return data
+        try:
+            return self._file.read(n)
+        except Exception as e:  # noqa: BLE001 - the same network errors as in _retrying
+            data = _received_before(self._file)
+            if not data:
+                raise
+            # The bytes that arrived before the cut are handed on; the next read reconnects
+            # after them. Without this a server that cuts every answer at the same byte could
+            # never be read past it, and the samples before the cut would be lost too.
+            log.warning("reading %s failed at byte %d (%s) after %d more bytes had arrived; "
+                        "reconnecting after them", self.url, self.pos, describe_error(e), len(data))
+            self._drop()
+            self.retried += 1
+            data, self._pending = data[:n], data[n:]
+            return data
+
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
-        data = self._retrying(lambda: self._file.read(len(view)))
+        data = self._retrying(lambda: self._read(len(view)))
         n = len(data)
         view[:n] = data
         self.pos += n
@@ -326,6 +365,7 @@ class ResumingReader(io.RawIOBase):
                 pass
         if target < self.pos or target - self.pos > REOPEN_SKIP or self._file is None:
             self._drop()
+            self._pending = b""
             self.pos = target  # the next read connects there (or drops up to there)
             return self.pos
         while self.pos < target:  # a short skip: read past it on the open connection
@@ -344,7 +384,7 @@ def open_stream(location: str | os.PathLike, options: RemoteOptions | None = Non
     if not is_url(location):
         return open(local_path(location), "rb")
     raw = ResumingReader(os.fspath(location), options or DEFAULT_OPTIONS)
-    return io.BufferedReader(raw, buffer_size=READ_BUFFER)  # type: ignore[return-value]
+    return io.BufferedReader(raw, buffer_size=READ_BUFFER)
 
 
 def open_shard(shard: Any) -> BinaryIO:

@@ -22,8 +22,19 @@ from pathlib import Path
 from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
-from .bad_data import (BAD_LABEL, CORRUPT_JPEG, MISSING_CLS, MISSING_JPG, MISSING_SHARD,
-                       TRUNCATED_SHARD, WRONG_SIZE, BadSample, decode_jpeg, parse_label)
+from .bad_data import (
+    BAD_LABEL,
+    CORRUPT_JPEG,
+    MISSING_CLS,
+    MISSING_JPG,
+    MISSING_SHARD,
+    TRUNCATED_SHARD,
+    WRONG_SIZE,
+    BadSample,
+    decode_jpeg,
+    parse_label,
+    pil_message,
+)
 from .manifest import atomic_write_bytes
 from .progress import Progress
 from .tar_reader import ShardRef
@@ -50,10 +61,10 @@ def cache_dir() -> Path:
 
 def index_location(shard: ShardRef) -> Path:
     """Where the shard's index file is (beside the shard, or in the cache when that is read-only)."""
-    here = shard.path.with_name(shard.path.name.rsplit(".tar", 1)[0] + ".dali.idx")
-    if os.access(shard.path.parent, os.W_OK):
+    here = Path(shard.path).with_name(Path(shard.path).name.rsplit(".tar", 1)[0] + ".dali.idx")
+    if os.access(Path(shard.path).parent, os.W_OK):
         return here
-    tag = hashlib.sha256(str(shard.path.resolve()).encode()).hexdigest()[:16]
+    tag = hashlib.sha256(str(Path(shard.path).resolve()).encode()).hexdigest()[:16]
     return cache_dir() / tag / here.name
 
 
@@ -68,7 +79,7 @@ def check_header(data: bytes, image_size: tuple[int, int]) -> tuple[str, str] | 
         with Image.open(io.BytesIO(data)) as im:
             fmt, size = im.format, im.size
     except Exception as e:  # PIL raises several types on damaged headers
-        return CORRUPT_JPEG, f"unreadable JPEG header ({type(e).__name__}: {e})"
+        return CORRUPT_JPEG, f"unreadable JPEG header ({type(e).__name__}: {pil_message(e)})"
     if fmt != "JPEG":
         return CORRUPT_JPEG, f"not a JPEG (PIL reads it as {fmt})"
     if (size[1], size[0]) != tuple(image_size):
@@ -82,30 +93,31 @@ def _scan(shard: ShardRef, num_classes: int, image_size: tuple[int, int], decode
     """Index lines of the shard's good samples, and the bad ones."""
     lines: list[str] = []
     bad: list[BadSample] = []
-    if not shard.path.is_file():
+    if not Path(shard.path).is_file():
         return lines, [BadSample(MISSING_SHARD, shard.name, "#0", f"{shard.path} does not exist; "
                                  "copy the shard back or rewrite the manifest",
                                  count=shard.num_samples)]
-    file_size = shard.path.stat().st_size
+    file_size = Path(shard.path).stat().st_size
     seen = 0
     key: str | None = None
     group: dict[str, tarfile.TarInfo] = {}
 
     def finish(tar: tarfile.TarFile) -> None:
+        assert key is not None, "finish() follows the members of a sample"
         if "jpg" not in group:
             bad.append(BadSample(MISSING_JPG, shard.name, key, "the sample has no .jpg member"))
             return
         if "cls" not in group:
             bad.append(BadSample(MISSING_CLS, shard.name, key, "the sample has no .cls member"))
             return
-        raw = tar.extractfile(group["cls"]).read()
+        raw = _read(tar, group["cls"])
         label = parse_label(raw, num_classes)
         if isinstance(label, str) or len(raw) != LABEL_WIDTH:
             why = label if isinstance(label, str) else (
                 f"label text {raw!r} is not {LABEL_WIDTH} zero-padded digits, which DALI needs")
             bad.append(BadSample(BAD_LABEL, shard.name, key, why))
             return
-        jpg = tar.extractfile(group["jpg"]).read()
+        jpg = _read(tar, group["jpg"])
         problem = check_header(jpg, image_size)
         if problem is None and decode:
             decoded = decode_jpeg(jpg, image_size)
@@ -156,11 +168,11 @@ def _cached(shard: ShardRef, idx: Path, num_classes: int, image_size: tuple[int,
             decode: bool) -> ShardIndex | None:
     """The shard's index when the files beside it are current for these settings, else None."""
     meta_path = idx.with_suffix(".json")
-    if not (shard.path.is_file() and meta_path.is_file() and idx.is_file()):
+    if not (Path(shard.path).is_file() and meta_path.is_file() and idx.is_file()):
         return None
     try:
         meta = json.loads(meta_path.read_text())
-        if (meta.get("format") == INDEX_FORMAT and meta.get("tar") == _stamp(shard.path)
+        if (meta.get("format") == INDEX_FORMAT and meta.get("tar") == _stamp(Path(shard.path))
                 and meta.get("num_classes") == num_classes
                 and meta.get("image_size") == list(image_size)
                 and (meta.get("decode_verified") or not decode)):
@@ -174,7 +186,7 @@ def _cached(shard: ShardRef, idx: Path, num_classes: int, image_size: tuple[int,
 def _build(shard: ShardRef, idx: Path, num_classes: int, image_size: tuple[int, int],
            decode: bool) -> ShardIndex:
     """Scan the shard and write its index and sidecar (atomically: a reader never sees half a file)."""
-    stamp = _stamp(shard.path) if shard.path.is_file() else None
+    stamp = _stamp(Path(shard.path)) if Path(shard.path).is_file() else None
     lines, bad = _scan(shard, num_classes, image_size, decode)
     if stamp is not None:
         idx.parent.mkdir(parents=True, exist_ok=True)
@@ -241,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     from .manifest import Manifest
     from .tar_reader import shard_refs
     p = argparse.ArgumentParser(description="Write the DALI index files of a dataset's shards.")
-    p.add_argument("manifest", help="manifest.json or its directory (a URL: the shards are staged into the local cache)")
+    p.add_argument("manifest",
+                   help="manifest.json or its directory (a URL: the shards are staged into the local cache)")
     p.add_argument("--decode", action="store_true", help="decode every image with PIL (data.dali_verify=decode)")
     p.add_argument("--workers", type=int, default=None, help="indexing threads (default: one per core)")
     args = p.parse_args(argv)
@@ -261,3 +274,11 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _read(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    """The bytes of a regular ``member`` of ``tar``."""
+    f = tar.extractfile(member)
+    if f is None:
+        raise tarfile.ReadError(f"member {member.name} is not a regular file")
+    return f.read()

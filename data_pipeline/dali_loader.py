@@ -33,10 +33,18 @@ from .augment import Augment, SampleTransform
 from .bad_data import BadSample
 from .dali_augment import dali_augment, draw_inputs, needed_inputs
 from .dali_index import LABEL_WIDTH, ShardIndex, index_location, index_shards
-from .manifest import atomic_write_bytes
-from .epoch_plan import (batches_per_rank, derive_seed, even_split, group_spans, last_batch_padding,
-                         shard_order, spans_between, window_permutation)
+from .epoch_plan import (
+    batches_per_rank,
+    derive_seed,
+    even_split,
+    group_spans,
+    last_batch_padding,
+    shard_order,
+    spans_between,
+    window_permutation,
+)
 from .loader_base import Batch, Loader
+from .manifest import atomic_write_bytes
 from .shard_cache import stage_shards
 from .tar_members import split_name
 from .tar_reader import ShardRef, shard_refs
@@ -69,6 +77,7 @@ class DaliLoader(Loader):
     """WebDataset data shards read and decoded by a DALI pipeline (``workers`` = DALI threads)."""
 
     kind = "dali"
+    counts_handed_out = False  # indexing reads every sample once (see _build_indexes)
 
     def __init__(self, manifest, *, rank: int, world_size: int, batch_size: int, workers: int,
                  seed: int, mode: str, shuffle_buffer: int, flip: bool, strict: bool,
@@ -183,8 +192,9 @@ class DaliLoader(Loader):
         if events and self.strict:
             raise events[0].error()
         # Indexing sees the whole dataset once, so its skips are counted once, not per epoch.
-        self._report.counts = {r: 0 for r in self._report.counts}
+        self._report.reset()
         self._record(events)
+        self._report.handed_out = sum(ix.num_listed for ix in indexes)  # read once, here
         if not any(ix.num_listed for ix in indexes):
             raise RuntimeError(f"no readable samples in any of the {len(indexes)} data shards "
                                f"under {self.manifest.root}; check the shard directory")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from .bad_data import pil_message
 from .progress import Progress
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif",
@@ -16,6 +17,11 @@ JPEG_QUALITY = 95
 
 class BadImageError(ValueError):
     """An image file that cannot be read as an image."""
+
+
+def _is_image(path: Path, root: Path) -> bool:
+    hidden = any(part.startswith(".") for part in path.relative_to(root).parts)
+    return path.is_file() and not hidden and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
 def load_as_jpeg(path: Path) -> bytes:
@@ -29,8 +35,9 @@ def load_as_jpeg(path: Path) -> bytes:
                 return data
             rgb = im.convert("RGB")
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
-        raise BadImageError(f"cannot read image {path}: {type(e).__name__}: {e} (delete or replace "
-                            "the file, or pass skip_bad=True to skip unreadable images)") from e
+        raise BadImageError(f"cannot read image {path}: {type(e).__name__}: {pil_message(e)} (delete or "
+                            "replace the file, or convert with --skip-bad (skip_bad=True in Python) to skip "
+                            "unreadable images)") from e
     out = io.BytesIO()
     rgb.save(out, format="JPEG", quality=JPEG_QUALITY)
     return out.getvalue()
@@ -39,7 +46,9 @@ def load_as_jpeg(path: Path) -> bytes:
 class ImageFolderSource:
     """Images under ``root/<identity>/``; identities sorted by name get labels ``0..C-1``.
 
-    JPEGs are passed through byte for byte; other formats (PNG, ...) and non-RGB JPEGs are
+    Images in sub-folders of ``root/<identity>/`` belong to that identity (the folder is
+    read recursively; hidden files and folders are left out).  JPEGs are passed through byte
+    for byte; other formats (PNG, ...) and non-RGB JPEGs are
     re-encoded as RGB JPEG at quality 95. Identity folders without images get no label.
     With ``skip_bad=True`` every image is decoded once up front and unreadable ones are
     left out (listed in ``skipped``); otherwise reading one raises ``BadImageError``.
@@ -60,9 +69,10 @@ class ImageFolderSource:
         self.labels: list[int] = []
         for ident in sorted(p.name for p in self.root.iterdir()
                             if p.is_dir() and not p.name.startswith(".")):
-            images = sorted(p for p in (self.root / ident).iterdir()
-                            if p.is_file() and not p.name.startswith(".")
-                            and p.suffix.lower() in IMAGE_EXTENSIONS)
+            # Images in sub-folders of an identity (root/<id>/<session>/<image>) are that
+            # identity's too: taken recursively rather than dropped unseen.
+            folder = self.root / ident
+            images = sorted(p for p in folder.rglob("*") if _is_image(p, folder))
             if not images:
                 continue
             label = len(self.identities)
@@ -97,6 +107,10 @@ class ImageFolderSource:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def describe(self, i: int) -> str:
+        """The file of sample ``i`` (named in conversion errors)."""
+        return str(self.paths[i])
 
     def __getitem__(self, i: int) -> tuple[bytes, int]:
         return load_as_jpeg(self.paths[i]), self.labels[i]

@@ -9,12 +9,14 @@ import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image
 
 from . import byte_streams
+from .bad_data import pil_message
 from .manifest import Manifest
-from .progress import Progress
+from .progress import Progress, quantity
 from .shards import LABEL_WIDTH, SHARD_PATTERN
 
 MAX_EXAMPLES = 100
@@ -119,7 +121,7 @@ class InspectReport:
         m = self.manifest
         sizes = [s.expected for s in self.shards]
         lines = [f"{self.path}: {m.num_samples:,} samples, {m.num_classes:,} classes, "
-                 f"{m.image_size[0]}x{m.image_size[1]}, {len(self.shards)} shards of "
+                 f"{m.image_size[0]}x{m.image_size[1]}, {quantity(len(self.shards), 'shard')} of "
                  f"{min(sizes, default=0):,}-{max(sizes, default=0):,} samples",
                  f"source: {m.source or '?'}; verification sets: "
                  f"{', '.join(sorted(m.verification)) or 'none'}"]
@@ -129,8 +131,8 @@ class InspectReport:
                          + (f"; {self.classes_seen:,} of {m.num_classes:,} classes have samples"
                             if self.classes_seen is not None else ""))
         else:
-            lines.append("checked that shard files exist (verify=True also checks checksums "
-                         "and labels)")
+            lines.append("checked only that the shard files exist (checksums, sample counts and labels "
+                         "were not verified)")
         for status, what in (("missing", "missing shards"), ("checksum", "checksum mismatches"),
                              ("count", "sample-count mismatches"), ("unreadable", "unreadable shards")):
             bad = self._with(status)
@@ -151,7 +153,7 @@ class InspectReport:
 class _HashingReader:
     """A read-only stream wrapper hashing what is read, so one pass both parses and checksums."""
 
-    def __init__(self, f: io.BufferedReader) -> None:
+    def __init__(self, f: BinaryIO) -> None:
         self.f, self.sha = f, hashlib.sha256()
 
     def read(self, n: int = -1) -> bytes:
@@ -231,7 +233,7 @@ class _Checker:
                 im.load()
                 fmt, (w, h) = im.format, im.size
         except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
-            self.problem(shard, key, "undecodable", f"{type(e).__name__}: {e}")
+            self.problem(shard, key, "undecodable", f"{type(e).__name__}: {pil_message(e)}")
             return
         if fmt != "JPEG":
             self.problem(shard, key, "undecodable", f"{fmt} data, not JPEG")
@@ -251,13 +253,14 @@ class _Checker:
             try:
                 # Streaming mode: one sequential pass, no seeking back.
                 with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
-                    key, members = None, {}
+                    key: str | None = None
+                    members: dict[str, bytes] = {}
                     for info in tar:
                         if not info.isfile():
                             continue
                         base = os.path.basename(info.name)
                         k, _, ext = base.partition(".")
-                        data = tar.extractfile(info).read()  # type: ignore[union-attr]
+                        data = tar.extractfile(info).read()
                         if k != key:
                             if key is not None:
                                 self.sample(check.path, key, members)
@@ -287,7 +290,7 @@ def inspect_dataset(path: str | os.PathLike, verify: bool = True, deep: bool = F
     root = manifest.root
     assert root is not None
     report = InspectReport(path=root, manifest=manifest, verified=verify, deep=deep)
-    bar = Progress(f"inspecting {len(manifest.shards)} shards", manifest.num_samples,
+    bar = Progress(f"inspecting {quantity(len(manifest.shards), 'shard')}", manifest.num_samples,
                    enabled=progress and verify)
     checker = _Checker(report, bar)
     for info, abs_path in zip(manifest.shards, manifest.shard_paths()):

@@ -5,6 +5,8 @@ import io
 
 from PIL import Image
 
+from .bad_data import pil_message
+
 # Start-of-frame markers (baseline, progressive, lossless, arithmetic); C4, C8 and CC are
 # other segments that share the range.
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
@@ -49,4 +51,4 @@ def describe_image(data: bytes) -> str:
         with Image.open(io.BytesIO(data)) as im:
             return f"{im.format} {im.size[0]}x{im.size[1]}"
     except Exception as e:  # noqa: BLE001 - PIL raises many types for unknown data
-        return f"not a readable image ({type(e).__name__}: {e})"
+        return f"not a readable image ({type(e).__name__}: {pil_message(e)})"

@@ -6,8 +6,8 @@ from typing import Any, Iterator
 
 import torch
 
-from .bad_data import BadSample, SkipReport, log
-from .kinds import MODES
+from .bad_data import BadSample, BadSampleError, SkipReport, from_worker, log
+
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -88,13 +88,31 @@ class Loader(abc.ABC):
             self._consumed = 0
         self.epoch = epoch
 
+    max_bad_fraction: float | None = None
+    """Stop (BadDataLimitError) when more than this fraction of the samples read were bad; None: no limit
+    (the trainer sets data.max_bad_fraction)."""
+    read_ahead = 0
+    """Samples read before any is handed out (shuffle buffers): counted as read by the bad-fraction limit."""
+    counts_handed_out = True
+    """The samples handed out are the samples read; False for a loader that reads the whole
+    dataset up front (DALI's indexing) and sets ``_report.handed_out`` itself."""
+
     def __iter__(self) -> Iterator[Batch]:
         start = self._resume_at or 0
         self._resume_at = None
         self._consumed = start
-        for images, labels in self._iter_epoch(self.epoch, start):
-            self._consumed += 1
-            yield images, labels
+        try:
+            for images, labels in self._iter_epoch(self.epoch, start):
+                self._consumed += 1
+                if self.counts_handed_out:
+                    self._report.handed_out += len(labels)
+                self._report.check_limit(self.max_bad_fraction, self.read_ahead)
+                yield images, labels
+        except BadSampleError as err:
+            unwrapped = from_worker(err)
+            if unwrapped is err:
+                raise
+            raise unwrapped from None
 
     @property
     def stats(self) -> dict[str, int]:
@@ -109,7 +127,7 @@ class Loader(abc.ABC):
     def state_dict(self) -> dict[str, Any]:
         """Epoch, batches consumed in it, skip counts and the settings they depend on."""
         return {"epoch": self.epoch, "batches_consumed": self._consumed,
-                "stats": self._report.as_dict(), "settings": dict(self._settings)}
+                "stats": self._report.as_dict(), "bad_seen": self._report.seen(), "settings": dict(self._settings)}
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
         """Continue from ``state``: the next iteration yields that epoch's remaining batches.
@@ -138,7 +156,7 @@ class Loader(abc.ABC):
         self.epoch = int(state["epoch"])
         self._consumed = consumed
         self._resume_at = consumed
-        self._report.load(state.get("stats", {}))
+        self._report.load(state.get("stats", {}), state.get("bad_seen", ()))
 
     # -- for subclasses ------------------------------------------------------------------------
     def _record(self, events: list[BadSample]) -> None:

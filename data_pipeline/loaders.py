@@ -77,7 +77,7 @@ def build_loader(kind: str, manifest: Manifest | str | os.PathLike | None, *, ra
     if random_tensors and kind != "random_tensors":
         raise TypeError(f"build_loader() got unexpected keywords {sorted(random_tensors)} "
                         f"for kind={kind!r} (only 'random_tensors' takes them)")
-    common = dict(rank=rank, world_size=world_size, batch_size=batch_size, workers=workers,
+    common: dict[str, Any] = dict(rank=rank, world_size=world_size, batch_size=batch_size, workers=workers,
                   seed=seed, mode=mode, flip=flip, device=device, epoch_samples=epoch_samples)
 
     if kind == "random_tensors":

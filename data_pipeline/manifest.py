@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import byte_streams, remote_writes
+from .atomic import atomic_write_bytes, fsync_dir  # noqa: F401 - re-exported for the writers
 from .byte_streams import RemoteOptions, is_url
 
 FORMAT = "shardface-shards/1"
@@ -192,6 +192,11 @@ class Manifest:
         try:
             doc = json.loads(p.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            from .file_kind import file_kind
+            kind = file_kind(p)
+            if kind is not None:
+                raise ManifestError(f"{p} is {kind}, not a manifest: give the manifest.json written by "
+                                    "`shardface data synth|convert` (or its folder)") from None
             raise ManifestError(f"{p} is not valid JSON ({e}): the file is damaged, rewrite it") from None
         m = cls.from_json(doc, root=p.parent, where=str(p))
         if remote is not None:
@@ -232,36 +237,3 @@ class Manifest:
         atomic_write_bytes(p, (json.dumps(self.to_json(), indent=1) + "\n").encode("utf-8"))
         self.root = p.parent
         return p
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename inside ``directory`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the whole new one, never a part."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp creates the file 0600; a manifest is meant to be read by other users' jobs.
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)

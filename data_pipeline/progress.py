@@ -68,3 +68,8 @@ class Progress:
         else:
             self.stream.write(text + "\n")
         self.stream.flush()
+
+
+def quantity(n: int, noun: str, plural: str | None = None) -> str:
+    """``1 shard``, ``3 shards``: a count with its noun in the right number."""
+    return f"{n:,} {noun if n == 1 else (plural or noun + 's')}"

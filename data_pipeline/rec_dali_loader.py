@@ -55,12 +55,12 @@ class _Feed:
         samples = [L.checked(int(i), slog) for i in req.indices]
         if not any(s is not None for s in samples):
             samples[0] = L.read_on(int(req.indices[0]))
-        samples = fill_bad_slots(samples, [s is not None for s in samples])
+        filled = fill_bad_slots(samples, [s is not None for s in samples])
         flips = L.plan.flips(self.epoch, self.j) if L.flip else np.zeros(L.batch_size, dtype=bool)
         self.events[self.j] = slog.take()
         self.j += 1
-        self._last = ([np.frombuffer(s[0], dtype=np.uint8) for s in samples],
-                      np.array([s[1] for s in samples], dtype=np.int64),
+        self._last = ([np.frombuffer(s[0], dtype=np.uint8) for s in filled],
+                      np.array([s[1] for s in filled], dtype=np.int64),
                       flips.astype(np.int32))
         return self._last
 

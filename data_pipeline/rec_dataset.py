@@ -179,7 +179,7 @@ def _read_property(path: Path) -> tuple[int, int, int] | None:
     if len(values) != 3 or min(values) <= 0:
         raise RecordIOError(f"{path}: expected '<classes>,<height>,<width>' (e.g. 85742,112,112), "
                             f"got {text[:40]!r}")
-    return values  # type: ignore[return-value]
+    return values[0], values[1], values[2]
 
 
 def _header(f, keys: np.ndarray, offsets: np.ndarray, rec: Path) -> tuple[int, int] | None:
@@ -200,7 +200,7 @@ def _header(f, keys: np.ndarray, offsets: np.ndarray, rec: Path) -> tuple[int, i
 
 def _first_image_size(f, keys: np.ndarray, offsets: np.ndarray, rec: Path) -> tuple[int, int]:
     # The first few records, in case the first is damaged.
-    for key, off in list(zip(keys, offsets))[:16]:
+    for off in list(offsets)[:16]:
         try:
             _, jpeg = unpack_payload(read_record(f, int(off), str(rec)))
         except RecordIOError:

@@ -194,9 +194,9 @@ class RecBatchReader(Dataset):
         if not any(s is not None for s in samples):
             samples[0] = self._read_on(int(req.indices[0]))
         good = [s is not None for s in samples]
-        samples = fill_bad_slots(samples, good)
-        images = self.transform([s[0] for s in samples], req.epoch, req.j)
-        images_t, labels_t = self.collate(images, [s[1] for s in samples])
+        filled = fill_bad_slots(samples, good)
+        images = self.transform([s[0] for s in filled], req.epoch, req.j)
+        images_t, labels_t = self.collate(images, [s[1] for s in filled])
         return images_t, labels_t, log.take()
 
     def _read_on(self, i: int) -> tuple[np.ndarray, int]:

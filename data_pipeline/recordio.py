@@ -155,7 +155,7 @@ def rebuild_index(rec_path: str | os.PathLike, idx_path: str | os.PathLike | Non
     out = Path(idx_path) if idx_path else default_index_path(rec_path)
     size = rec_path.stat().st_size
     bar = Progress(f"indexing {rec_path.name}", size, unit="B", enabled=progress)
-    lines = []
+    lines: list[str] = []
     with open(rec_path, "rb") as f:
         offset = 0
         while offset < size:

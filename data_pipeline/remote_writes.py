@@ -9,8 +9,17 @@ import os
 import time
 from typing import Any, Callable
 
-from .byte_streams import (PERMANENT_ERRORS, PERMANENT_ERROR_NAMES, DEFAULT_OPTIONS, RemoteOptions, RemoteSetupError,
-                           SourceUnreachable, describe_error, filesystem, protocol)
+from .byte_streams import (
+    DEFAULT_OPTIONS,
+    PERMANENT_ERROR_NAMES,
+    PERMANENT_ERRORS,
+    RemoteOptions,
+    RemoteSetupError,
+    SourceUnreachable,
+    describe_error,
+    filesystem,
+    protocol,
+)
 
 log = logging.getLogger("shardface.data")
 

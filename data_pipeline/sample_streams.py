@@ -14,8 +14,15 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 from .bad_data import SkipLog
-from .epoch_plan import (Span, derive_seed, exact_worker_plan, group_spans, shard_order,
-                         spans_between, window_permutation)
+from .epoch_plan import (
+    Span,
+    derive_seed,
+    exact_worker_plan,
+    group_spans,
+    shard_order,
+    spans_between,
+    window_permutation,
+)
 from .tar_reader import RawSample, ShardRef, read_span
 
 # Tags keep the random streams of different purposes apart under the same (seed, epoch, ...).

@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import byte_streams
-from .bad_data import TRUNCATED_SHARD, UNREACHABLE_SHARD, MISSING_SHARD, BadSample
+from .bad_data import MISSING_SHARD, TRUNCATED_SHARD, UNREACHABLE_SHARD, BadSample
 from .byte_streams import RemoteOptions, SourceUnreachable
 from .tar_reader import ShardRef
 

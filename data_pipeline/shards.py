@@ -7,7 +7,7 @@ import multiprocessing
 import os
 import re
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Callable, Protocol, TextIO, runtime_checkable
 
@@ -15,7 +15,7 @@ import numpy as np
 
 from .jpeg import describe_image, jpeg_size
 from .manifest import MANIFEST_NAME, Manifest, ShardInfo, atomic_write_bytes
-from .progress import Progress
+from .progress import Progress, quantity
 from .tar_writer import write_tar_atomic
 
 JOURNAL_NAME = ".shardface-progress.jsonl"
@@ -33,12 +33,21 @@ class SampleSource(Protocol):
     Sources are pickled into worker processes when ``workers > 1``.
     """
 
-    num_classes: int
     name: str
+
+    @property
+    def num_classes(self) -> int: ...
 
     def __len__(self) -> int: ...
 
     def __getitem__(self, i: int) -> tuple[bytes, int]: ...
+
+
+def sample_name(source: SampleSource, i: int) -> str:
+    """``sample i of source '...'``, with the file it came from when the source can say (``describe(i)``)."""
+    describe = getattr(source, "describe", None)
+    where = f" ({describe(i)})" if callable(describe) else ""
+    return f"sample {i}{where} of source {source.name!r}"
 
 
 class SampleError(RuntimeError):
@@ -77,20 +86,20 @@ def _prepare(source: SampleSource, i: int) -> tuple[bytes, int, tuple[int, int]]
     try:
         jpeg, label = source[i]
     except Exception as e:  # noqa: BLE001 - re-raised with the sample named
-        raise SampleError(f"reading sample {i} of source {source.name!r} failed: "
+        raise SampleError(f"reading {sample_name(source, i)} failed: "
                           f"{type(e).__name__}: {e}") from e
     if isinstance(label, (float, np.floating)) and float(label).is_integer():
         label = int(label)
     if not isinstance(label, (int, np.integer)) or isinstance(label, bool):
-        raise SampleError(f"sample {i} of source {source.name!r} has label {label!r}: "
+        raise SampleError(f"{sample_name(source, i)} has label {label!r}: "
                           "labels must be integers")
     if not isinstance(jpeg, (bytes, bytearray, memoryview)):
-        raise SampleError(f"sample {i} of source {source.name!r} gave {type(jpeg).__name__} "
+        raise SampleError(f"{sample_name(source, i)} gave {type(jpeg).__name__} "
                           "instead of JPEG bytes")
     jpeg = bytes(jpeg)
     size = jpeg_size(jpeg)
     if size is None:
-        raise SampleError(f"sample {i} of source {source.name!r} is not a JPEG with a readable "
+        raise SampleError(f"{sample_name(source, i)} is not a JPEG with a readable "
                           f"frame header ({describe_image(jpeg)}): re-encode it to JPEG in the source")
     return jpeg, int(label), size
 
@@ -111,7 +120,7 @@ def _prepare_chunk(indices: list[int]) -> list[tuple[bytes, int, tuple[int, int]
 
 
 def _stream_samples(source: SampleSource, indices: np.ndarray, workers: int,
-                    chunk: int = 32) -> Iterator[tuple[bytes, int, tuple[int, int]]]:
+                    chunk: int = 32) -> Generator[tuple[bytes, int, tuple[int, int]], None, None]:
     """Yield prepared samples in ``indices`` order, reading them with ``workers`` processes."""
     if workers <= 1:
         for i in indices:
@@ -274,16 +283,17 @@ def write_shards(source: SampleSource, out_dir: str | os.PathLike, *, samples_pe
     kept = _resume_state(out, journal_path, fingerprint, sizes, progress)
     image_size: tuple[int, int] | None = None
     for entry in kept.values():
-        size = tuple(entry["image_size"])
+        height, width = entry["image_size"]
+        size = (int(height), int(width))
         if image_size is not None and size != image_size:
             raise ValueError(f"shards written earlier disagree on image size ({image_size} vs {size}): "
                              f"delete {journal_path} to rewrite everything")
-        image_size = size  # type: ignore[assignment]
+        image_size = size
 
     todo = [s for s in range(len(sizes)) if s not in kept]
     todo_indices = (np.concatenate([order[starts[s]:starts[s + 1]] for s in todo])
                     if todo else np.empty(0, np.int64))
-    bar = Progress(f"writing {len(sizes)} shards", n, enabled=progress,
+    bar = Progress(f"writing {quantity(len(sizes), 'shard')}", n, enabled=progress,
                    initial=n - len(todo_indices))
     stream = _stream_samples(source, todo_indices, workers)
 
@@ -292,12 +302,12 @@ def write_shards(source: SampleSource, out_dir: str | os.PathLike, *, samples_pe
         for k in range(starts[s], starts[s + 1]):
             jpeg, label, size = next(stream)
             if not 0 <= label < classes:
-                raise ValueError(f"label {label} of sample {int(order[k])} (source {source.name!r}) "
+                raise ValueError(f"label {label} of {sample_name(source, int(order[k]))} "
                                  f"is outside [0, {classes}): is num_classes right for this source?")
             if image_size is None:
                 image_size = size
             elif size != image_size:
-                raise ValueError(f"sample {int(order[k])} of source {source.name!r} is "
+                raise ValueError(f"{sample_name(source, int(order[k]))} is "
                                  f"{size[0]}x{size[1]} but earlier samples are "
                                  f"{image_size[0]}x{image_size[1]}: a dataset holds aligned crops "
                                  "of one size; align or resize the images first")
@@ -316,7 +326,7 @@ def write_shards(source: SampleSource, out_dir: str | os.PathLike, *, samples_pe
                     on_shard(out / shard_name(s))
     finally:
         stream.close()
-    bar.close(note=f"{len(todo)} shards written, {len(sizes) - len(todo)} kept")
+    bar.close(note=f"{quantity(len(todo), 'shard')} written, {len(sizes) - len(todo)} kept")
 
     assert image_size is not None
     manifest = Manifest(num_samples=n, num_classes=classes, image_size=image_size,

@@ -1,7 +1,7 @@
 """Write the synthetic data set to disk: training shards, held-out verification pairs, contact sheet.
 
 The split is open-set, like face recognition benchmarks: training uses identities
-``[0, num_identities)``; the verification pairs in ``heldout.bin`` come from the
+``[0, num_identities)``; the verification pairs in ``synthetic_heldout.bin`` come from the
 ``heldout_identities`` after them, which the model never sees.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .synthetic import SynthConfig, SyntheticFaces, heldout_faces, render_jpegs
 from .verification import write_bin
 
 HELDOUT_NAME = "synthetic_heldout"
-HELDOUT_FILE = "heldout.bin"
+HELDOUT_FILE = "synthetic_heldout.bin"  # the file stem is the set's name, however it is passed
 CONTACT_SHEET_FILE = "contact_sheet.png"
 CONFIG_FILE = "synthetic.json"
 _PAIR_STREAM = 0x9A1
@@ -78,7 +78,7 @@ def _png_bytes(img: Image.Image) -> bytes:
 
 def make_synthetic_dataset(cfg: SynthConfig, out_dir: str | os.PathLike, samples_per_shard: int = 10000,
                            workers: int = 1, progress: bool = True) -> Manifest:
-    """Render ``cfg`` into ``out_dir``: shards + manifest, ``heldout.bin``, ``contact_sheet.png``.
+    """Render ``cfg`` into ``out_dir``: shards + manifest, ``synthetic_heldout.bin``, ``contact_sheet.png``.
 
     Everything is a function of ``cfg``: the same config gives the same bytes whatever
     ``workers`` is, and a re-run keeps the shards already written.

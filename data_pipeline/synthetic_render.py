@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from typing import overload
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -51,9 +52,19 @@ class _Face:
         """A length in unit-square fractions → canvas pixels."""
         return v * self.unit
 
+    @overload
+    def x(self, v: float) -> float: ...
+    @overload
+    def x(self, v: np.ndarray) -> np.ndarray: ...
+
     def x(self, v: np.ndarray | float) -> np.ndarray | float:
         """A unit-square x position → canvas pixels."""
         return self.ox + v * self.unit
+
+    @overload
+    def y(self, v: float) -> float: ...
+    @overload
+    def y(self, v: np.ndarray) -> np.ndarray: ...
 
     def y(self, v: np.ndarray | float) -> np.ndarray | float:
         """A unit-square y position → canvas pixels."""
@@ -172,7 +183,9 @@ def _draw_eyes(d: ImageDraw.ImageDraw, f: _Face) -> None:
         up, low = -h * np.sin(_ARC), 0.75 * h * np.sin(_ARC)
         r = i.iris_ratio * i.eye_w
 
-        def place(px_: np.ndarray, py_: np.ndarray) -> list[float]:
+        def place(px_: np.ndarray, py_: np.ndarray, cos_t: float = cos_t, sin_t: float = sin_t,
+                  ex: float = ex, ey: float = ey) -> list[float]:
+            """Points of this eye's frame, rotated by its tilt and moved to its centre, as canvas pixels."""
             rx = px_ * cos_t - py_ * sin_t
             ry = px_ * sin_t + py_ * cos_t
             return _flat(f.x(ex + rx), f.y(ey + ry))
@@ -222,7 +235,7 @@ def _draw_nose(d: ImageDraw.ImageDraw, f: _Face) -> None:
         d.ellipse([f.x(nx - rx), f.y(ty - ry), f.x(nx + rx), f.y(ty + ry)], fill=_shade(i.skin, 0.45))
 
 
-def _mouth_curves(f: _Face) -> tuple[np.ndarray, ...]:
+def _mouth_curves(f: _Face) -> tuple[np.ndarray, np.ndarray, float, np.ndarray, np.ndarray]:
     i, nz = f.ident, f.nz
     u = np.linspace(-1.0, 1.0, 15)
     half = i.mouth_w * (1 + 0.12 * nz.smile) * np.where(u < 0, f.side_scale(-1), f.side_scale(1))
@@ -377,7 +390,7 @@ def render_face(ident: FaceIdentity, nz: Nuisance, size: tuple[int, int],
         fillcolor=nz.background)
     if nz.blur > 0.05:
         img = img.filter(ImageFilter.GaussianBlur(nz.blur * min(width, height) / 112))
-    arr = np.asarray(img, dtype=np.float32)
+    arr: np.ndarray = np.asarray(img, dtype=np.float32)
     gx, gy = _light_grid(height, width)
     gain = 1 + nz.light_strength * 0.5 * (gx * math.cos(nz.light_angle) + gy * math.sin(nz.light_angle))
     arr = arr * (gain * nz.brightness)[..., None] * np.asarray(nz.tint, np.float32)

@@ -5,9 +5,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from .bad_data import (
+    BAD_LABEL,
+    MISSING_CLS,
+    MISSING_JPG,
+    MISSING_SHARD,
+    TRUNCATED_SHARD,
+    UNREACHABLE_SHARD,
+    BadSample,
+    SkipLog,
+    parse_label,
+)
 
-from .bad_data import (BAD_LABEL, MISSING_CLS, MISSING_JPG, MISSING_SHARD, TRUNCATED_SHARD,
-                       UNREACHABLE_SHARD, BadSample, SkipLog, parse_label)
 # open_shard: every read of a data shard opens it there (local path or URL), re-exported here.
 from .byte_streams import RemoteOptions, SourceUnreachable, is_url, open_shard  # noqa: F401
 from .tar_members import NotPlainTar, library_members, plain_members, split_name
@@ -85,6 +94,8 @@ class _Groups:
 
     def add(self, fname: str, data: bytes) -> Iterator[RawSample]:
         key, ext = split_name(fname)
+        if key is None or ext is None:
+            return  # not a sample's member (no key.ext name): WebDataset skips these too
         if key != self.key:
             yield from self.close()
             self.key = key
@@ -136,8 +147,7 @@ def read_span(shard: ShardRef, start: int, stop: int, num_classes: int,
             # Both members were read whole before the damage: the sample is fine.
             yield from groups.close()
         # Name the first lost sample: the half-read one, else the one whose member failed.
-        where = groups.key or (positions.key if positions.pos >= groups.done
-                               else f"#{groups.done}")
+        where = groups.key or (positions.key if positions.pos >= groups.done else None) or f"#{groups.done}"
         if isinstance(failure, SourceUnreachable):
             log.add(_unreachable(shard, failure, where, stop - groups.done))
             return

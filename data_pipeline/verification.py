@@ -98,6 +98,12 @@ def write_bin(path: str | os.PathLike, jpegs: Sequence[bytes], issame: Sequence[
     atomic_write_bytes(path, pickle.dumps((bins, flags), protocol=4))
 
 
+def check_bin(path: str | os.PathLike) -> int:
+    """Read a .bin's pairs without decoding its images; returns the number of pairs (raises like load_bin)."""
+    _, issame = _read_pickle(Path(path))
+    return len(issame)
+
+
 def _read_pickle(path: Path) -> tuple[list, list]:
     if not path.is_file():
         raise FileNotFoundError(f"verification set {path} does not exist; check the path "
@@ -130,8 +136,7 @@ def _decode(blob: object, path: Path, k: int, size: tuple[int, int] | None) -> n
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise ValueError(f"{path}: image {k} is a {type(blob).__name__}, not encoded image bytes")
     try:
-        img = Image.open(io.BytesIO(blob))
-        img = img.convert("RGB")
+        img = Image.open(io.BytesIO(blob)).convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise ValueError(f"{path}: image {k} cannot be decoded ({e}); the file is corrupt, regenerate it") from e
     if size is not None and (img.height, img.width) != size:

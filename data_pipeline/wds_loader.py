@@ -75,7 +75,7 @@ class _RankEpoch(IterableDataset):
         # before a resume are skipped by count: their shards are not even opened.
         skip = self.batch_size * sum(1 for j in batches if j < start)
         log = SkipLog(self.strict)
-        common = dict(num_classes=self.num_classes, seed=self.seed, epoch=self.epoch,
+        common: dict[str, Any] = dict(num_classes=self.num_classes, seed=self.seed, epoch=self.epoch,
                       rank=self.rank, worker=worker, buffer_size=self.buffer_size, log=log,
                       skip=skip)
         if self.mode == "exact":
@@ -165,6 +165,10 @@ class WebDatasetLoader(Loader):
         self.shards = shard_refs(manifest)
         self.workers, self.shuffle_buffer = workers, shuffle_buffer
         self.flip, self.strict, self.device = flip, strict, torch.device(device)
+        # Each worker's shuffle buffer is read before its samples are handed out (resampled
+        # mode refills it from any shard; an exact epoch holds at most this rank's share).
+        buffered = max(shuffle_buffer, 1) * max(workers, 1)
+        self.read_ahead = buffered if mode == "resampled" else min(buffered, num_batches * batch_size)
         self.augment = augment or Augment()
         self.transform = SampleTransform(self.augment, seed) if self.augment.active else None
         self.decoder = decoder or default_decoder()
@@ -244,7 +248,7 @@ class WebDatasetLoader(Loader):
         try:
             # Workers hand batches over in turn; after a resume their next batches need not come
             # in rank order, so hold early ones until their turn.
-            waiting: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+            waiting: dict[int, tuple[torch.Tensor, torch.Tensor, list]] = {}
             nxt = start
             for images, labels, j, events in source:
                 waiting[j] = (images, labels, events)

@@ -48,7 +48,7 @@ def _make_data(opts: DemoOptions, sizes: dict) -> Path:
 
     cfg = SynthConfig(num_identities=sizes["identities"], images_per_identity=sizes["images"],
                       heldout_identities=sizes["heldout"], heldout_pairs=sizes["pairs"],
-                      image_size=IMAGE_SIZE, seed=0)
+                      image_size=(IMAGE_SIZE, IMAGE_SIZE), seed=0)
     data_dir = opts.out / "data"
     _banner(f"1/4 synthetic faces: {cfg.num_identities} training identities x {cfg.images_per_identity} images, "
             f"{cfg.heldout_identities} held-out identities ({cfg.heldout_pairs} pairs), {IMAGE_SIZE}x{IMAGE_SIZE}")
@@ -58,7 +58,7 @@ def _make_data(opts: DemoOptions, sizes: dict) -> Path:
 
 def _train(opts: DemoOptions, manifest: Path, sizes: dict) -> dict:
     run_dir = opts.out / "run"
-    overrides = [f"data.manifest={manifest}", f"output_dir={run_dir}", f"max_steps={sizes['steps']}",
+    overrides = [f"data.manifest={manifest}", f"output_dir={run_dir}", "overwrite=true", f"max_steps={sizes['steps']}",
                  f"log.wandb={'true' if opts.wandb else 'false'}", f"checkpoint.every_steps={sizes['steps'] // 3}",
                  f"eval.every_steps={sizes['steps']}", f"precision.dtype={PRECISION}"]
     args = ["--config", "cpu_tiny"] + [x for o in overrides for x in ("--set", o)]
@@ -110,20 +110,22 @@ def _report(summary: dict, onnx: Path, parity: float, started: float, opts: Demo
     roc = sorted(run_dir.glob("eval/roc*.png"))
     wandb_runs = sorted(run_dir.glob("wandb/offline-run-*")) + sorted(run_dir.glob("wandb/run-*"))
 
+    from train.evaluation.report import format_value
+
     def pct(key: str) -> str:
-        value = ev.get(key)
-        return "n/a" if value is None else f"{100 * value:.2f}%"
+        return format_value(key, ev.get(key))
     lines = [
         "4/4 report",
         f"held-out verification accuracy (identities never seen in training, 10-fold): {pct('accuracy')}",
         f"TAR @ FAR=1e-2: {pct('tar@far=1e-02')}   TAR @ FAR=1e-3: {pct('tar@far=1e-03')}   "
-        f"ROC AUC: {ev.get('auc', float('nan')):.4f}",
+        f"ROC AUC: {pct('auc')}",
         (f"held-out identification ({ident['num_enrolled']} identities, one image enrolled each, "
-         f"{ident['num_probes']} probes): rank-1 {100 * ident['rank1'][0]:.2f}%, rank-5 {100 * ident['rank5'][0]:.2f}%; "
+         f"{ident['num_probes']} probes): rank-1 {100 * ident['rank1'][0]:.2f}%, "
+         f"rank-5 {100 * ident['rank5'][0]:.2f}%; "
          f"with {ident['sizes'][-1]} distractors rank-1 {100 * ident['rank1'][-1]:.2f}%" if ident else
          "held-out identification: n/a"),
         f"training: {summary['steps']} steps, {summary['samples_per_s']:.0f} samples/s, "
-        f"final loss {summary['final_loss']:.3f}, skipped steps {summary['skipped_steps']}",
+        f"final loss {summary['final_loss']:.4f}, skipped steps {summary['skipped_steps']}",
         f"checkpoint: {summary['checkpoint']}",
         f"embedding model: {summary['export']}",
         f"ONNX model: {onnx} (max |onnxruntime - torch| = {parity:.1e})",

@@ -7,8 +7,9 @@
   a second signal during that wait (the launcher, srun and the scheduler may each deliver
   one) would cut the ranks' grace period short and send them another signal.  Repeats of
   the first signal are ignored here, so the ranks get exactly one.
-* after that signal torchrun's own warnings are silenced and the exception that ends torchrun after it stopped its workers becomes one line and the
-  exit code 128 + signal, as a shell reports a process killed by that signal.
+* after that signal torchrun's own warnings are silenced and the exception that ends
+  torchrun after it stopped its workers becomes one line and the exit code 128 + signal,
+  as a shell reports a process killed by that signal.
 """
 from __future__ import annotations
 

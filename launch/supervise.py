@@ -4,8 +4,9 @@ torchrun runs in its own session, so a terminal's Ctrl-C reaches only this launc
 which then decides what the ranks get:
 
 * a preemption signal (``preempt.signals``: SIGTERM, SIGUSR1 by default) goes to torchrun
-  (as SIGUSR1 when that is one of them, see :meth:`Supervisor._relayed`), which sends it to every worker and waits ``preempt.grace_s`` for them (torchrun is told to
-  handle these signals and to wait that long); the ranks finish their step, save it and exit.
+  (as SIGUSR1 when that is one of them, see :meth:`Supervisor._relayed`), which sends it to
+  every worker and waits ``preempt.grace_s`` for them (torchrun is told to handle these signals
+  and to wait that long); the ranks finish their step, save it and exit.
   The launcher then exits with :data:`train.preemption.PREEMPTED_EXIT_CODE` when the
   ranks say so (``preempted`` in the summary.json rank 0 writes).
 * SIGINT or SIGHUP goes to torchrun as SIGINT: the ranks stop at once.  After
@@ -243,14 +244,15 @@ class Supervisor:
         latest = latest_checkpoint(self.checkpoint_dir)
         where = f"last checkpoint {latest}" if latest else f"no checkpoint in {self.checkpoint_dir}"
         resume = "; resume: the same command with --set checkpoint.resume=latest" if latest else ""
+        signal_name = self.preempted_by.name if self.preempted_by is not None else "a signal"
         if self.interrupted:
             print(f"shardface: interrupted, every rank stopped; {where}{resume}", file=sys.stderr, flush=True)
             return 130
         if self._ranks_preempted():
-            print(f"shardface: preempted by {self.preempted_by.name}: {where}{resume} (exit {preempted_code})",
+            print(f"shardface: preempted by {signal_name}: {where}{resume} (exit {preempted_code})",
                   file=sys.stderr, flush=True)
             return preempted_code
-        print(f"shardface: {self.preempted_by.name} but the ranks did not stop with a checkpoint; {where}{resume}",
+        print(f"shardface: {signal_name} but the ranks did not stop with a checkpoint; {where}{resume}",
               file=sys.stderr, flush=True)
         return rc if rc else 1
 

@@ -8,13 +8,21 @@ would allocate several [N, c] and [c, D] temporaries):
     g' = g / ‖w_j‖
     ∂L/∂unit = g' @ rows
     ∂L/∂w_j  = (g'ᵀ @ unit)_j − w_j · Σ_i g'_ij cos_ij / ‖w_j‖
+
+The correction term is a pass over three [c, D] tensors, more memory traffic than any
+[N, c] step when N < D.  A caller that updates the rows block by block can take it
+instead as its per-row coefficient (:class:`RowCorrection`) and apply it while each
+block is in cache; ``partial_fc.optim`` does.
 """
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
+
+from .rows import BLOCK_ELEMENTS, Workspace
 
 _NORM_EPS = 1e-12
 HALF_DTYPES = (torch.bfloat16, torch.float16)
@@ -42,10 +50,15 @@ def _tf32_matmuls(enabled: bool, device: torch.device) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = before
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, tf32: bool) -> torch.Tensor:
-    """float32 ``a @ b`` computed in ``dtype`` (products in ``dtype``, sums in float32)."""
+def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, tf32: bool,
+        out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """float32 ``a @ b`` computed in ``dtype`` (products in ``dtype``, sums in float32).
+
+    ``out``: a float32 buffer for the result (used by float32 products only)."""
     if dtype not in HALF_DTYPES:
         with _tf32_matmuls(tf32, a.device):
+            if out is not None and dtype == torch.float32 and a.dtype == b.dtype == torch.float32:
+                return torch.mm(a, b, out=out)
             return a.to(dtype) @ b.to(dtype)
     a, b = a.to(dtype), b.to(dtype)
     if a.is_cuda:
@@ -58,18 +71,54 @@ def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, tf32: bool) -> tor
     return (a @ b).float()
 
 
+@dataclass
+class RowCorrection:
+    """The part of the rows' gradient that the backward left out: ``− coef_j · w_j``.
+
+    ``rows`` are the [c, D] rows of the forward; ``coef`` [c] is set by the backward.  The
+    true gradient of row j is ``grad_j − coef_j · rows_j``.
+    """
+
+    rows: torch.Tensor
+    coef: Optional[torch.Tensor] = None
+
+    def apply_(self, grad: torch.Tensor) -> torch.Tensor:
+        """Complete ``grad`` (shaped like ``rows``) in place, once; later calls change nothing."""
+        if self.coef is not None:
+            grad.addcmul_(self.rows.to(grad.dtype), self.coef.unsqueeze(1), value=-1.0)
+            self.coef = None
+        return grad
+
+
+def row_blocks(shape: tuple) -> list[slice]:
+    """Slices of the rows of an [N, c] tensor, each about ``BLOCK_ELEMENTS`` elements.
+
+    Several elementwise steps over one block run while it is in cache, so the [N, c]
+    tensor crosses memory once for all of them instead of once per step.
+    """
+    n, c = shape
+    per = max(1, BLOCK_ELEMENTS // max(1, c))
+    return [slice(lo, min(n, lo + per)) for lo in range(0, n, per)]
+
+
+def _buffer(workspace: Optional[Workspace], name: str, shape: tuple, like: torch.Tensor) -> Optional[torch.Tensor]:
+    return None if workspace is None else workspace.get(name, shape, torch.float32, like.device)
+
+
 class _CosineLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, unit: torch.Tensor, rows: torch.Tensor, norms: torch.Tensor,
-                dtype: Optional[torch.dtype], tf32: bool):
+                dtype: Optional[torch.dtype], tf32: bool, grad_in_place: bool,
+                correction: Optional[RowCorrection], workspace: Optional[Workspace]):
         dtype = _matmul_dtype(unit.device.type, dtype)
         inv_norm = norms.reciprocal()
-        cos = _mm(unit, rows.t(), dtype, tf32).float()
-        cos.mul_(inv_norm)
+        cos = _mm(unit, rows.t(), dtype, tf32, _buffer(workspace, "cos", (unit.shape[0], rows.shape[0]), unit)).float()
         # Rounding (bf16 products especially) can step outside [-1, 1]; the clamp is not
         # differentiated: the gradient is that of the unclamped cosine.
-        cos.clamp_(-1.0, 1.0)
-        ctx.dtype, ctx.tf32 = dtype, tf32
+        for sl in row_blocks(tuple(cos.shape)):
+            cos[sl].mul_(inv_norm).clamp_(-1.0, 1.0)
+        ctx.dtype, ctx.tf32, ctx.grad_in_place, ctx.correction = dtype, tf32, grad_in_place, correction
+        ctx.workspace = workspace
         ctx.save_for_backward(unit, rows, inv_norm, cos)
         return cos
 
@@ -77,30 +126,60 @@ class _CosineLogits(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         unit, rows, inv_norm, cos = ctx.saved_tensors
         dtype, tf32 = ctx.dtype, ctx.tf32
-        g = grad.float() * inv_norm
+        in_place = ctx.grad_in_place and grad.dtype == torch.float32 and grad.is_contiguous()
+        coef = None
+        if in_place:
+            # Block by block while in cache: g' = g / ‖w‖ in place, and Σ_i g'_ij cos_ij.
+            g = grad
+            coef = torch.zeros(cos.shape[1], dtype=torch.float32, device=cos.device)
+            blocks = row_blocks(tuple(cos.shape))
+            tmp = torch.empty((blocks[0].stop - blocks[0].start, cos.shape[1]), dtype=torch.float32,
+                              device=cos.device)
+            for sl in blocks:
+                part = g[sl].mul_(inv_norm)
+                prod = torch.mul(part, cos[sl], out=tmp[:sl.stop - sl.start])
+                coef.add_(prod.sum(dim=0))
+        else:
+            g = grad.float() * inv_norm
         grad_unit = grad_rows = None
         if ctx.needs_input_grad[0]:
             grad_unit = _mm(g, rows, dtype, tf32).to(unit.dtype)
         if ctx.needs_input_grad[1]:
             # The correction term stays float32: it is a per-row scalar times the row.
-            coef = torch.einsum("ij,ij->j", g, cos).mul_(inv_norm)
-            grad_rows = _mm(g.t(), unit, dtype, tf32).float()
-            grad_rows.addcmul_(rows.float(), coef.unsqueeze(1), value=-1.0)
+            coef = (coef if coef is not None else (g * cos).sum(dim=0)).mul_(inv_norm)
+            out = _buffer(ctx.workspace, "grad_rows", tuple(rows.shape), rows) if rows.dtype == torch.float32 else None
+            grad_rows = _mm(g.t(), unit, dtype, tf32, out).float()
+            if ctx.correction is not None:
+                ctx.correction.coef = coef  # applied by the caller, block by block
+            else:
+                grad_rows.addcmul_(rows.float(), coef.unsqueeze(1), value=-1.0)
             grad_rows = grad_rows.to(rows.dtype)
-        return grad_unit, grad_rows, None, None, None
+        ctx.correction = ctx.workspace = None
+        return grad_unit, grad_rows, None, None, None, None, None, None
 
 
 def cosine_logits(unit: torch.Tensor, rows: torch.Tensor, norms: Optional[torch.Tensor] = None,
-                  dtype: Optional[torch.dtype] = None, tf32: bool = False) -> torch.Tensor:
+                  dtype: Optional[torch.dtype] = None, tf32: bool = False, grad_in_place: bool = False,
+                  correction: Optional[RowCorrection] = None,
+                  workspace: Optional[Workspace] = None) -> torch.Tensor:
     """[N, c] float32 cosine of unit features [N, D] with rows [c, D] (any norm).
 
     ``norms``: the rows' :func:`row_norms` when the caller has them already (one pass over
     the rows fewer); computed here otherwise.  ``dtype``: the GEMMs' compute dtype, forward
     and backward (float32, bfloat16 or float16; products in it, sums in float32); None: the
     autocast dtype when autocast is on, float32 otherwise.  ``tf32``: float32 GEMMs may use
-    TF32 tensor cores (CUDA only; restored after each GEMM).
+    TF32 tensor cores (CUDA only; restored after each GEMM).  ``grad_in_place``: the
+    gradient reaching the cosines is a buffer nobody else reads (the fused margin softmax's)
+    and may be overwritten.  ``correction``: leave the rows' ``− coef·w`` term out of their
+    gradient and hand its coefficients to this :class:`RowCorrection` (float32 rows only).
+    ``workspace``: buffers kept between steps for the cosines and the rows' gradient (float32
+    products): the next call with the same workspace overwrites them, so it is for the one
+    forward of a training step whose backward runs before the next step's forward.
     """
-    return _CosineLogits.apply(unit, rows, row_norms(rows) if norms is None else norms, dtype, tf32)
+    if correction is not None and rows.dtype != torch.float32:
+        raise ValueError(f"a deferred row correction needs float32 rows, got {rows.dtype}")
+    return _CosineLogits.apply(unit, rows, row_norms(rows) if norms is None else norms, dtype, tf32,
+                               bool(grad_in_place), correction, workspace)
 
 
 def row_norms(rows: torch.Tensor) -> torch.Tensor:

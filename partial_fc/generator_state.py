@@ -30,11 +30,14 @@ def derived_seed(state: torch.Tensor) -> int:
 
 
 def _saved_kind(saved: SavedState, target_state: torch.Tensor, target_kind: str) -> tuple[str, torch.Tensor]:
-    if torch.is_tensor(saved):
+    if not isinstance(saved, dict):
+        if not torch.is_tensor(saved):
+            raise ValueError(f"a saved generator state must be a tensor or a dict with 'state', "
+                             f"got {type(saved).__name__}")
         # An older checkpoint stored the bare state: its size tells the kind of generator.
         same = saved.numel() == target_state.numel()
         return (target_kind if same else "other"), saved
-    if not isinstance(saved, dict) or "state" not in saved:
+    if "state" not in saved:
         raise ValueError(f"a saved generator state must be a tensor or a dict with 'state', got {type(saved).__name__}")
     return str(saved.get("device_type", target_kind)), saved["state"]
 

@@ -32,11 +32,12 @@ import torch
 from torch import nn
 
 from .checks import check_global_batch, check_mode, input_report
-from .cosine import cosine_logits, row_norms
 from .comm import ProcessGroup, gather_batch, gather_sizes, rank_and_world
+from .cosine import RowCorrection, cosine_logits, row_norms
 from .filtering import filter_similar_negatives
 from .generator_state import portable_state, restore_state
 from .guard import tag_row_gradient_params
+from .margin_softmax import margin_cross_entropy
 from .margins.base import Margin, MarginInput
 from .row_decay import LazyRowDecay
 from .rows import Workspace, gather_rows
@@ -56,6 +57,10 @@ class _Chosen:
     index: Optional[torch.Tensor]
     weight: torch.Tensor
     bias: Optional[torch.Tensor]
+    correction: Optional[RowCorrection] = None
+    """The ``− coef·w`` term left out of ``weight.grad`` (None: the gradient is complete)."""
+    norms: Optional[torch.Tensor] = None
+    """‖w‖ of the rows, computed by the gather (None: not yet computed)."""
 
 
 class PartialFC(nn.Module):
@@ -233,12 +238,15 @@ class PartialFC(nn.Module):
         workspace = self._row_workspace()
         out = (workspace.get("rows", shape, torch.float32, weight.device) if first
                else torch.empty(shape, dtype=torch.float32, device=weight.device))
-        w = gather_rows(weight, index, out, workspace)
+        # One centre per class: the row norms come out of the gather, block by block.
+        norms = torch.empty(shape[0], dtype=torch.float32, device=weight.device) if self.num_centers == 1 else None
+        w = gather_rows(weight, index, out, workspace, norms=norms)
         # Rows that missed steps under lazy_dense decay: bring the copy up to date first, so
         # that the cosine and the gradient see the row dense SGD would hold.
         owed = self.lazy_decay.factors(index) if self.lazy_decay is not None and index is not None else None
         if owed is not None:
             w.mul_(owed.view((-1,) + (1,) * (w.dim() - 1)))
+            norms = None  # computed again from the decayed rows
         w = w.detach().requires_grad_(self.training)
         self._gathered = (w, self.weight._version) if first else None
         b = None
@@ -248,7 +256,7 @@ class PartialFC(nn.Module):
             if owed is not None:
                 b = b * owed
             b = b.requires_grad_(self.training)
-        return _Chosen(index, w, b)
+        return _Chosen(index, w, b, norms=None if norms is None else norms.clamp_min_(_NORM_EPS))
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor,
                 sizes: Optional[Sequence[int]] = None, accuracy: bool = True) -> torch.Tensor:
@@ -274,6 +282,9 @@ class PartialFC(nn.Module):
             self._reports.append((input_report(features.detach(), labels, self.num_classes), sizes))
 
         index, target = self._choose_rows(labels)
+        # The first training forward of a step keeps its [N, c] and [c, D] buffers between
+        # steps (as its copy of the rows, see _leaves); any other forward allocates.
+        workspace = self._row_workspace() if self.training and torch.is_grad_enabled() and not self._chosen else None
         chosen = self._leaves(index)
         if self.training and torch.is_grad_enabled():
             # Forwards whose backward never ran hold rows nobody will update: dropped, so that
@@ -286,8 +297,17 @@ class PartialFC(nn.Module):
         feature_norm = features.norm(dim=1, keepdim=True).clamp_min(_NORM_EPS)
         unit = features / feature_norm
         rows = chosen.weight.view(-1, self.embedding_size)  # [c·K, D]
-        norms = row_norms(rows)
-        cos = cosine_logits(unit, rows, norms, self.compute_dtype, self.tf32)
+        norms = chosen.norms if chosen.norms is not None else row_norms(rows)
+        fused = self.margin.logit_scale() is not None
+        if chosen.weight is not self.weight and self.training and torch.is_grad_enabled():
+            # The rows are this forward's own copy: the row optimiser applies the gradient's
+            # −coef·w term block by block, while it holds each block in cache anyway.
+            chosen.correction = RowCorrection(rows.detach())
+        # The parameter itself (dense float32 shard) keeps its own .grad: a torch optimiser may
+        # zero it in place and accumulate into it, so its gradient must not be a kept buffer.
+        cos = cosine_logits(unit, rows, norms, self.compute_dtype, self.tf32,
+                            grad_in_place=fused and self.num_centers == 1, correction=chosen.correction,
+                            workspace=None if chosen.weight is self.weight else workspace)
         # Only margins on un-normalised rows (softmax, L-Softmax) differentiate through ‖w‖.
         weight_norm = rows.norm(dim=1).clamp_min(_NORM_EPS) if self.margin.uses_weight_norm else norms
         if self.num_centers > 1:
@@ -300,12 +320,17 @@ class PartialFC(nn.Module):
 
         inp = MarginInput(cos=cos, target=target, feature_norm=feature_norm, weight_norm=weight_norm,
                           bias=chosen.bias, group=self.group)
-        logits = self.margin(inp).float()
-        if accuracy:
+        fused_out = margin_cross_entropy(self.margin, inp, accuracy, workspace) if fused else None
+        if fused_out is not None:
+            # s·cos margins: margin and softmax share one [N, c] buffer (partial_fc.margin_softmax).
+            loss, self.accuracy = fused_out
+        elif accuracy:
+            logits = self.margin(inp).float()
             # Ranked by the loss's own logits: the cosine ranks wrongly where logits are not
             # cosines (softmax, L-Softmax: ‖w‖‖x‖cos + b).
             loss, self.accuracy = sharded_cross_entropy_and_accuracy(logits, target, logits.detach(), self.group)
         else:
+            logits = self.margin(inp).float()
             loss = sharded_cross_entropy(logits, target, self.group)
             self.accuracy = torch.full((), float("nan"), device=logits.device)
         extra = self.margin.extra_loss(inp)
@@ -328,26 +353,74 @@ class PartialFC(nn.Module):
         Gradients of several forwards (gradient accumulation) are summed per row.
         Returns (None, None, None) when no row received a gradient.
         """
-        done = [c for c in self._chosen if c.weight.grad is not None]
+        done = self._complete_row_grads()
         if not done:
             return None, None, None
         if any(c.index is None for c in done):
             if done[0].weight is self.weight:
                 return None, self.weight.grad, (self.bias.grad if self.bias is not None else None)
             w = torch.stack([c.weight.grad for c in done]).sum(0)
-            b = torch.stack([c.bias.grad for c in done]).sum(0) if self.bias is not None else None
+            b = torch.stack([c.bias.grad for c in done if c.bias is not None]).sum(0) if self.bias is not None else None
             return None, w, b
         if len(done) == 1:
             only = done[0]
             return only.index, only.weight.grad, (only.bias.grad if only.bias is not None else None)
         index = torch.cat([c.index for c in done])
         w = torch.cat([c.weight.grad for c in done])
-        b = torch.cat([c.bias.grad for c in done]) if self.bias is not None else None
+        b = torch.cat([c.bias.grad for c in done if c.bias is not None]) if self.bias is not None else None
         index, inverse = torch.unique(index, return_inverse=True)
         w = w.new_zeros((index.numel(),) + w.shape[1:]).index_add_(0, inverse, w)
         if b is not None:
             b = b.new_zeros(index.numel()).index_add_(0, inverse, b)
         return index, w, b
+
+    def _complete_row_grads(self) -> list[_Chosen]:
+        """The forwards with a gradient, their deferred row corrections applied."""
+        done = [c for c in self._chosen if c.weight.grad is not None]
+        for c in done:
+            if c.correction is not None:
+                c.correction.apply_(c.weight.grad.view(c.correction.rows.shape))
+        return done
+
+    def pending_row_grads(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor],
+                                         Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """As :meth:`row_grads`, plus the deferred correction: (index, weight grad, coef, bias grad).
+
+        When one forward fed the gradient and its row copy is still current
+        (:meth:`gathered_weight_rows`), ``coef`` [rows, centres] is returned instead of
+        applied: the weight gradient of row j is ``grad_j − coef_j · w_j`` (per centre), with
+        w the rows :meth:`gathered_weight_rows` returns.  Otherwise ``coef`` is None and the
+        gradient is complete.  Whoever takes ``coef`` must apply it before changing the rows.
+        """
+        done = [c for c in self._chosen if c.weight.grad is not None]
+        if (len(done) == 1 and done[0].correction is not None and done[0].correction.coef is not None
+                and self.gathered_weight_rows() is not None):
+            only = done[0]
+            correction = only.correction
+            assert correction is not None and correction.coef is not None  # checked just above
+            coef, correction.coef = correction.coef, None
+            return (only.index, only.weight.grad, coef.view(only.weight.shape[0], -1),
+                    only.bias.grad if only.bias is not None else None)
+        index, w, b = self.row_grads()
+        return index, w, None, b
+
+    @torch.no_grad()
+    def row_grads_finite(self) -> torch.Tensor:
+        """Device bool: every row gradient since the last clear is finite (no host read).
+
+        A deferred correction is checked through its coefficients (the rows are the
+        weights, finite whenever the loss is), so the check never completes the gradient.
+        """
+        ok = torch.ones((), dtype=torch.bool, device=self.weight.device)
+        for c in self._chosen:
+            if c.weight.grad is None:
+                continue
+            ok = ok & torch.isfinite(c.weight.grad).all()
+            if c.correction is not None and c.correction.coef is not None:
+                ok = ok & torch.isfinite(c.correction.coef).all()
+            if c.bias is not None and c.bias.grad is not None:
+                ok = ok & torch.isfinite(c.bias.grad).all()
+        return ok
 
     def gathered_weight_rows(self) -> Optional[torch.Tensor]:
         """The float32 copy of the weight rows that :meth:`row_grads` refers to, if still current.

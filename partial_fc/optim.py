@@ -33,7 +33,7 @@ import torch
 
 from .head import PartialFC
 from .row_decay import ROW_DECAY_POLICIES, LazyRowDecay
-from .rows import Workspace, blocks, gather_rows, round_to_bf16_, rounding_noise
+from .rows import Workspace, blocks, copy_rows_, gather_rows, round_to_bf16_, rounding_noise
 
 
 def _stochastic_round_bf16(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -91,7 +91,7 @@ class _RowOptimizer(torch.optim.Optimizer):
     def step(self, closure=None, grad_scale: float = 1.0):  # noqa: D401 - torch signature
         """Update the sampled rows; ``grad_scale`` multiplies the gradients first (1/loss scale)."""
         loss = closure() if closure is not None else None
-        index, w_grad, b_grad = self.head.row_grads()
+        index, w_grad, coef, b_grad = self.head.pending_row_grads()
         if w_grad is None:
             return loss
         group = self.param_groups[0]
@@ -99,7 +99,7 @@ class _RowOptimizer(torch.optim.Optimizer):
         lazy = self.lazy_decay
         # The decay the chosen rows owe (lazy_dense); the forward's copy already carries it.
         owed = lazy.factors(index) if lazy is not None and index is not None else None
-        for p, grad, rows in zip(group["params"], (w_grad, b_grad), (gathered, None)):
+        for p, grad, rows, correction in zip(group["params"], (w_grad, b_grad), (gathered, None), (coef, None)):
             if grad is None:
                 continue
             # The gradient buffers are discarded after the step, so they are updated in place.
@@ -112,7 +112,7 @@ class _RowOptimizer(torch.optim.Optimizer):
                 self._update({"param": p.detach(), **{n: state[n] for n in self.state_names}}, grad, group)
             else:
                 self._sparse_update(p.detach(), state, index, grad, rows, group, grad_scale,
-                                    owed if rows is None else None)
+                                    owed if rows is None else None, correction)
         if lazy is not None:
             lazy.advance(group["lr"], group["weight_decay"], index)
         self.head.margin.advance()
@@ -132,13 +132,16 @@ class _RowOptimizer(torch.optim.Optimizer):
 
     def _sparse_update(self, param: torch.Tensor, state: dict, index: Optional[torch.Tensor],
                        grad: torch.Tensor, rows: Optional[torch.Tensor], group: dict,
-                       grad_scale: float, owed: Optional[torch.Tensor] = None) -> None:
+                       grad_scale: float, owed: Optional[torch.Tensor] = None,
+                       coef: Optional[torch.Tensor] = None) -> None:
         """Gather, update and write back the chosen rows of ``param`` and its state, block by block.
 
         ``rows``: the float32 copy of the chosen weight rows made by the forward (None:
         gathered here).  ``owed``: [rows] decay factor applied to the gathered rows first
         (lazy_dense).  Each block of rows is gathered, updated and written back while it
-        is in cache, so weight and state cross memory once each way.
+        is in cache, so weight and state cross memory once each way.  ``coef`` [rows, centres]:
+        the gradient's deferred ``− coef·w`` term (``PartialFC.pending_row_grads``), applied to
+        each block before its update.
         """
         n = grad.shape[0]
         width = grad[0].numel() if grad.dim() > 1 else 1
@@ -164,6 +167,10 @@ class _RowOptimizer(torch.optim.Optimizer):
                 if name == "param" and owed is not None:
                     block[name].mul_(owed[sl].view((-1,) + (1,) * (len(shape) - 1)))
             g = grad[sl]
+            if coef is not None:
+                w = block["param"]
+                g.view(count, coef.shape[1], -1).addcmul_(w.view(count, coef.shape[1], -1),
+                                                          coef[sl].unsqueeze(2), value=-1.0)
             if grad_scale != 1.0:
                 g.mul_(grad_scale)
             self._update(block, g, group)
@@ -178,7 +185,7 @@ class _RowOptimizer(torch.optim.Optimizer):
                 if index is None:
                     target[sl].copy_(value)
                 else:
-                    target.index_copy_(0, part, value.to(target.dtype))
+                    copy_rows_(target, part, value.to(target.dtype))
 
     @property
     def _workspace(self) -> Workspace:

@@ -61,14 +61,39 @@ class Workspace:
         self._buffers.clear()
 
 
+def as_words(rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` viewed as int32 words when they are 2-byte values (bfloat16) in contiguous rows
+    of even width; ``rows`` itself otherwise.
+
+    Moving rows is bit copying: CPU index kernels copy 4-byte elements markedly faster than
+    bfloat16 ones (about 1.6x for ``index_select`` on this machine class), and an integer
+    view keeps every bit pattern.
+    """
+    if (rows.element_size() == 2 and rows.dim() >= 2 and rows.is_contiguous()
+            and rows.shape[-1] % 2 == 0):
+        return rows.view(torch.int32)
+    return rows
+
+
+def copy_rows_(target: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``target[index] = rows`` (same dtype), as word copies where :func:`as_words` allows."""
+    words, src = as_words(target), as_words(rows)
+    if words.dtype != src.dtype:
+        words, src = target, rows
+    words.index_copy_(0, index, src)
+    return target
+
+
 def gather_rows(source: torch.Tensor, index: Optional[torch.Tensor], out: torch.Tensor,
-                scratch: Optional[Workspace] = None, block_elements: Optional[int] = None) -> torch.Tensor:
+                scratch: Optional[Workspace] = None, block_elements: Optional[int] = None,
+                norms: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``out[:] = source[index]`` (all rows when ``index`` is None), converted to ``out``'s dtype.
 
     Rows of another dtype (bfloat16 storage) go through a cache-sized block, so the
-    conversion costs no extra pass over memory.
+    conversion costs no extra pass over memory.  ``norms`` [rows] (float32, ``out`` 2-D):
+    also receives each gathered row's L2 norm, computed while its block is in cache.
     """
-    if source.dtype == out.dtype:
+    if source.dtype == out.dtype and norms is None:
         if index is None:
             out.copy_(source)
         else:
@@ -78,12 +103,20 @@ def gather_rows(source: torch.Tensor, index: Optional[torch.Tensor], out: torch.
     for sl in blocks(out.shape[0], width, block_elements):
         if index is None:
             out[sl].copy_(source[sl])
-            continue
-        part = index[sl]
-        tmp = (scratch.get("gather", (part.numel(),) + tuple(source.shape[1:]), source.dtype, source.device)
-               if scratch is not None else None)
-        out[sl].copy_(torch.index_select(source, 0, part, out=tmp) if tmp is not None
-                      else source.index_select(0, part))
+        elif source.dtype == out.dtype:
+            torch.index_select(source, 0, index[sl], out=out[sl])
+        else:
+            part = index[sl]
+            shape = (part.numel(),) + tuple(source.shape[1:])
+            tmp = (scratch.get("gather", shape, source.dtype, source.device) if scratch is not None
+                   else torch.empty(shape, dtype=source.dtype, device=source.device))
+            words, tmp_words = as_words(source), as_words(tmp)
+            if words.dtype != tmp_words.dtype:
+                words, tmp_words = source, tmp
+            torch.index_select(words, 0, part, out=tmp_words)
+            out[sl].copy_(tmp)
+        if norms is not None:
+            torch.linalg.vector_norm(out[sl], dim=1, out=norms[sl])
     return out
 
 
@@ -109,4 +142,5 @@ def round_to_bf16_(x: torch.Tensor, row: torch.Tensor, col: torch.Tensor, out: t
     return out.copy_(x)
 
 
-__all__ = ["BLOCK_ELEMENTS", "Workspace", "blocks", "gather_rows", "rounding_noise", "round_to_bf16_"]
+__all__ = ["BLOCK_ELEMENTS", "Workspace", "as_words", "blocks", "copy_rows_", "gather_rows", "rounding_noise",
+           "round_to_bf16_"]

@@ -1,4 +1,9 @@
-"""Tiny WebDataset shards written on the fly for the loader tests."""
+"""Shard and JPEG fixtures of the data tests, in one place.
+
+``make_jpeg`` (distinct small JPEGs), ``write_dataset`` (tiny WebDataset shards and their
+manifest, written on the fly), ``pil_reference`` (a sample decoded by PIL), ``MemorySource``
+(an in-memory ``SampleSource``), ``read_shard`` / ``read_dataset`` (a plain tarfile reader).
+"""
 from __future__ import annotations
 
 import hashlib
@@ -12,14 +17,16 @@ from PIL import Image
 from data_pipeline.manifest import Manifest, ShardInfo
 
 
-def make_jpeg(index: int, size: int = 16) -> bytes:
-    """A JPEG with smooth structure that differs by ``index`` (so flips and mix-ups show)."""
-    y, x = np.mgrid[0:size, 0:size]
+def make_jpeg(index: int, size: int | tuple[int, int] = 16, quality: int = 95) -> bytes:
+    """A JPEG with smooth structure whose pixels (and bytes) differ by ``index`` (so flips and
+    mix-ups show); ``size``: the side, or ``(height, width)``."""
+    h, w = (size, size) if isinstance(size, int) else size
+    y, x = np.mgrid[0:h, 0:w]
     rng = np.random.default_rng(index)
     a, b, c = rng.uniform(0.2, 1.0, 3)
-    img = np.stack([x * 255 * a / size, y * 255 * b / size, (x + y) * 127 * c / size], -1)
+    img = np.stack([x * 255 * a / w, y * 255 * b / h, (x / w + y / h) * 127 * c], -1)
     buf = io.BytesIO()
-    Image.fromarray(img.astype(np.uint8)).save(buf, format="JPEG", quality=95)
+    Image.fromarray(img.astype(np.uint8)).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
 
 
@@ -63,3 +70,47 @@ def pil_reference(index: int, size: int = 16) -> np.ndarray:
     """Sample ``index``'s image decoded by PIL and normalised to [-1, 1], CHW float64."""
     arr = np.asarray(Image.open(io.BytesIO(make_jpeg(index, size))).convert("RGB"), np.float64)
     return ((arr / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)
+
+
+class MemorySource:
+    """A SampleSource over a list of (jpeg, label); ``fail_at`` makes the k-th read raise."""
+
+    def __init__(self, samples: list[tuple[bytes, int]], num_classes: int, fail_at: int | None = None,
+                 name: str = "memory:test") -> None:
+        self.samples, self.num_classes, self.name = samples, num_classes, name
+        self.fail_at = fail_at
+        self.reads: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[bytes, int]:
+        if self.fail_at is not None and len(self.reads) == self.fail_at:
+            raise RuntimeError("simulated crash")
+        self.reads.append(i)
+        return self.samples[i]
+
+
+def read_shard(path: Path) -> list[tuple[str, bytes, bytes]]:
+    """(key, jpg bytes, cls bytes) of every sample in a tar, in tar order, with tarfile alone."""
+    members: dict[str, dict[str, bytes]] = {}
+    order: list[str] = []
+    with tarfile.open(path) as tar:
+        for info in tar:
+            key, _, ext = info.name.partition(".")
+            if key not in members:
+                members[key] = {}
+                order.append(key)
+            members[key][ext] = tar.extractfile(info).read()
+    assert all(set(members[k]) == {"jpg", "cls"} for k in order), members
+    return [(k, members[k]["jpg"], members[k]["cls"]) for k in order]
+
+
+def read_dataset(manifest) -> list[tuple[str, bytes, int]]:
+    """(key, jpeg, label) of every sample of a manifest's shards, in shard order."""
+    out = []
+    for path in manifest.shard_paths():
+        for key, jpg, cls in read_shard(path):
+            assert len(cls) == 10 and cls.isdigit(), cls
+            out.append((key, jpg, int(cls)))
+    return out

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from shard_helpers import make_jpeg, write_dataset
 
 from data_pipeline import augment as A
 from data_pipeline.augment import Augment, SampleTransform
@@ -17,6 +16,7 @@ from data_pipeline.decode import decode_into
 from data_pipeline.epoch_plan import derive_seed
 from data_pipeline.loaders import build_loader
 from data_pipeline.wds_loader import FLIP_TAG
+from shard_helpers import make_jpeg, write_dataset
 
 SIZE = 32
 N = 48

@@ -6,8 +6,14 @@ import torch
 from torch import nn
 
 from train.backbones import build_backbone, list_backbones, register_backbone
-from train.backbones.flops import (count_flops, count_parameters, default_profiles, extract_table,
-                                   markdown_table, profile_backbone)
+from train.backbones.flops import (
+    count_flops,
+    count_parameters,
+    default_profiles,
+    extract_table,
+    markdown_table,
+    profile_backbone,
+)
 from train.backbones.vit import FaceViT
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "backbones.md"

@@ -7,9 +7,19 @@ import tarfile
 import pytest
 import torch
 
-from data_pipeline.bad_data import (BAD_LABEL, CORRUPT_JPEG, MISSING_CLS, MISSING_JPG,
-                                    MISSING_SHARD, REASONS, TRUNCATED_SHARD, WRONG_SIZE,
-                                    BadSample, BadSampleError, SkipReport)
+from data_pipeline.bad_data import (
+    BAD_LABEL,
+    CORRUPT_JPEG,
+    MISSING_CLS,
+    MISSING_JPG,
+    MISSING_SHARD,
+    REASONS,
+    TRUNCATED_SHARD,
+    WRONG_SIZE,
+    BadSample,
+    BadSampleError,
+    SkipReport,
+)
 from data_pipeline.loaders import build_loader
 from shard_helpers import make_jpeg, write_dataset
 

@@ -6,13 +6,28 @@ import pytest
 import torch
 
 from distributed_harness import run_distributed
-from train.checkpoint import (LATEST, CheckpointManager, find_latest, list_checkpoints, load_local, load_shared,
-                              rank_file)
+from train.checkpoint import (
+    LATEST,
+    CheckpointManager,
+    find_latest,
+    list_checkpoints,
+    load_local,
+    load_shared,
+    rank_file,
+)
 from train.distributed import init_distributed
 from train.reshard import check_ranges, gather_rows
 from train.trainer import Trainer
-from train_fixtures import (CLASSES, SplitLoader, assert_same_run_state, backbone_snapshot, bn_net, classifier_snapshot,
-                            run_state, tiny_config)
+from train_fixtures import (
+    CLASSES,
+    SplitLoader,
+    assert_same_run_state,
+    backbone_snapshot,
+    bn_net,
+    classifier_snapshot,
+    run_state,
+    tiny_config,
+)
 
 # Negative sampling, momentum, BatchNorm statistics and dropout: all must survive a resume.
 RESUME = ("loss.sample_rate=0.5", "max_steps=6", "optim.warmup_steps=2")
@@ -81,7 +96,8 @@ def test_resume_two_ranks_on_one(tmp_path):
     result = _resume_only(0, 1, str(tmp_path), extra)
     _check_resliced([result["head"]], saved)
     assert any("re-sliced from world size 2 to 1" in n for n in result["notes"])
-    backbone = torch.load(tmp_path / "checkpoints" / "step_00000003" / "shared.pt", weights_only=False)["runner"]["backbone"]
+    shared = torch.load(tmp_path / "checkpoints" / "step_00000003" / "shared.pt", weights_only=False)
+    backbone = shared["runner"]["backbone"]
     for key, value in backbone.items():
         assert torch.equal(result["backbone"][f"model.{key}"], value), key
 

@@ -8,9 +8,20 @@ import torch
 
 from data_pipeline.loader_base import LoaderSettingsMismatch
 from distributed_harness import run_distributed
-from train.checkpoint import (SHARED, CheckpointFormatError, CheckpointManager, CheckpointStorageError,
-                              capture_rng, find_latest, list_checkpoints, load_local, load_shared, rank_file,
-                              read_checkpoint, save_file)
+from train.checkpoint import (
+    SHARED,
+    CheckpointFormatError,
+    CheckpointManager,
+    CheckpointStorageError,
+    capture_rng,
+    find_latest,
+    list_checkpoints,
+    load_local,
+    load_shared,
+    rank_file,
+    read_checkpoint,
+    save_file,
+)
 from train.distributed import init_distributed
 from train.reshard import classifier_state
 from train.trainer import Trainer
@@ -135,7 +146,8 @@ def test_a_failed_background_write_is_raised_at_the_next_save(tmp_path, monkeypa
     monkeypatch.setattr(ckpt, "save_file", full)
     manager = _slow_manager(tmp_path)
     manager.save(1, {"step": 1}, {"w": torch.zeros(2)}, background=True)
-    with pytest.raises(ckpt.CheckpointWriteError, match="rank 0 could not write its part of checkpoint step_00000001.*OSError: .*No space left"):
+    with pytest.raises(ckpt.CheckpointWriteError,
+                       match="rank 0 could not write its part of checkpoint step_00000001.*OSError: .*No space left"):
         manager.save(2, {"step": 2}, {"w": torch.zeros(2)}, background=True)
 
 

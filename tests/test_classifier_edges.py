@@ -285,8 +285,9 @@ def test_gradient_checkpointing_updates_batchnorm_statistics_once():
     assert tracked and all(int(b) == 1 for b in tracked)
     for (name, a), (_, b) in zip(plain.named_buffers(), recomputed.named_buffers()):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
-    grads = [(p.grad, q.grad) for p, q in zip(plain.parameters(), recomputed.parameters())]
-    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in grads)
+    # The embedding BatchNorm's fixed scale (insightface's head) has no gradient in either model.
+    grads = [(p.grad, q.grad) for p, q in zip(plain.parameters(), recomputed.parameters()) if p.requires_grad]
+    assert grads and all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in grads)
 
 
 # ---------------------------------------------------------------- the options in a training run

@@ -103,7 +103,7 @@ def test_every_field_has_a_docstring():
         docs = field_docs(cls)
         names = [f.name for f in dataclasses.fields(cls)]
         assert [n for n in names if not docs.get(n)] == [], cls.__name__
-    assert len(all_keys()) == sum(len(dataclasses.fields(c)) for c in SECTIONS.values()) + 6
+    assert len(all_keys()) == sum(len(dataclasses.fields(c)) for c in SECTIONS.values()) + 7
 
 
 def test_docs_config_reference_is_up_to_date():
@@ -175,7 +175,8 @@ def test_loader_synthetic_is_a_deprecated_name_of_random_tensors(monkeypatch):
     from train import config_check
     monkeypatch.setattr(config_check, "_warned", set())
     sets = ["data.loader=synthetic", "data.manifest=", "data.num_classes=4", "data.num_samples=8"]
-    with pytest.warns(FutureWarning, match="data.loader=synthetic is deprecated: use data.loader=random_tensors") as seen:
+    deprecated = "data.loader=synthetic is deprecated: use data.loader=random_tensors"
+    with pytest.warns(FutureWarning, match=deprecated) as seen:
         first = TrainConfig.load("cpu_tiny", sets)
         second = TrainConfig.load("cpu_tiny", sets)
     assert len([w for w in seen if issubclass(w.category, FutureWarning)]) == 1  # once per process

@@ -4,8 +4,8 @@ from __future__ import annotations
 import logging
 import os
 import tarfile
-from pathlib import Path
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,9 +14,17 @@ import torch
 pytest.importorskip("nvidia.dali")
 
 from data_pipeline import dali_index, dali_loader  # noqa: E402
-from data_pipeline.bad_data import (BAD_LABEL, CORRUPT_JPEG, MISSING_CLS, MISSING_JPG,  # noqa: E402
-                                    MISSING_SHARD, TRUNCATED_SHARD, UNREACHABLE_SHARD, WRONG_SIZE,
-                                    BadSampleError)
+from data_pipeline.bad_data import (  # noqa: E402
+    BAD_LABEL,
+    CORRUPT_JPEG,
+    MISSING_CLS,
+    MISSING_JPG,
+    MISSING_SHARD,
+    TRUNCATED_SHARD,
+    UNREACHABLE_SHARD,
+    WRONG_SIZE,
+    BadSampleError,
+)
 from data_pipeline.dali_loader import labels_from_digits  # noqa: E402
 from data_pipeline.loaders import build_loader  # noqa: E402
 from shard_helpers import pil_reference, write_dataset  # noqa: E402

@@ -107,7 +107,8 @@ def test_synthetic_identification_is_the_curve_of_the_rendered_images():
     # Embeddings add the mirrored image and are unit rows.
     np.testing.assert_allclose(np.linalg.norm(enrolled, axis=1), 1, atol=1e-5)
     for n, rank1 in zip([0, 6], curve["rank1"]):
-        assert rank1 == pytest.approx(brute_rank1(probes, split.labels_probes, enrolled, split.labels_enrolled, pool[:n]))
+        want = brute_rank1(probes, split.labels_probes, enrolled, split.labels_enrolled, pool[:n])
+        assert rank1 == pytest.approx(want)
     assert curve["num_probes"] == 16 and curve["num_enrolled"] == 8
     with pytest.raises(ValueError, match="do not fit the model's 48-dimensional"):
         evaluate_synthetic_identification(model, SMALL, sizes=[2], distractor_features=np.ones((4, 8)), progress=False)
@@ -130,10 +131,23 @@ def test_eval_command_runs_identification(tmp_path):
                              str(data), "--distractors", "0", "5", "--probes-per-identity", "2", "--out",
                              str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
-    record = json.loads((tmp_path / "out" / "identification.json").read_text())
+    text = (tmp_path / "out" / "identification.json").read_text()
+    record = json.loads(text, parse_constant=lambda c: pytest.fail(f"identification.json holds {c}"))
     assert record["sizes"] == [0, 5] and record["num_probes"] == 12 and len(record["cmc"]["5"]) == 20
     assert (tmp_path / "out" / "rank1_vs_distractors.png").exists() and (tmp_path / "out" / "cmc.png").exists()
     assert "| 5 | 11 |" in result.stdout
     bad = subprocess.run([sys.executable, "-m", "launch.cli", "eval", "--model", str(model)], cwd=REPO,
                          capture_output=True, text=True, timeout=120, check=False)
     assert bad.returncode != 0 and "nothing to evaluate" in bad.stderr
+
+
+def test_identification_record_with_an_unmeasured_rank_is_strict_json(tmp_path):
+    from train.evaluation.report import json_tree, write_json
+
+    record = {"sizes": [0, 5], "rank1": [0.5, float("nan")], "num_probes": np.int64(4),
+              "cmc": {"5": [np.float32(0.25), float("inf")]}}
+    text = write_json(tmp_path / "identification.json", json_tree(record)).read_text()
+    back = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in the file"))
+    assert back == {"sizes": [0, 5], "rank1": [0.5, None], "num_probes": 4, "cmc": {"5": [0.25, None]}}
+    with pytest.raises(ValueError):  # the writer itself refuses a NaN left in
+        write_json(tmp_path / "x.json", record)

@@ -7,8 +7,14 @@ import torch
 from torch import nn
 
 from train.backbones import build_backbone
-from train.export import (check_onnx_parity, embed_folder, export_embedding_model, export_onnx,
-                          load_embedding_model, unwrap)
+from train.export import (
+    check_onnx_parity,
+    embed_folder,
+    export_embedding_model,
+    export_onnx,
+    load_embedding_model,
+    unwrap,
+)
 
 
 def trained_looking(name, **kw):
@@ -62,7 +68,7 @@ def test_embedding_export_refuses_a_config_that_cannot_rebuild(tmp_path):
         export_embedding_model(model, "iresnet_tiny", {"embedding_size": 32}, tmp_path / "m.pt")
     assert not (tmp_path / "m.pt").exists()
     torch.save({"weights": 1}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not a shardface embedding export"):
+    with pytest.raises(ValueError, match="not a shardface embedding model"):
         load_embedding_model(tmp_path / "other.pt")
 
 

@@ -180,3 +180,60 @@ def test_three_kills_with_three_restarts_end_bit_identical(tmp_path, nodes):
     for key in ref:
         assert torch.equal(ref[key], run[key]), key
 
+
+
+def test_slow_start_up_is_not_a_hang_but_a_stuck_step_is(tmp_path, monkeypatch):
+    """Start-up longer than failure.hang_timeout_s (a first DeepSpeed run builds an op) is not
+    blamed; a step stuck as long afterwards is. In one process, with the verdict recorded
+    instead of ending the process."""
+    import torch.distributed as dist
+
+    from train import failure
+    from train import trainer as trainer_module
+    from train.distributed import init_distributed
+    from train.trainer import Trainer
+    from train_fixtures import SplitLoader, plain_net, tiny_config
+
+    verdicts: list[tuple[int, str]] = []
+    lines: list[str] = []
+    monkeypatch.delenv(failure.FAILURE_FILE_ENV, raising=False)
+    monkeypatch.setattr(failure, "_say", lines.append)
+
+    def record_exit(code):
+        verdicts.append((code, lines[-1] if lines else ""))
+        watch._stop.set()  # the watch thread ends instead of the process
+
+    monkeypatch.setattr(failure, "_exit", record_exit)
+    stuck_s, limit_s = 2.0, 0.8
+    build = trainer_module.build_runner
+
+    def slow_build(*args, **kwargs):
+        time.sleep(stuck_s)  # one line, longer than the step limit, before any step
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "build_runner", slow_build)
+    ctx = init_distributed(device="cpu")
+    settings = failure.WatchSettings(hang_timeout_s=limit_s, heartbeat_timeout_s=60.0,
+                                     startup_timeout_s=60.0, poll_s=0.05)
+    watch = failure.FailureWatch(ctx, settings, store=dist.HashStore()).start()
+    try:
+        trainer = Trainer(tiny_config(tmp_path / "run", "max_steps=3"), ctx, loader=SplitLoader(),
+                          backbone=plain_net(), watch=watch)
+        step = trainer.train_step
+
+        def stuck_step(batches, **kwargs):
+            if kwargs.get("step") == 3:
+                time.sleep(stuck_s)  # a hang in the third step
+            return step(batches, **kwargs)
+
+        trainer.train_step = stuck_step
+        trainer.fit()
+        deadline = time.monotonic() + 5
+        while not verdicts and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        watch.stop()
+    assert len(verdicts) == 1, verdicts
+    code, line = verdicts[0]
+    assert code == failure.EXIT_HUNG and "rank 0 hung at step 3" in line, line
+    assert "failure.hang_timeout_s=0.8" in line and "test_failures.py" in line

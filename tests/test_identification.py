@@ -217,3 +217,38 @@ def test_ijb_1n_command_line(tmp_path, capsys):
     expected = evaluate_ijb_1n(features, faces, [g1, g2], probes)
     assert f"| G2 | {100 * expected['G2']['rank1']:.2f} |" in out and "| mean |" in out
     assert "G1: 12 gallery templates, 24 mated and 24 non-mated probe templates" in out
+
+
+def test_ijb_1n_through_shardface_eval_ijb(tmp_path, capsys):
+    import json
+
+    from launch.cli import main as shardface
+
+    features, rows, faces, g1, g2, probes = write_ijb_1n(tmp_path)
+    np.save(tmp_path / "emb.npy", features[::-1])
+    (tmp_path / "emb.txt").write_text("".join(f"crops/{i}.jpg\n" for i in reversed(range(len(rows)))))
+    common = ["eval-ijb", "--features", str(tmp_path / "emb.npy"), "--names", str(tmp_path / "emb.txt"),
+              "--faces", str(faces)]
+    out = tmp_path / "eval" / "results.json"
+    assert shardface([*common, "--gallery", str(g1), str(g2), "--probes", str(probes), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    expected = evaluate_ijb_1n(features, faces, [g1, g2], probes)
+    assert f"| G2 | {100 * expected['G2']['rank1']:.2f} |" in printed and "| mean |" in printed
+    assert "G1: num_gallery 12, num_mated 24, num_nonmated 24" in printed
+    doc = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"bare {c} in results.json"))
+    assert set(doc) == {"G1", "G2", "mean"} and doc["G1"]["num_mated"] == 24
+    for name, result in expected.items():
+        scalars = {k: v for k, v in result.items() if isinstance(v, (int, float))}  # curves are not written
+        assert set(doc[name]) == set(scalars)
+        for key, value in scalars.items():
+            if math.isnan(value):  # an FPIR too small for 24 non-mated searches
+                assert doc[name][key] is None
+            else:
+                assert doc[name][key] == pytest.approx(value)
+    assert any(v is None for v in doc["G1"].values())  # the case above is exercised
+    # The same one-line errors as the 1:1 command.
+    assert shardface([*common, "--gallery", str(g1), "--pairs", str(probes)]) == 2
+    assert "either --pairs (1:1 verification) or both --gallery and --probes" in capsys.readouterr().err
+    assert shardface([*common, "--gallery", str(g1), "--probes", str(tmp_path / "none.csv")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "probe template list" in err and "none.csv does not exist" in err

@@ -9,7 +9,7 @@ from data_pipeline.convert import convert
 from data_pipeline.image_folder import BadImageError, ImageFolderSource
 from data_pipeline.manifest import Manifest
 from data_pipeline.shards import SampleError
-from shard_testing import make_jpeg, read_dataset
+from shard_helpers import make_jpeg, read_dataset
 
 
 def pixels(seed, mode="RGB"):
@@ -34,7 +34,7 @@ def build_folder(root):
                 pixels(6, "L").save(path, format="JPEG")
             else:
                 seed += 1
-                path.write_bytes(make_jpeg(seed))
+                path.write_bytes(make_jpeg(seed, 12))
             files[path] = path.read_bytes()
     (root / "empty").mkdir()
     (root / "bob" / "notes.txt").write_text("not an image")
@@ -75,7 +75,7 @@ def test_folder_to_shards_with_workers(tmp_path):
 def test_unreadable_images_error_or_are_skipped(tmp_path):
     build_folder(tmp_path / "faces")
     bad = tmp_path / "faces" / "bob" / "c.jpg"
-    good = make_jpeg(1)
+    good = make_jpeg(1, 12)
     bad.write_bytes(good[: good.find(b"\xff\xda") + 30])  # truncated inside the scan data
     with pytest.raises(SampleError, match=r"cannot read image .*bob/c.jpg: .*skip_bad=True") as err:
         convert("folder", tmp_path / "faces", tmp_path / "out", progress=False)

@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from train_fixtures import IMAGE, SplitLoader, tiny_config
 
 from train.backbones import build_backbone
 from train.config_parse import ConfigError
 from train.distributed import init_distributed
 from train.export import export_embedding_model
 from train.trainer import Trainer
+from train_fixtures import IMAGE, SplitLoader, tiny_config
 
 
 def randomise_bn(model, seed=0):
@@ -42,7 +42,8 @@ def test_iresnet_fc_and_features_run_in_fp32_under_autocast():
     for fp32_head in (True, False):
         model = randomise_bn(build_backbone("iresnet_tiny", embedding_size=16, input_size=16,
                                             fp32_head=fp32_head)).eval()
-        model.fc.register_forward_hook(lambda m, args, out, key=fp32_head: seen.__setitem__(key, (args[0].dtype, out.dtype)))
+        model.fc.register_forward_hook(
+            lambda m, args, out, key=fp32_head: seen.__setitem__(key, (args[0].dtype, out.dtype)))
         x = torch.rand(3, 3, 16, 16) * 2 - 1
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(x)

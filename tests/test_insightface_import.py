@@ -50,7 +50,8 @@ class TheirIResNet(nn.Module):
         self.prelu = nn.PReLU(64)
         cin = 64
         for i, (n, c) in enumerate(zip(layers, (64, 128, 256, 512)), start=1):
-            setattr(self, f"layer{i}", nn.Sequential(TheirBlock(cin, c, 2), *[TheirBlock(c, c, 1) for _ in range(n - 1)]))
+            blocks = [TheirBlock(cin, c, 2), *[TheirBlock(c, c, 1) for _ in range(n - 1)]]
+            setattr(self, f"layer{i}", nn.Sequential(*blocks))
             cin = c
         self.bn2 = nn.BatchNorm2d(512)
         self.dropout = nn.Dropout(0.0)
@@ -270,7 +271,8 @@ def test_damaged_files_name_the_file_or_the_tensor(tmp_path):
         read_state_dict(tmp_path / "cut.pth")
     partial = dict(list(good.items())[:-7])
     torch.save(partial, tmp_path / "partial.pth")
-    with pytest.raises(ValueError, match=r"partial\.pth: tensor 'features\.layers\.\S+' \(our .*\) is missing \(7 in all\)"):
+    missing = r"partial\.pth: tensor 'features\.layers\.\S+' \(our .*\) is missing \(7 in all\)"
+    with pytest.raises(ValueError, match=missing):
         import_insightface(tmp_path / "partial.pth", "mbf", tmp_path / "out.pt")
     nan = dict(good)
     nan["conv_sep.layers.0.weight"] = nan["conv_sep.layers.0.weight"].clone().fill_(float("nan"))

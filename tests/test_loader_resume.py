@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch

@@ -11,8 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.epoch_plan import (even_split, exact_batches_per_rank, exact_worker_plan,
-                                      last_batch_padding, spans_between)
+from data_pipeline.epoch_plan import (
+    even_split,
+    exact_batches_per_rank,
+    exact_worker_plan,
+    last_batch_padding,
+    spans_between,
+)
 from data_pipeline.loaders import build_loader
 from shard_helpers import pil_reference, write_dataset
 
@@ -185,7 +190,7 @@ def test_resume_with_other_settings_is_refused_or_continues_by_samples(dataset, 
 def test_random_tensor_loader_contract_and_exact_coverage():
     kw = dict(world_size=3, batch_size=4, mode="exact", num_samples=10, num_classes=7,
               image_size=(8, 6))
-    labels, seen = [], []
+    seen = []
     for rank in range(3):
         loader = build_loader("random_tensors", None, rank=rank, **kw)
         assert len(loader) == 1 and loader.num_classes == 7

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from distributed_harness import run_distributed
-from partial_fc.comm import all_gather_no_grad, all_reduce
 from partial_fc import NonFiniteEmbeddingError
+from partial_fc.comm import all_gather_no_grad, all_reduce
 from partial_fc.metric_losses import CenterLoss, CircleLoss, TripletLoss, build_metric_loss
 from partial_fc.sharding import class_range
 

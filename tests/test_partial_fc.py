@@ -133,7 +133,7 @@ def _optimizer_pair(name, steps=3, sample_rate=1.0):
     opt = build_head_optimizer(head, name, lr=0.5, weight_decay=0.01)
     ref_opt = (torch.optim.SGD([ref_w], lr=0.5, momentum=0.9, weight_decay=0.01) if name == "sgd"
                else torch.optim.AdamW([ref_w], lr=0.5, weight_decay=0.01))
-    for step in range(steps):
+    for _ in range(steps):
         x, labels = torch.randn(6, D), torch.randint(0, C, (6,))
         opt.zero_grad()
         head(x, labels).backward()

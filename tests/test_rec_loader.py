@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from shard_testing import make_jpeg
 
 from data_pipeline.bad_data import BadSampleError
 from data_pipeline.convert import convert
@@ -23,6 +22,7 @@ from data_pipeline.recordio import (
     read_index,
     write_recordio,
 )
+from shard_helpers import make_jpeg
 
 REPO = Path(__file__).resolve().parent.parent
 N, CLASSES = 37, 6  # the last class has no images: the header says 6, the labels reach 4
@@ -292,7 +292,7 @@ def test_dalis_own_recordio_reader_keeps_file_order_whatever_the_index_order(tmp
     """Why the DALI path feeds records itself: fn.readers.mxnet sorts the .idx offsets."""
     dali = pytest.importorskip("nvidia.dali")
     from nvidia.dali import fn
-    rec, idx = write_recordio(tmp_path / "t.rec", [(make_jpeg(i), i) for i in range(6)], identity_header=False)
+    rec, idx = write_recordio(tmp_path / "t.rec", [(make_jpeg(i, 12), i) for i in range(6)], identity_header=False)
     offsets = read_index(idx)
     (tmp_path / "perm.idx").write_text("".join(f"{k}\t{offsets[k]}\n" for k in [4, 1, 5, 0, 3, 2]))
 

@@ -5,9 +5,16 @@ import numpy as np
 import pytest
 
 from data_pipeline.convert import convert
-from data_pipeline.recordio import (RecordIOError, RecordIOSource, frame_record, pack_payload,
-                                    read_index, rebuild_index, write_recordio)
-from shard_testing import make_jpeg, read_dataset
+from data_pipeline.recordio import (
+    RecordIOError,
+    RecordIOSource,
+    frame_record,
+    pack_payload,
+    read_index,
+    rebuild_index,
+    write_recordio,
+)
+from shard_helpers import make_jpeg, read_dataset
 
 MAGIC = struct.pack("<I", 0xCED7230A)
 
@@ -18,7 +25,7 @@ def lrec(cflag, length):
 
 def jpeg_with_aligned_magic(seed):
     """A JPEG followed by a trailer holding the RecordIO magic at a 4-byte-aligned offset."""
-    jpeg = make_jpeg(seed)
+    jpeg = make_jpeg(seed, 12)
     jpeg += b"\0" * (-len(jpeg) % 4)
     return jpeg + MAGIC + b"tail"
 
@@ -26,7 +33,7 @@ def jpeg_with_aligned_magic(seed):
 def samples_and_classes(n=30, classes=6):
     rng = np.random.default_rng(3)
     labels = rng.integers(0, classes - 1, n)  # the last class has no images
-    samples = [(make_jpeg(i), int(labels[i])) for i in range(n)]
+    samples = [(make_jpeg(i, 12), int(labels[i])) for i in range(n)]
     samples[4] = (jpeg_with_aligned_magic(100), samples[4][1])
     return samples, classes
 

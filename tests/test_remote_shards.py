@@ -177,9 +177,10 @@ def test_inspect_over_http(dataset, tmp_path):
 
 
 def test_convert_to_s3_writes_shards_then_the_manifest(tmp_path, monkeypatch, s3):
+    from PIL import Image
+
     from data_pipeline import remote_writes
     from data_pipeline.convert import convert
-    from PIL import Image
     folder = tmp_path / "faces"
     for ident in range(3):
         (folder / f"id{ident}").mkdir(parents=True)
@@ -298,6 +299,7 @@ def test_remote_verification_sets_are_fetched_into_the_cache(dataset, tmp_path):
 
 def test_synth_command_writes_to_s3_with_the_manifest_last(s3, monkeypatch):
     import fsspec
+
     from data_pipeline import remote_writes
     from launch.cli import main as shardface
     uploads = []
@@ -311,7 +313,7 @@ def test_synth_command_writes_to_s3_with_the_manifest_last(s3, monkeypatch):
                       "--image-size", "32", "--samples-per-shard", "4", "--workers", "1"]) == 0
     m = Manifest.load("s3://synth-out/tiny")
     assert m.num_samples == 6 and len(m.shards) == 2 and uploads[-1] == "manifest.json"
-    assert set(uploads) >= {s.path for s in m.shards} | {"heldout.bin"}
+    assert set(uploads) >= {s.path for s in m.shards} | {"synthetic_heldout.bin"}
 
 
 @pytest.mark.parametrize("ranges", [True, False])
@@ -332,14 +334,54 @@ def test_seeking_forward_and_back(tmp_path, ranges):
     assert [r for _, r in server.requests] == ["", "bytes=6000000-", "bytes=10-"]
 
 
-def test_a_shard_cut_on_every_attempt_counts_the_samples_after_the_cut(dataset):
+def _samples_whole_before(path, cut):
+    """How many samples of the tar ``path`` have every member's data before byte ``cut``."""
+    import tarfile
+    ends: dict[str, int] = {}
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            key = m.name.rsplit(".", 1)[0]
+            ends[key] = max(ends.get(key, 0), m.offset_data + m.size)
+    whole = 0
+    for end in ends.values():  # in tar order
+        if end > cut:
+            break
+        whole += 1
+    return whole
+
+
+@pytest.mark.parametrize("where", ["middle", "start"])
+def test_a_shard_cut_on_every_attempt_counts_the_samples_after_the_cut(dataset, where):
     name = "train-000002.tar"  # samples 9..14
-    cut = (dataset / name).stat().st_size // 2
+    cut = (dataset / name).stat().st_size // 2 if where == "middle" else 0
+    before = _samples_whole_before(dataset / name, cut)
+    assert (before > 0) == (where == "middle")  # the middle cut leaves whole samples before it
     with http_server(dataset) as server:
         server.cuts[name] = [cut] * 100  # cut at the same byte every time
         _, y, stats = epoch_labels(f"{server.url}/manifest.json", remote=RemoteOptions(retries=2, backoff_s=0))
     read = set(y) & set(range(9, 15))
     lost = stats[UNREACHABLE_SHARD]
-    # The samples before the cut are read once; the rest of the shard is counted as lost.
-    assert 0 < len(read) < 6 and lost == 6 - len(read) and sum(stats.values()) == lost
-    assert read == set(range(9, 9 + len(read))) and set(range(9)) <= set(y)
+    # The samples before the cut are read once (whether the client saw the bytes before the
+    # connection's error or after); exactly the rest of the shard is counted as lost.
+    assert read == set(range(9, 9 + before)) and lost == 6 - before
+    assert sum(stats.values()) == lost and set(range(9)) <= set(y)
+
+
+def test_bytes_received_before_a_cut_are_handed_on(tmp_path):
+    # The client waits until the cut answer has arrived whole, so that the connection's error
+    # is already known at the first read: the bytes before it must still be handed on.
+    import time
+    blob = bytes(range(256)) * 400
+    (tmp_path / "blob.bin").write_bytes(blob)
+    with http_server(tmp_path) as server:
+        server.cuts["blob.bin"] = [40_000]
+        raw = ResumingReader(f"{server.url}/blob.bin", RemoteOptions(retries=0))
+        time.sleep(0.3)
+        got = bytearray()
+        while chunk := raw.read(1 << 20):
+            got += chunk
+        raw.close()
+    assert bytes(got) == blob and raw.retried == 1
+    assert [r for _, r in server.requests] == ["", "bytes=40000-"]
+
+

@@ -41,7 +41,7 @@ def test_blockwise_update_equals_unblocked_update_bit_for_bit(monkeypatch, name,
     torch.manual_seed(0)
     head = PartialFC(D, C, CosFace(), sample_rate=0.3, seed=3)
     opt = build_head_optimizer(head, name, lr=0.3, weight_decay=0.05)
-    for step in range(3):
+    for _ in range(3):
         x, y = torch.randn(6, D), torch.randint(0, C, (6,))
         opt.zero_grad()
         head(x, y).backward()

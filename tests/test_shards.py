@@ -14,14 +14,14 @@ from data_pipeline.jpeg import jpeg_size
 from data_pipeline.manifest import Manifest, ManifestError, ShardInfo
 from data_pipeline.shards import SampleError, write_shards
 from data_pipeline.tar_writer import write_tar_atomic
-from shard_testing import MemorySource, make_jpeg, read_dataset, read_shard
+from shard_helpers import MemorySource, make_jpeg, read_dataset, read_shard
 
 N, C, PER_SHARD = 60, 7, 16  # -> 4 shards of 15
 
 
 def dataset(n=N, classes=C):
     rng = np.random.default_rng(1)
-    return [(make_jpeg(i), int(rng.integers(0, classes))) for i in range(n)]
+    return [(make_jpeg(i, 12), int(rng.integers(0, classes))) for i in range(n)]
 
 
 def test_manifest_round_trip_and_errors(tmp_path):
@@ -58,7 +58,7 @@ def test_manifest_round_trip_and_errors(tmp_path):
 
 
 def test_tar_writer_matches_tarfile_and_jpeg_size_matches_pil(tmp_path):
-    members = [("000000000.jpg", make_jpeg(0)), ("000000000.cls", b"0000000003"), ("x.jpg", b"")]
+    members = [("000000000.jpg", make_jpeg(0, 12)), ("000000000.cls", b"0000000003"), ("x.jpg", b"")]
     reference = io.BytesIO()
     with tarfile.open(fileobj=reference, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for name, data in members:

@@ -124,12 +124,12 @@ def test_dataset_files_are_identical_for_one_or_two_workers(tmp_path):
     files = _dataset_bytes(tmp_path / "w1")
     assert files == _dataset_bytes(tmp_path / "w2")
     assert set(files) == {"train-000000.tar", "train-000001.tar", "train-000002.tar",
-                          "heldout.bin", "contact_sheet.png"}
+                          "synthetic_heldout.bin", "contact_sheet.png"}
     assert m1.to_json() == m2.to_json()
 
     loaded = Manifest.load(tmp_path / "w1")
     assert loaded.num_classes == 6 and loaded.num_samples == 24 and loaded.image_size == (40, 40)
-    assert loaded.verification == {"synthetic_heldout": "heldout.bin"}
+    assert loaded.verification == {"synthetic_heldout": "synthetic_heldout.bin"}
 
     # The shards hold exactly the training images, labelled by identity.
     train = SyntheticFaces(cfg)

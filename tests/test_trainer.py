@@ -14,8 +14,7 @@ from train.distributed import init_distributed
 from train.optim import split_decay
 from train.schedule import lr_multiplier
 from train.trainer import NonFiniteTrainingError, Trainer
-from train_fixtures import (SplitLoader, backbone_snapshot, bn_net, classifier_snapshot, plain_net,
-                            tiny_config)
+from train_fixtures import SplitLoader, backbone_snapshot, bn_net, classifier_snapshot, plain_net, tiny_config
 
 REPO = Path(__file__).resolve().parent.parent
 # Settings under which two ranks with a local batch of 4 must equal one process with 8:
@@ -29,7 +28,8 @@ def _train(rank, world, out, extra, grad_accum=1):
     trainer = Trainer(cfg, init_distributed(device="cpu"), loader=SplitLoader(rank, world), backbone=plain_net())
     summary = trainer.fit()
     ddp = cfg.parallel.strategy == "ddp"  # DeepSpeed owns (and partitions) its optimiser state
-    return {"backbone": backbone_snapshot(trainer, optimizer=ddp), "head": classifier_snapshot(trainer), "loss": summary["final_loss"]}
+    return {"backbone": backbone_snapshot(trainer, optimizer=ddp), "head": classifier_snapshot(trainer),
+            "loss": summary["final_loss"]}
 
 
 def _reference(tmp_path, extra):
@@ -70,7 +70,8 @@ def _deepspeed(rank, world, out):
     # The shared-memory all-reduce is a CPU speed-up compiled on first use (~1 min): not needed here.
     # (``deepspeed.comm.torch`` as an attribute is the torch package, hence the module lookup.)
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    results = {stage: _train(rank, world, f"{out}/z{stage}", ("parallel.strategy=deepspeed", f"parallel.zero_stage={stage}"))
+    results = {stage: _train(rank, world, f"{out}/z{stage}",
+                             ("parallel.strategy=deepspeed", f"parallel.zero_stage={stage}"))
                for stage in (0, 1, 2, 3)}
     for stage in (0, 2):  # stage 0 checks nothing itself; stages 1-3 check inside DeepSpeed
         cfg = tiny_config(f"{out}/nan{stage}", "parallel.strategy=deepspeed", f"parallel.zero_stage={stage}")
@@ -227,18 +228,12 @@ def test_no_weight_decay_on_norms_biases_and_prelu():
 def test_torchrun_main_trains_evaluates_checkpoints_and_exports(tmp_path):
     """The real entry point under torchrun: 2 processes, iresnet_tiny, synthetic data, a .bin, W&B offline."""
     from data_pipeline.verification import write_bin
-    from PIL import Image
-    import io
-    import numpy as np
-    rng = np.random.default_rng(0)
-    jpegs = []
-    for _ in range(40):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, format="JPEG")
-        jpegs.append(buf.getvalue())
+    from shard_helpers import make_jpeg
+    jpegs = [make_jpeg(i, 32) for i in range(40)]
     write_bin(tmp_path / "pairs.bin", jpegs, [i % 2 == 0 for i in range(20)])
     out = tmp_path / "run"
-    sets = ["data.loader=random_tensors", "data.manifest=", "data.num_classes=20", "data.num_samples=256", "data.batch_size=8",
+    sets = ["data.loader=random_tensors", "data.manifest=", "data.num_classes=20", "data.num_samples=256",
+            "data.batch_size=8",
             "data.image_size=32", "model.backbone=iresnet_tiny", "model.embedding_size=32", "max_steps=6",
             f"output_dir={out}", f"eval.bins=[{tmp_path / 'pairs.bin'}]", "eval.every_steps=3", "eval.batch_size=16",
             "checkpoint.every_steps=4", "log.every_steps=2", "log.wandb=true", "loss.sample_rate=0.5"]

@@ -11,16 +11,11 @@ import torch
 from PIL import Image
 
 from data_pipeline.verification import VerificationSet, load_bin, verification_batches, write_bin
+from shard_helpers import make_jpeg
 
 
 def _jpegs(n: int, size: tuple[int, int] = (24, 20), seed: int = 0) -> list[bytes]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=85)
-        out.append(buf.getvalue())
-    return out
+    return [make_jpeg(seed * 1000 + i, size, quality=85) for i in range(n)]
 
 
 def _decoded(jpeg: bytes) -> np.ndarray:

@@ -8,8 +8,15 @@ import torch
 from torch import nn
 
 from train.evaluation.metrics import best_threshold, roc_auc, roc_curve, tar_at_far, thin_roc
-from train.evaluation.verification import (embed_pairs, evaluate_bin, evaluate_embeddings, fold_slices,
-                                           pair_scores, plot_roc, scalars)
+from train.evaluation.verification import (
+    embed_pairs,
+    evaluate_bin,
+    evaluate_embeddings,
+    fold_slices,
+    pair_scores,
+    plot_roc,
+    scalars,
+)
 
 
 def pairs_with_cosines(cosines):

@@ -109,6 +109,18 @@ def remote_options(d: DataConfig) -> Any:
                          cache_dir=d.cache_dir, cache_gb=d.cache_gb)
 
 
+def check_image_size(data: DataConfig, manifest: Optional[Any]) -> None:
+    """data.image_size must be the manifest's image size: the loader does not resize."""
+    size = getattr(manifest, "image_size", None)
+    if size is None:
+        return
+    h, w = (size, size) if isinstance(size, int) else tuple(size)[:2]
+    if (h, w) != (data.image_size, data.image_size):
+        raise ConfigError(f"data.image_size={data.image_size} but the images of data.manifest={data.manifest!r} "
+                          f"are {h}x{w}: set data.image_size={h}"
+                          + ("" if h == w else " (the backbone needs square images)"))
+
+
 def build_data(d: DataConfig, ctx: DistContext, manifest: Optional[Any], seed: int) -> Any:
     """The loader of this rank (``data_pipeline.loaders.build_loader``); ``seed``: the run's."""
     from data_pipeline.loaders import build_loader
@@ -126,7 +138,9 @@ def build_data(d: DataConfig, ctx: DistContext, manifest: Optional[Any], seed: i
     if d.loader == "random_tensors" and manifest is None:
         # In-memory data without shards: its shape comes from the config.
         kwargs.update(num_classes=d.num_classes, num_samples=d.num_samples, image_size=(d.image_size, d.image_size))
-    return build_loader(d.loader, manifest, **kwargs)
+    loader = build_loader(d.loader, manifest, **kwargs)
+    loader.max_bad_fraction = d.max_bad_fraction
+    return loader
 
 
 def resolve_num_classes(data: DataConfig, manifest: Optional[Any], loader: Any) -> int:
@@ -144,7 +158,8 @@ def resolve_num_classes(data: DataConfig, manifest: Optional[Any], loader: Any) 
 
 
 def backbone_options(m: ModelConfig, image_size: int) -> dict[str, Any]:
-    """Keyword arguments of ``build_backbone`` (also stored in the embedding export); ``image_size``: data.image_size."""
+    """Keyword arguments of ``build_backbone`` (also stored in the embedding export);
+    ``image_size``: data.image_size."""
     options: dict[str, Any] = dict(embedding_size=m.embedding_size, dropout=m.dropout, input_size=image_size)
     if m.gradient_checkpointing:
         options["gradient_checkpointing"] = True
@@ -171,7 +186,7 @@ def build_backbone_module(m: ModelConfig, image_size: int, device: torch.device)
 def build_head(cfg: TrainConfig, ctx: DistContext, num_classes: int) -> nn.Module:
     """This rank's classifier shard: PartialFC with the configured margin."""
     from partial_fc import PartialFC
-    from partial_fc.margins import build_margin, margin_parameters
+    from partial_fc.margins import MarginOptionError, build_margin, margin_parameters
     lo = cfg.loss
     seed = cfg.seed if lo.head_seed is None else lo.head_seed
     options = dict(lo.margin_options)
@@ -179,6 +194,8 @@ def build_head(cfg: TrainConfig, ctx: DistContext, num_classes: int) -> nn.Modul
         if "seed" in margin_parameters(lo.margin) and "seed" not in options:
             options["seed"] = seed  # a random margin (ElasticFace) follows the run's seed unless told otherwise
         margin = build_margin(lo.margin, **options)
+    except MarginOptionError as err:
+        raise ConfigError(f"loss.margin_options.{err}") from None
     except (ValueError, TypeError, KeyError) as err:
         raise ConfigError(f"loss.margin={lo.margin!r} with loss.margin_options={lo.margin_options}: {err}") from err
     precision = classifier_precision(cfg.precision, ctx.device)

@@ -133,7 +133,15 @@ def list_checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name) and (p / SHARED).is_file()]
-    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+    return sorted(found, key=lambda p: _step_of(p.name))
+
+
+def _step_of(name: str) -> int:
+    """The step number in a checkpoint folder's name (``step_00000040`` → 40)."""
+    match = _NAME.match(name)
+    if match is None:
+        raise ValueError(f"{name!r} is not the name of a checkpoint folder")
+    return int(match.group(1))
 
 
 def find_latest(root: Path) -> Optional[Path]:
@@ -422,7 +430,7 @@ class CheckpointManager:
             return resolve_resume(resume, self.root, self.ctx)
         ctx = self.ctx
         if resume == "latest":
-            mine = {int(_NAME.match(p.name).group(1)) for p in list_checkpoints(self.root)
+            mine = {_step_of(p.name) for p in list_checkpoints(self.root)
                     if (p / rank_file(ctx.rank)).is_file()}
             every = gather_objects(sorted(mine), ctx)
             common = set(every[0]).intersection(*map(set, every[1:]))

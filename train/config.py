@@ -31,8 +31,7 @@ import yaml
 from data_pipeline.kinds import LOADER_ALIASES, EpochMode, LoaderKind
 
 from .config_check import Section
-from .config_parse import (ConfigError, build_section, coerce, field_types, parse_override, to_plain,
-                           unknown_key_error)
+from .config_parse import ConfigError, build_section, coerce, field_types, parse_override, to_plain, unknown_key_error
 
 
 def _preset_dir() -> Path:
@@ -83,6 +82,8 @@ class DataConfig(Section):
     """Probability per sample of random erasing: a mid-gray rectangle over 2-20% of the area (occlusion); 0: off."""
     strict: bool = False
     """Stop on an undecodable sample instead of skipping and counting it."""
+    max_bad_fraction: float = 0.1
+    """Stop the run when more than this fraction of the samples read were bad (skipped), judged from the 100th sample on; 1: never stop."""
     retries: int = 5
     """Remote data (URLs): failed attempts in a row, opening or reading, before a shard counts as unreachable (skipped and counted as unreachable_shard; an error with strict)."""
     retry_backoff_s: float = 1.0
@@ -111,6 +112,7 @@ class DataConfig(Section):
         self.at_least("epoch_samples", 1)
         self.at_least("num_classes", 1)
         self.at_least("num_samples", 1)
+        self.within("max_bad_fraction", 0.0, 1.0)
         self.at_least("retries", 0)
         self.at_least("retry_backoff_s", 0.0)
         if not self.cache_gb > 0:
@@ -141,7 +143,7 @@ class ModelConfig(Section):
     PATH = "model"
 
     backbone: str = "iresnet50"
-    """Backbone name from train.backbones (iresnet18/34/50/100/200, mobilefacenet, vit_t/s/b, iresnet_tiny, ...)."""
+    """Backbone name from train.backbones (iresnet18/34/50/100/200, mobilefacenet, vit_t/s/b, iresnet_tiny, ...; aliases r18/r34/r50/r100/r200, mbf = mobilefacenet_mbf)."""
     embedding_size: int = 512
     """Width D of the embedding."""
     dropout: float = 0.0
@@ -415,12 +417,16 @@ class FailureConfig(Section):
     """A rank stuck on one line of code outside a collective this long, with no step done, is reported hung and the job stops."""
     heartbeat_timeout_s: float = 15.0
     """A rank whose heartbeat is silent this long (killed, machine lost) stops the job."""
+    startup_timeout_s: float = 900.0
+    """The hang limit before the first step: start-up (parallel setup, a first DeepSpeed run's op build, the checkpoint restore) may sit on one line this long."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.hang_timeout_s <= 0 or self.heartbeat_timeout_s <= 0:
             raise ConfigError(f"failure.hang_timeout_s={self.hang_timeout_s} and failure.heartbeat_timeout_s="
                               f"{self.heartbeat_timeout_s} must both be > 0")
+        if self.startup_timeout_s <= 0:
+            raise ConfigError(f"failure.startup_timeout_s={self.startup_timeout_s} must be > 0")
 
 
 SECTIONS: dict[str, type] = {
@@ -437,6 +443,8 @@ class TrainConfig(Section):
 
     output_dir: str = "runs/default"
     """Run folder: config.yaml, checkpoints, evaluation plots, export."""
+    overwrite: bool = False
+    """Start a new run in an output_dir that holds an earlier run (its checkpoints and model.pt are removed first); false: such a start is refused unless checkpoint.resume is set."""
     seed: int = 0
     """Seed of everything random (weights, sampling, data order); a run is deterministic given seed and world size."""
     max_steps: int = 0
@@ -524,7 +532,7 @@ class TrainConfig(Section):
         try:
             values = yaml.safe_load(text) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"config is not valid YAML: {err}") from err
+            raise ConfigError(f"config is not valid YAML: {yaml_error_line(err)}") from err
         return cls.from_dict(values)
 
     def to_yaml(self) -> str:
@@ -544,7 +552,7 @@ class TrainConfig(Section):
             try:
                 values = yaml.safe_load(path.read_text()) or {}
             except yaml.YAMLError as err:
-                raise ConfigError(f"{path} is not valid YAML: {err}") from err
+                raise ConfigError(f"{path} is not valid YAML: {yaml_error_line(err)}") from err
             if not isinstance(values, dict):
                 raise ConfigError(f"{path} must hold a mapping of config sections")
         for text in overrides or []:
@@ -594,6 +602,15 @@ def apply_override(values: dict, parts: list[str], value: str, text: str) -> Non
         section = values.get(parts[0]) or {}
         values[parts[0]] = section
         section[parts[1]] = value
+
+
+def yaml_error_line(err: Exception) -> str:
+    """A YAML error on one line: ``line 3, column 7: mapping values are not allowed here``."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    context = getattr(err, "context", None)
+    return where + str(problem) + (f" ({context})" if context else "")
 
 
 def list_presets() -> list[str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import SECTIONS, TrainConfig
-from .config_parse import is_optional, field_docs, field_types, literal_choices, to_plain
+from .config_parse import field_docs, field_types, is_optional, literal_choices, to_plain
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "training.md"
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -15,6 +13,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 from torch import nn
+
+from data_pipeline.atomic import atomic_path
 
 from .backbones import build_backbone
 
@@ -32,21 +32,6 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
-
-
-@contextlib.contextmanager
-def _atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temporary path beside ``path`` that replaces it only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _float32(model: nn.Module) -> nn.Module:
@@ -78,7 +63,7 @@ def export_onnx(backbone: nn.Module, path: str | Path, image_size: int = 112, op
     device = next(model.parameters()).device
     example = (torch.zeros(2, 3, image_size, image_size, device=device),)
     names = dict(input_names=["images"], output_names=["embeddings"], opset_version=opset)
-    with _eval_mode(model), _atomic_path(path) as tmp, torch.no_grad():
+    with _eval_mode(model), atomic_path(path) as tmp, torch.no_grad():
         if dynamo:
             batch = torch.export.Dim("batch", min=1)
             torch.onnx.export(model, example, str(tmp), dynamo=True, dynamic_shapes=({0: batch},),
@@ -156,7 +141,7 @@ def export_embedding_model(backbone: nn.Module, backbone_name: str, config_dict:
                          f"(first differences: {diff}): pass the name and options the backbone was built with")
     payload = {"format": FORMAT, "version": FORMAT_VERSION, "backbone": backbone_name, "config": config,
                "state_dict": state}
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return Path(path)
 
@@ -165,13 +150,43 @@ def load_embedding_model(path: str | Path, device: str | torch.device = "cpu") -
     """Rebuild an :func:`export_embedding_model` file as an :class:`EmbeddingModel` in eval mode."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a shardface embedding export (write it with export_embedding_model)")
+        raise ValueError(f"{path} is not a shardface embedding model: give the model.pt a finished run wrote, "
+                         "or a checkpoint folder (the run folder, its checkpoints/ or a step_* folder)")
     if payload.get("version") != FORMAT_VERSION:
         raise ValueError(f"{path} has export version {payload.get('version')}, this code reads {FORMAT_VERSION}")
     backbone = build_backbone(payload["backbone"], **payload["config"])
     backbone.load_state_dict(payload["state_dict"])
     model = EmbeddingModel(backbone, payload["backbone"], payload["config"])
     return model.to(device).eval()
+
+
+def load_checkpoint_model(folder: str | Path, device: str | torch.device = "cpu") -> EmbeddingModel:
+    """The backbone of a training checkpoint (a ``step_*`` folder) as an :class:`EmbeddingModel` in eval mode.
+
+    An interrupted run has checkpoints but no ``model.pt`` yet: its newest checkpoint is
+    evaluated, exported or used to embed in the same way.  The backbone is rebuilt from the
+    run's config stored in the checkpoint.
+    """
+    from .builders import backbone_options
+    from .checkpoint import read_checkpoint
+    from .config import TrainConfig
+
+    folder = Path(folder)
+    saved = read_checkpoint(folder)
+    cfg = TrainConfig.from_yaml(saved["header"]["config"])
+    runner = saved["shared"].get("runner", {})
+    if "backbone" not in runner:
+        raise ValueError(f"checkpoint {folder} holds a DeepSpeed engine's files, not the backbone's weights: "
+                         "let the run finish (it writes model.pt), or resume it with parallel.strategy=deepspeed")
+    state = {}
+    for key, value in runner["backbone"].items():
+        for prefix in ("_orig_mod.", "module."):  # torch.compile / DDP wrappers
+            key = key[len(prefix):] if key.startswith(prefix) else key
+        state[key] = value
+    config = backbone_options(cfg.model, cfg.data.image_size)
+    backbone = build_backbone(cfg.model.backbone, **config)
+    backbone.load_state_dict(state)
+    return EmbeddingModel(backbone, cfg.model.backbone, config).to(device).eval()
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -193,7 +208,7 @@ def load_image(path: str | Path, image_size: int) -> torch.Tensor:
         with Image.open(path) as img:
             img = img.convert("RGB")
             if img.size != (image_size, image_size):
-                img = img.resize((image_size, image_size), Image.BILINEAR)
+                img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
             pixels = np.asarray(img, dtype=np.float32)
     except OSError as err:
         raise ValueError(f"cannot decode image {path} ({err}): remove or re-encode it") from err
@@ -234,10 +249,10 @@ def embed_folder(model: nn.Module, folder: str | Path, out_path: str | Path, bat
             if progress is not None:
                 progress(min(start + batch_size, len(files)), len(files))
     names_path = out_path.with_suffix(".txt")
-    with _atomic_path(out_path) as tmp:
+    with atomic_path(out_path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, np.concatenate(rows).astype(np.float32))
     root = Path(folder)
-    with _atomic_path(names_path) as tmp:
+    with atomic_path(names_path) as tmp:
         tmp.write_text("".join(f"{p.relative_to(root).as_posix()}\n" for p in files))
     return out_path, names_path

@@ -13,6 +13,10 @@ Each rank runs a :class:`FailureWatch`: a daemon thread talking to the job's c10
   (it lives in rank 0's process, or in torchrun's agent) and ends with :data:`EXIT_PEER_LOST`;
 * sees its own main thread stuck on the same line of code outside a collective with no
   step finished for ``hang_timeout_s`` and reports this rank as hung (:data:`EXIT_HUNG`).
+  Until the trainer says start-up is over (:meth:`FailureWatch.started`: parallel setup,
+  ``deepspeed.initialize`` and the checkpoint restore done) the limit is ``startup_timeout_s``:
+  start-up does long work of its own on one line (a first DeepSpeed run JIT-builds an op and
+  waits on the build's lock file) that is not a hang.
 
 The record also goes to the file ``SHARDFACE_FAILURE_FILE`` names (set by the
 ``shardface train`` launcher, which prints it as its last line).
@@ -65,6 +69,8 @@ class WatchSettings:
     """A rank stuck on one line outside a collective this long with no step done is hung."""
     heartbeat_timeout_s: float = 15.0
     """A peer whose heartbeat is silent this long is gone."""
+    startup_timeout_s: float = 900.0
+    """The hang limit before the first step (start-up: parallel setup, op builds, checkpoint restore)."""
     poll_s: float = 0.5
     """How often the watch thread looks."""
 
@@ -110,7 +116,8 @@ def _exit(code: int) -> None:
 def _prefix() -> str:
     # torchrun may share one store across restarts (its agent's): keys of a killed attempt
     # must not be read by the next one.
-    return f"shardface_watch/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    run, restart = os.environ.get("TORCHELASTIC_RUN_ID", ""), os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return f"shardface_watch/{run}/{restart}/"
 
 
 class FailureWatch:
@@ -126,7 +133,8 @@ class FailureWatch:
         self._main = threading.main_thread().ident
         self._reported = False
         self._reporting = False
-        self.store = store
+        self._starting = True  # start-up: the hang limit is startup_timeout_s
+        self.store: Any = store  # a torch.distributed store, or None in a single process
         if self.store is None and ctx.world_size > 1 and dist.is_initialized():
             self.store = _own_store()
         if self.store is not None:
@@ -139,6 +147,11 @@ class FailureWatch:
             self._thread = threading.Thread(target=self._run, name="shardface-failure-watch", daemon=True)
             self._thread.start()
         return self
+
+    def started(self) -> None:
+        """Start-up is over (called by the trainer before its first step): steps get ``hang_timeout_s``."""
+        self._progress_at = time.monotonic()
+        self._starting = False
 
     def progress(self, step: int) -> None:
         """A step finished (called by the training loop)."""
@@ -251,15 +264,19 @@ class FailureWatch:
             if where != stuck_at[0]:
                 stuck_at = (where, time.monotonic())
             idle = time.monotonic() - max(self._progress_at, stuck_at[1])
-            if where is not None and not where[2] and idle > s.hang_timeout_s and not (self._reported or self._reporting):
-                line = (f"rank {ctx.rank} hung at step {self.step + 1}: no progress for {idle:.0f} s "
-                        f"(failure.hang_timeout_s={s.hang_timeout_s:g}), stuck in {where[0]}:{where[1]}")
+            starting = self._starting
+            limit, key = ((s.startup_timeout_s, "startup_timeout_s") if starting
+                          else (s.hang_timeout_s, "hang_timeout_s"))
+            if where is not None and not where[2] and idle > limit and not (self._reported or self._reporting):
+                when = "during start-up" if starting else f"at step {self.step + 1}"
+                line = (f"rank {ctx.rank} hung {when}: no progress for {idle:.0f} s "
+                        f"(failure.{key}={limit:g}), stuck in {where[0]}:{where[1]}")
                 _say(f"shardface: error: {line}")
                 self._publish(line, EXIT_HUNG, "".join(traceback.format_stack(self._main_frame())))
                 _exit(EXIT_HUNG)
 
     def _main_frame(self) -> Optional[FrameType]:
-        return sys._current_frames().get(self._main)
+        return sys._current_frames().get(self._main) if self._main is not None else None
 
     def _main_location(self) -> Optional[tuple[str, int, bool]]:
         """(file, line, waiting for peers) of the main thread's innermost Python frame."""
@@ -304,7 +321,7 @@ def gather_objects(obj: Any, ctx: DistContext, group: Any = None) -> list[Any]:
 
 
 def collective_verdict(ctx: DistContext, what: str, work: Callable[[], object], group: Any = None,
-                       kind: type = None) -> object:
+                       kind: Optional[type] = None) -> object:
     """Run ``work`` on every rank; if it raised on any rank, every rank raises the same error.
 
     ``what`` says what was attempted (``"write its checkpoint part of step 40"``); the

@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -184,7 +185,7 @@ def convert_state_dict(state: Mapping[str, torch.Tensor], name: str,
     corr = correspondence(name)
     length = state.get(corr.embedding_tensor)
     embedding_size = int(length.shape[0]) if length is not None and length.dim() == 1 else 512
-    options = {"embedding_size": embedding_size, "input_size": INPUT_SIZE, **dict(corr.options)}
+    options: dict[str, Any] = {"embedding_size": embedding_size, "input_size": INPUT_SIZE, **dict(corr.options)}
     with torch.device("meta"):
         model = build_backbone(corr.ours, **options)
     table = their_names(model, corr)
@@ -215,7 +216,8 @@ def convert_state_dict(state: Mapping[str, torch.Tensor], name: str,
     return corr.ours, options, converted
 
 
-def build_imported(state: Mapping[str, torch.Tensor], name: str, source: str = "the file") -> tuple[str, dict, torch.nn.Module]:
+def build_imported(state: Mapping[str, torch.Tensor], name: str,
+                   source: str = "the file") -> tuple[str, dict, torch.nn.Module]:
     """(our backbone name, build options, our backbone in eval mode holding arcface_torch's tensors)."""
     ours, options, converted = convert_state_dict(state, name, source)
     model = build_backbone(ours, **options)

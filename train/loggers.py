@@ -4,11 +4,12 @@ Only rank 0 gets real loggers; the trainer hands every other rank the no-op base
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, TextIO
+from typing import Any, Iterator, Optional, TextIO
 
 
 def format_duration(seconds: float) -> str:
@@ -19,10 +20,6 @@ def format_duration(seconds: float) -> str:
     if h:
         return f"{h}h{m:02d}m{s:02d}s"
     return f"{m}m{s:02d}s" if m else f"{s}s"
-
-
-def _fmt(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:.4f}"
 
 
 class Logger:
@@ -73,7 +70,8 @@ class ConsoleLogger(Logger):
         m = metrics
         parts = [f"step {step}/{self.total}", f"loss {m['loss']:.4f}"]
         if "accuracy" in m:
-            parts.append(f"acc {m['accuracy']:.3f}")
+            from train.evaluation.report import format_value
+            parts.append(f"acc {format_value('accuracy', m['accuracy'])}")  # a percentage, as everywhere on screen
         parts.append(f"lr {m['lr']:.3g}")
         if "samples_per_s" in m:
             parts.append(f"{m['samples_per_s']:.1f} samples/s")
@@ -100,9 +98,9 @@ class ConsoleLogger(Logger):
 
     def log_eval(self, step: int, results: dict[str, dict[str, float]], images: dict[str, Path]) -> None:
         """A line per verification set."""
+        from train.evaluation.report import format_results
         for name, r in results.items():
-            shown = ", ".join(f"{k} {_fmt(v)}" for k, v in r.items() if isinstance(v, (int, float)))
-            self._print(f"eval step {step} | {name} | {shown}")
+            self._print(f"eval step {step} | {name} | {format_results(r)}")
 
     def finish(self, summary: dict[str, Any]) -> None:
         """Print where the results are."""
@@ -132,8 +130,11 @@ class WandbLogger(Logger):
         os.environ.setdefault("WANDB_DIR", str(output_dir))
         Path(os.environ["WANDB_DIR"]).mkdir(parents=True, exist_ok=True)
         self._wandb = wandb
+        # quiet: no banner and no ~30-line summary at the end; the console logger and the run
+        # folder say where the W&B run is.
         self.run = wandb.init(project=project, name=run_name or None, entity=entity or None, config=config,
-                              id=run_id, resume="allow" if run_id else None, dir=os.environ["WANDB_DIR"])
+                              id=run_id, resume="allow" if run_id else None, dir=os.environ["WANDB_DIR"],
+                              settings=wandb.Settings(quiet=True, silent=True))
         self.run_id = getattr(self.run, "id", None) if self.run is not None else None
 
     def log_config(self, config: dict) -> None:
@@ -215,6 +216,19 @@ class Throughput:
     def __init__(self, total_steps: int, start_step: int = 0):
         self.total, self.t0, self.s0 = total_steps, time.perf_counter(), start_step
         self.samples = 0
+        self.paused_s = 0.0
+        """Seconds spent in :meth:`paused` blocks since the start (evaluation, checkpoints)."""
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside is left out of samples/s and the ETA (it is not training)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            spent = time.perf_counter() - start
+            self.t0 += spent
+            self.paused_s += spent
 
     def add(self, samples: int) -> None:
         """Count samples of a finished step."""

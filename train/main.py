@@ -44,6 +44,8 @@ def _json_safe(value: Any) -> Any:
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     """Train as configured; returns the run's summary (final loss, evaluation, throughput, paths)."""
     args = build_parser().parse_args(argv)
+    from .quiet import quiet_libraries
+    quiet_libraries()
     cfg = TrainConfig.load(args.config, args.set)
     if args.print_config:
         print(cfg.to_yaml(), end="")
@@ -57,7 +59,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     # Installed before the trainer is built: a preemption during start-up still ends with exit 75.
     from .preemption import PreemptionHandler
     preemption = PreemptionHandler(ctx, cfg.preempt.signals).install()
-    watch = FailureWatch(ctx, WatchSettings(cfg.failure.hang_timeout_s, cfg.failure.heartbeat_timeout_s)).start()
+    settings = WatchSettings(cfg.failure.hang_timeout_s, cfg.failure.heartbeat_timeout_s,
+                             startup_timeout_s=cfg.failure.startup_timeout_s)
+    watch = FailureWatch(ctx, settings).start()
     faults = FaultSwitch.from_env(ctx.rank)
     ok = False
     try:

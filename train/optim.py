@@ -14,7 +14,7 @@ from torch import nn
 from .config import OptimConfig
 
 # Modules whose parameters are scales, shifts or slopes rather than weights to shrink.
-_NO_DECAY_MODULES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.PReLU)
+_NO_DECAY_MODULES: tuple[type, ...] = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.PReLU)
 if hasattr(nn, "RMSNorm"):
     _NO_DECAY_MODULES = _NO_DECAY_MODULES + (nn.RMSNorm,)
 

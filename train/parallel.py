@@ -169,7 +169,8 @@ class DDPRunner(BackboneRunner):
     def load_state_dict(self, state: dict, folder: Path, same_world: bool) -> list[str]:
         """Weights, optimiser and scaler (the same at any world size: the backbone is replicated)."""
         if "backbone" not in state:
-            raise ValueError(f"checkpoint {folder} holds a DeepSpeed backbone; resume it with parallel.strategy=deepspeed")
+            raise ValueError(f"checkpoint {folder} holds a DeepSpeed backbone; "
+                             "resume it with parallel.strategy=deepspeed")
         self.module.load_state_dict(state["backbone"])
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
@@ -198,10 +199,21 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     }
     if not cfg.parallel.deepspeed_config:
         return generated
-    path = Path(cfg.parallel.deepspeed_config)
-    if not path.is_file():
-        raise FileNotFoundError(f"parallel.deepspeed_config={str(path)!r} does not exist")
-    return _merge(generated, json.loads(path.read_text()))
+    return _merge(generated, json.loads(resolve_deepspeed_config(cfg.parallel.deepspeed_config).read_text()))
+
+
+def resolve_deepspeed_config(value: str) -> Path:
+    """The file of ``parallel.deepspeed_config``: the path itself, or a relative path looked up
+    beside the installed packages (``launch/deepspeed_zero2.json`` works outside a checkout)."""
+    path = Path(value)
+    if path.is_file():
+        return path
+    # The packages sit side by side (a checkout or site-packages): launch/*.json is package data.
+    packaged = Path(__file__).resolve().parent.parent / path
+    if not path.is_absolute() and packaged.is_file():
+        return packaged
+    raise FileNotFoundError(f"parallel.deepspeed_config={value!r} does not exist (relative paths are also looked "
+                            f"up in the installed package, e.g. launch/deepspeed_zero2.json)")
 
 
 def _merge(base: dict, user: dict) -> dict:
@@ -230,7 +242,8 @@ class DeepSpeedRunner(BackboneRunner):
         try:
             import deepspeed
         except ImportError:
-            raise ImportError("parallel.strategy=deepspeed needs the deepspeed package: pip install deepspeed") from None
+            raise ImportError("parallel.strategy=deepspeed needs the deepspeed package: "
+                              "pip install deepspeed") from None
         self.ctx, self.cfg = ctx, cfg
         # DeepSpeed reads the local rank from the environment (torchrun sets it; a plain or
         # externally initialised process group may not have).
@@ -247,7 +260,7 @@ class DeepSpeedRunner(BackboneRunner):
             """The client optimiser's step, or nothing while a skipped step is being applied."""
             return None if self._skip else client_step(*args, **kwargs)
 
-        client.step = guarded_step  # type: ignore[method-assign]
+        client.step = guarded_step
         self.config = deepspeed_config(cfg, ctx.world_size)
         self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=client, config=self.config,
                                                     dist_init_required=False)

@@ -17,7 +17,7 @@ import os
 import signal
 import time
 from types import FrameType
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 if TYPE_CHECKING:  # torch stays unimported where only the signal names are checked (the config)
     from .distributed import DistContext
@@ -33,7 +33,7 @@ scheduler often deliver the same signal to a rank within milliseconds of each ot
 
 def signal_numbers(names: list[str], key: str = "preempt.signals") -> list[signal.Signals]:
     """Signals by name (``SIGTERM``, ``TERM`` or ``15``); ValueError naming the one that is unknown."""
-    found = []
+    found: list[signal.Signals] = []
     for name in names:
         text = str(name).strip().upper()
         try:
@@ -69,7 +69,7 @@ class PreemptionHandler:
         self._first_at = 0.0
         self._pid = os.getpid()
         self._previous: dict[int, object] = {}
-        self._flag = None
+        self._flag: Optional[Any] = None  # a torch tensor once a vote is needed (torch imported late)
 
     # ------------------------------------------------------------------ handlers
     def install(self) -> "PreemptionHandler":
@@ -127,9 +127,10 @@ class PreemptionHandler:
         import torch.distributed as dist
         if self._flag is None:
             self._flag = torch.zeros(1, dtype=torch.int32, device=self.ctx.device)
-        self._flag.fill_(int(local))
-        dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self.ctx.group)
-        return bool(self._flag.item())
+        flag = self._flag
+        flag.fill_(int(local))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.ctx.group)
+        return bool(flag.item())
 
 
 __all__ = ["PREEMPTED_EXIT_CODE", "INTERRUPTED_EXIT_CODE", "PreemptionHandler", "signal_numbers"]

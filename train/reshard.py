@@ -171,7 +171,7 @@ def load_classifier(head: torch.nn.Module, optimizer: torch.optim.Optimizer, fol
     check_ranges(ranges, head.num_classes)
     same = local is not None and (local["classifier"]["class_start"], local["classifier"]["num_local"]) == \
         (head.class_start, head.num_local) and len(ranges) == head.world_size
-    if same:
+    if same and local is not None:
         restore_classifier(head, optimizer, local["classifier"][ROWS], local["classifier"]["extra"], metric)
         return False
     rows = gather_rows(ranges, lambda i: read_shard_file(Path(folder) / rank_file(i)),

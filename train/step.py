@@ -119,6 +119,9 @@ class TrainStep:
 
     def _head_finite(self) -> torch.Tensor:
         """True (a device tensor) when the classifier's row gradients are finite."""
+        finite = getattr(self.head, "row_grads_finite", None)
+        if finite is not None:  # PartialFC: checks without completing a deferred row correction
+            return finite()
         row_grads = getattr(self.head, "row_grads", None)
         if row_grads is None:
             return torch.tensor(bool(self.head_optimizer.grads_finite()), device=self.ctx.device)
@@ -204,7 +207,7 @@ class TrainStep:
                 for b, saved in zip(list(self.runner.module.buffers()) + list(self.head.buffers()),
                                     buffers + head_buffers):
                     b.copy_(saved)
-        if journal is not None:
+        if journal is not None and self.metric_loss is not None:
             (self.metric_loss.commit_updates if ok and applied else self.metric_loss.rollback_updates)()
         if input_error is not None:
             report, sizes = input_error

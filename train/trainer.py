@@ -12,8 +12,20 @@ from typing import Any, Iterator, Optional
 
 from torch import nn
 
-from .builders import (apply_precision_settings, build_backbone_module, build_data, build_head, build_loggers, build_metric, load_manifest,
-                       rank_seed, resolve_num_classes, seed_everything, set_deterministic)
+from .builders import (
+    apply_precision_settings,
+    build_backbone_module,
+    build_data,
+    build_head,
+    build_loggers,
+    build_metric,
+    check_image_size,
+    load_manifest,
+    rank_seed,
+    resolve_num_classes,
+    seed_everything,
+    set_deterministic,
+)
 from .checkpoint import CheckpointManager, checkpoint_name
 from .components import ClassifierState, LoaderState, RngState, RunnerState, ScheduleState
 from .config import TrainConfig
@@ -28,6 +40,11 @@ from .schedule import LRSchedule
 from .stateful import TrainingProgress
 from .step import Batch, StepResult, TrainStep
 from .validation import Validator
+
+
+def _loss_text(loss: Optional[float]) -> str:
+    """A loss for a log line: four decimals, or n/a when no step ran."""
+    return "n/a" if loss is None else f"{loss:.4f}"
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -51,6 +68,7 @@ class Trainer:
         apply_precision_settings(cfg.precision, ctx.device)
         seed_everything(cfg.seed)
         self.manifest = load_manifest(cfg.data)
+        check_image_size(cfg.data, self.manifest)
         self.loader = loader if loader is not None else build_data(cfg.data, ctx, self.manifest, cfg.seed)
         self.num_classes = resolve_num_classes(cfg.data, self.manifest, self.loader)
         o = cfg.optim
@@ -62,7 +80,8 @@ class Trainer:
 
         seed_everything(cfg.seed)  # the same initial backbone on every rank
         self.injected_backbone = backbone is not None
-        module = backbone.to(ctx.device) if backbone is not None else build_backbone_module(cfg.model, cfg.data.image_size, ctx.device)
+        module = backbone.to(ctx.device) if backbone is not None else \
+            build_backbone_module(cfg.model, cfg.data.image_size, ctx.device)
         self.lr, self.head_lr = scaled_lrs(o, self.samples_per_step)
         self.runner = build_runner(module, cfg, ctx, self.lr)
         self.head = build_head(cfg, ctx, self.num_classes)
@@ -85,6 +104,7 @@ class Trainer:
         self.logger: Logger = Logger()
         self.eval_results: dict[str, dict[str, float]] = {}
         self._batch_iter: Optional[Iterator[Batch]] = None
+        self._claimed = False  # the run folder was checked (and cleared with overwrite) by fit()
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -168,10 +188,13 @@ class Trainer:
     def _describe(self) -> str:
         cfg, ctx, head = self.cfg, self.ctx, self.head
         bytes_per_class = head.bytes_per_class(cfg.optim.name) if hasattr(head, "bytes_per_class") else 0
+        zero = f" ZeRO-{cfg.parallel.zero_stage}" if cfg.parallel.strategy == "deepspeed" else ""
+        parallel = f"{cfg.parallel.strategy}{zero}"
+        # One process has no process group and nothing to replicate: say so instead of "(none) | ddp".
+        layout = ("single process (no process group)" if ctx.backend == "none"
+                  else f"world size {ctx.world_size} ({ctx.backend}) | {parallel}")
         lines = [
-            f"run: {self.run_dir} | device {ctx.device} | world size {ctx.world_size} ({ctx.backend}) | "
-            f"{cfg.parallel.strategy}{' ZeRO-' + str(cfg.parallel.zero_stage) if cfg.parallel.strategy == 'deepspeed' else ''}"
-            f" | precision {cfg.precision.dtype}",
+            f"run: {self.run_dir} | device {ctx.device} | {layout} | precision {cfg.precision.dtype}",
             f"global batch {self.local_batch * ctx.world_size} = {self.local_batch} x {ctx.world_size} ranks; "
             f"samples/step {self.samples_per_step} (grad_accum {cfg.optim.grad_accum})",
             f"steps {self.total_steps} ({self.steps_per_epoch} per epoch, "
@@ -231,6 +254,7 @@ class Trainer:
     def _start(self) -> Optional[Path]:
         """Resume if configured, write config.yaml, start the loggers, print the derived quantities."""
         cfg, ctx = self.cfg, self.ctx
+        cleared = self._claim_run_folder()
         self.checkpoints.check_storage()
         self.checkpoints.clean_stale()
         folder = self.checkpoints.resolve(cfg.checkpoint.resume)
@@ -243,11 +267,33 @@ class Trainer:
         self.logger = build_loggers(cfg, ctx, self.total_steps, self.wandb_run_id)
         self.wandb_run_id = self.logger.run_id or self.wandb_run_id
         self.logger.log_text(self._describe())
+        if cleared:
+            self.logger.log_text(f"overwrite=true: removed the earlier run's {', '.join(cleared)} from {self.run_dir}")
         for note in notes:
             self.logger.log_text(f"note: {note}")
         self.logger.log_config({"derived": {"samples_per_step": self.samples_per_step, "total_steps": self.total_steps,
                                             "num_classes": self.num_classes, "world_size": ctx.world_size}})
         return folder
+
+    def _claim_run_folder(self) -> list[str]:
+        """Refuse to start over an earlier run (unless resuming), or clear it with ``overwrite``; before any write."""
+        if self._claimed:  # fit() called again on this trainer: the folder is already this run's
+            return []
+        self._claimed = True
+        from .config_parse import ConfigError
+        from .distributed import broadcast_object
+        from .run_folder import clear_checkpoints, clear_export, refusal
+        error: Any = refusal(self.cfg, self.checkpoint_dir) if self.ctx.is_main else None
+        error = broadcast_object(error, self.ctx)
+        if error:
+            raise ConfigError(error)
+        cleared: list[str] = []
+        if self.cfg.overwrite and self.cfg.checkpoint.resume in ("none", ""):
+            if self.checkpoints.publisher:
+                cleared += clear_checkpoints(self.checkpoint_dir)
+            if self.ctx.is_main:
+                cleared += clear_export(self.run_dir)
+        return cleared
 
     def fit(self, stop_at_step: Optional[int] = None,
             preemption: Optional[PreemptionHandler] = None) -> dict[str, Any]:
@@ -260,6 +306,10 @@ class Trainer:
         """
         cfg = self.cfg
         folder = self._start()
+        if folder is not None and self.step >= self.total_steps:
+            if preemption is not None:
+                preemption.uninstall()
+            return self._already_finished(folder)
         end = self.total_steps if stop_at_step is None else min(stop_at_step, self.total_steps)
         start_step, t_start = self.step, time.perf_counter()
         meter = Throughput(self.total_steps, self.step)
@@ -275,6 +325,8 @@ class Trainer:
             preemption = PreemptionHandler(self.ctx, cfg.preempt.signals).install()
         preemption.step = lambda: self.step
         preempted = preemption.should_stop() and self.step < self.total_steps  # a signal during start-up
+        if self.watch is not None:
+            self.watch.started()  # set-up and restore are done: from here steps get failure.hang_timeout_s
         try:
             while self.step < end and not preempted:
                 self.schedule.set_step(self.step)
@@ -290,10 +342,13 @@ class Trainer:
                     self.logger.log_metrics(self.step, self._metrics(last, meter))
                 else:
                     self.logger.progress_tick(self.step, last.loss)
+                # Evaluation and checkpoints are not training: samples/s leaves their time out.
                 if self._due(cfg.eval.every_steps):
-                    self.evaluate()
+                    with meter.paused():
+                        self.evaluate()
                 if self._due(cfg.checkpoint.every_steps):
-                    self.save_checkpoint(background=True)
+                    with meter.paused():
+                        self.save_checkpoint(background=True)
                     last_saved = self.step
                 # Every rank stops after the same step when any of them was signalled (the step's vote).
                 preempted = last.stop and self.step < self.total_steps
@@ -307,6 +362,7 @@ class Trainer:
                                  f"{PREEMPTED_EXIT_CODE}; resume with "
                                  f"--set checkpoint.resume=latest)")
         elapsed = time.perf_counter() - t_start
+        train_s = max(elapsed - meter.paused_s, 1e-9)  # the steps alone, as the samples/s of the log lines
         final_ckpt = self.save_checkpoint() if last_saved != self.step else \
             self.checkpoint_dir / checkpoint_name(self.step)
         self.checkpoints.wait()  # a background save of the last step lands before the run ends
@@ -320,14 +376,34 @@ class Trainer:
             "steps": self.step, "finished": finished, "steps_this_run": steps_run,
             "skipped_steps": self.skipped_steps,
             "final_loss": last.loss if last else None, "final_accuracy": last.accuracy if last else None,
-            "samples_per_s": steps_run * self.samples_per_step / elapsed if elapsed > 0 and steps_run else None,
-            "wall_s": elapsed, "eval": self.eval_results, "run_dir": str(self.run_dir),
+            "samples_per_s": steps_run * self.samples_per_step / train_s if steps_run else None,
+            "wall_s": elapsed, "train_s": train_s, "eval": self.eval_results, "run_dir": str(self.run_dir),
             "checkpoint": str(final_ckpt), "export": str(export) if export else None,
             "wandb_run_id": self.wandb_run_id, "preempted": preempted,
         }
         self.logger.log_text(f"{'done' if finished else 'stopped'}: step {self.step}/{self.total_steps}, "
-                             f"{steps_run} steps in {format_duration(elapsed)}, final loss {summary['final_loss']}, "
+                             f"{steps_run} steps in {format_duration(elapsed)}, "
+                             f"final loss {_loss_text(summary['final_loss'])}, "
                              f"skipped {self.skipped_steps}; run folder {self.run_dir}")
+        self.logger.finish(summary)
+        return summary
+
+    def _already_finished(self, folder: Path) -> dict[str, Any]:
+        """A resumed run that had reached its last step: say so, and neither train nor evaluate again."""
+        import json
+        previous: dict[str, Any] = {}
+        path = self.run_dir / "summary.json"
+        if path.is_file():
+            try:
+                previous = json.loads(path.read_text())
+            except ValueError:
+                previous = {}
+        summary = {**previous, "steps": self.step, "finished": True, "steps_this_run": 0, "already_finished": True,
+                   "checkpoint": str(folder), "run_dir": str(self.run_dir), "preempted": False}
+        summary.setdefault("eval", {})
+        self.logger.log_text(f"already finished: {folder.name} is step {self.step}/{self.total_steps}; nothing to "
+                             f"train or evaluate (final loss {_loss_text(summary.get('final_loss'))}). Raise "
+                             f"max_steps to train on, or give a new output_dir for a new run")
         self.logger.finish(summary)
         return summary
 
@@ -358,11 +434,15 @@ class Trainer:
         if self.injected_backbone:
             self.logger.log_text("note: no embedding export: the backbone was not built from model.backbone")
             return None
+        from .backbones import canonical_backbone
         from .builders import backbone_options
         from .export import export_embedding_model
         path = self.run_dir / "model.pt"
         with self.runner.full_parameters() as module:
             if self.ctx.is_main:
-                export_embedding_model(module, self.cfg.model.backbone, backbone_options(self.cfg.model, self.cfg.data.image_size), path)
+                # The export names the registered backbone, not an alias.
+                name = canonical_backbone(self.cfg.model.backbone)
+                options = backbone_options(self.cfg.model, self.cfg.data.image_size)
+                export_embedding_model(module, name, options, path)
         self.ctx.barrier()
         return path

@@ -30,7 +30,7 @@ MARGINS: dict[str, type] = {cls.name: cls for cls in (
 def margin_parameters(name: str) -> dict[str, Any]:
     """Hyper-parameters of the margin ``name`` and their defaults."""
     cls = _lookup(name)
-    params = inspect.signature(cls.__init__).parameters
+    params = inspect.signature(cls).parameters  # the class: its __init__ without self
     return {k: p.default for k, p in params.items() if k != "self"}
 
 
@@ -43,7 +43,35 @@ def build_margin(name: str, **overrides: Any) -> Margin:
         listed = ", ".join(valid) if valid else "none"
         raise ValueError(f"margin {name!r} has no parameter {', '.join(map(repr, unknown))}: "
                          f"its parameters are {listed}")
+    for key, value in overrides.items():
+        _check_type(name, key, value, valid[key])
     return cls(**overrides)
+
+
+def _check_type(name: str, key: str, value: Any, default: Any) -> None:
+    """A parameter's value must have its default's type (an int where a float is expected is fine)."""
+    if default is None or default is inspect.Parameter.empty:
+        return  # no default to learn the type from: the margin checks it itself
+    if isinstance(default, bool):
+        ok, wanted = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, wanted = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok, wanted = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif isinstance(default, str):
+        ok, wanted = isinstance(value, str), "a string"
+    else:
+        return
+    if not ok:
+        raise MarginOptionError(key, f"{key}={value!r} must be {wanted} (default {default!r}) for margin {name!r}")
+
+
+class MarginOptionError(ValueError, TypeError):
+    """A margin parameter of the wrong type; ``key`` names the parameter."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def _lookup(name: str) -> type:
@@ -52,6 +80,6 @@ def _lookup(name: str) -> type:
     return MARGINS[name]
 
 
-__all__ = ["MARGINS", "build_margin", "margin_parameters", "Margin", "MarginInput", "COS_EPS",
+__all__ = ["MARGINS", "MarginOptionError", "build_margin", "margin_parameters", "Margin", "MarginInput", "COS_EPS",
            "Softmax", "NormFace", "LSoftmax", "SphereFace", "CosFace", "ArcFace", "CombinedMargin",
            "SubCenterArcFace", "CurricularFace", "AdaFace", "MagFace", "ElasticFace"]

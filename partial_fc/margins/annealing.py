@@ -20,7 +20,7 @@ class AnnealedAngularMargin(Margin):
 
     def __init__(self, m: int, base: float, gamma: float, power: float, lambda_min: float) -> None:
         super().__init__()
-        if isinstance(m, float) and m.is_integer():
+        if isinstance(m, float) and float(m).is_integer():
             m = int(m)  # configuration files may spell 4 as 4.0
         require(isinstance(m, int) and not isinstance(m, bool) and m >= 1,
                 f"{self.name} m={m!r} must be an integer >= 1 (the angle multiplier, 4 in the paper)")

@@ -28,8 +28,14 @@ class ArcFace(Margin):
                                         "(0.5 in the paper)")
         self.s, self.m, self.easy_margin = float(s), float(m), bool(easy_margin)
 
+    def logit_scale(self) -> float:
+        """s: the other columns are s·cos."""
+        return self.s
+
+    def target_logit(self, target_cos: torch.Tensor, inp: MarginInput) -> torch.Tensor:
+        """s·cos(θ + m)."""
+        return arc_margin(target_cos, self.m, self.easy_margin) * self.s
+
     def forward(self, inp: MarginInput) -> torch.Tensor:
         """s·cos(θ + m) at the target, s·cos elsewhere."""
-        logits = inp.cos * self.s
-        target = arc_margin(self.target_cos(inp), self.m, self.easy_margin) * self.s
-        return self.apply_target(logits, inp, target, inplace=True)
+        return self.scaled_forward(inp)

@@ -106,6 +106,25 @@ class Margin(nn.Module):
         """[N] cosine at the target column (with gradient), 0 where another rank holds it."""
         return inp.target_values(inp.cos)
 
+    def logit_scale(self) -> Optional[float]:
+        """s when the logits are ``s · cos θ_j`` in every column but the target one, whose logit
+        is :meth:`target_logit`; None for other margins (the default).
+
+        The classifier then fuses margin and softmax (``partial_fc.margin_softmax``): no
+        [N, c] tensor of logits is built by autograd.
+        """
+        return None
+
+    def target_logit(self, target_cos: torch.Tensor, inp: MarginInput) -> torch.Tensor:
+        """[N] target logit from ``target_cos`` [N] (differentiable; only for margins with a
+        :meth:`logit_scale`).  Rows whose class another rank holds may get any finite value."""
+        raise NotImplementedError(f"{type(self).__name__} has no scaled-cosine form")
+
+    def scaled_forward(self, inp: MarginInput) -> torch.Tensor:
+        """The logits of a margin with a :meth:`logit_scale`: s·cos with the target column replaced."""
+        logits = inp.cos * self.logit_scale()
+        return self.apply_target(logits, inp, self.target_logit(self.target_cos(inp), inp), inplace=True)
+
     def advance(self) -> None:
         """One optimiser step is done (the row optimiser's step calls this once per step).
 

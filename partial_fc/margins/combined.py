@@ -27,9 +27,15 @@ class CombinedMargin(Margin):
         require(m3 >= 0, f"combined m3={m3} must be >= 0 (additive cosine margin, 0.2 by default)")
         self.s, self.m1, self.m2, self.m3 = float(s), float(m1), float(m2), float(m3)
 
+    def logit_scale(self) -> float:
+        """s: the other columns are s·cos."""
+        return self.s
+
+    def target_logit(self, target_cos: torch.Tensor, inp: MarginInput) -> torch.Tensor:
+        """s·(cos(m1θ + m2) − m3)."""
+        theta = torch.acos(clamp_cos(target_cos))
+        return (torch.cos(self.m1 * theta + self.m2) - self.m3) * self.s
+
     def forward(self, inp: MarginInput) -> torch.Tensor:
         """s·(cos(m1θ + m2) − m3) at the target, s·cos elsewhere."""
-        logits = inp.cos * self.s
-        theta = torch.acos(clamp_cos(self.target_cos(inp)))
-        target = (torch.cos(self.m1 * theta + self.m2) - self.m3) * self.s
-        return self.apply_target(logits, inp, target, inplace=True)
+        return self.scaled_forward(inp)

@@ -23,8 +23,14 @@ class CosFace(Margin):
         require(0.0 <= m < 2.0, f"cosface m={m} must be in [0, 2) (a cosine margin; 0.35 in the paper)")
         self.s, self.m = float(s), float(m)
 
+    def logit_scale(self) -> float:
+        """s: the other columns are s·cos."""
+        return self.s
+
+    def target_logit(self, target_cos: torch.Tensor, inp: MarginInput) -> torch.Tensor:
+        """s·(cos − m)."""
+        return (target_cos - self.m) * self.s
+
     def forward(self, inp: MarginInput) -> torch.Tensor:
         """s·(cos − m) at the target, s·cos elsewhere."""
-        logits = inp.cos * self.s
-        target = (self.target_cos(inp) - self.m) * self.s
-        return self.apply_target(logits, inp, target, inplace=True)
+        return self.scaled_forward(inp)

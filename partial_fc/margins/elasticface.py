@@ -82,10 +82,16 @@ class ElasticFace(Margin):
             draws = torch.empty_like(draws).scatter_(0, order, torch.sort(draws).values)
         return draws
 
+    def logit_scale(self) -> float:
+        """s: the other columns are s·cos."""
+        return self.s
+
+    def target_logit(self, target_cos: torch.Tensor, inp: MarginInput) -> torch.Tensor:
+        """s·cos(θ + m_i), with this forward's draws of m_i."""
+        margins = self.sample_margins(inp)
+        theta = torch.acos(clamp_cos(target_cos))
+        return torch.cos(theta + margins) * self.s
+
     def forward(self, inp: MarginInput) -> torch.Tensor:
         """s·cos(θ + m_i) at the target, s·cos elsewhere."""
-        margins = self.sample_margins(inp)
-        logits = inp.cos * self.s
-        theta = torch.acos(clamp_cos(self.target_cos(inp)))
-        target = torch.cos(theta + margins) * self.s
-        return self.apply_target(logits, inp, target, inplace=True)
+        return self.scaled_forward(inp)

@@ -45,12 +45,18 @@ class MagFace(Margin):
         """m(a), linear from l_m at l_a to u_m at u_a."""
         return (self.u_m - self.l_m) / (self.u_a - self.l_a) * (a - self.l_a) + self.l_m
 
+    def logit_scale(self) -> float:
+        """s: the other columns are s·cos."""
+        return self.s
+
+    def target_logit(self, target_cos: torch.Tensor, inp: MarginInput) -> torch.Tensor:
+        """s·cos(θ + m(a)); the gradient reaches ‖x‖ through m(a)."""
+        m = self.margin_of(self.clamped_norm(inp))
+        return arc_margin(target_cos, m, self.easy_margin) * self.s
+
     def forward(self, inp: MarginInput) -> torch.Tensor:
         """s·cos(θ + m(a)) at the target, s·cos elsewhere."""
-        logits = inp.cos * self.s
-        m = self.margin_of(self.clamped_norm(inp))
-        target = arc_margin(self.target_cos(inp), m, self.easy_margin) * self.s
-        return self.apply_target(logits, inp, target, inplace=True)
+        return self.scaled_forward(inp)
 
     def extra_loss(self, inp: MarginInput) -> Optional[torch.Tensor]:
         """λ_g · mean over the global batch of g(a) = 1/a + a/u_a²."""

@@ -23,6 +23,14 @@ class NormFace(Margin):
         require(s > 0, f"normface s={s} must be positive (the cosine scale, typically 16-64)")
         self.s = float(s)
 
+    def logit_scale(self) -> float:
+        """s: every column is s·cos."""
+        return self.s
+
+    def target_logit(self, target_cos: torch.Tensor, inp: MarginInput) -> torch.Tensor:
+        """s·cos: no margin."""
+        return target_cos * self.s
+
     def forward(self, inp: MarginInput) -> torch.Tensor:
         """s·cos for every column."""
         return inp.cos * self.s

@@ -20,7 +20,7 @@ class SubCenterArcFace(ArcFace):
 
     def __init__(self, s: float = 64.0, m: float = 0.5, easy_margin: bool = False, k: int = 3) -> None:
         super().__init__(s=s, m=m, easy_margin=easy_margin)
-        if isinstance(k, float) and k.is_integer():
+        if isinstance(k, float) and float(k).is_integer():
             k = int(k)  # configuration files may spell 3 as 3.0
         require(isinstance(k, int) and not isinstance(k, bool) and k >= 1,
                 f"subcenter_arcface k={k!r} must be an integer >= 1 (sub-centres per class, 3 in the paper)")

@@ -18,8 +18,8 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from ..comm import ProcessGroup, all_reduce, gather_batch, rank_and_world
 from ..checks import check_global_batch, check_mode
+from ..comm import ProcessGroup, all_reduce, gather_batch, rank_and_world
 
 # Codes of the local structural problems that one rank reports to all the others.
 _OK, _BAD_EMBEDDING_SHAPE, _BAD_LABEL_SHAPE, _BAD_LABEL_DTYPE, _BAD_WIDTH = range(5)

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..comm import ProcessGroup, rank_and_world
 from ..sharding import class_range
-from .batch import without_autocast, GlobalBatch, add_shares, gather_global_batch
+from .batch import GlobalBatch, add_shares, gather_global_batch, without_autocast
 
 
 class CenterLoss(nn.Module):

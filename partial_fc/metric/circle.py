@@ -38,7 +38,8 @@ class CircleLoss(PairLoss):
             raise ValueError(f"m={m!r} is outside [0, 1): it is the relaxation margin of the similarities "
                              "(0.25 in the paper)")
         if not (isinstance(gamma, (int, float)) and gamma > 0.0):
-            raise ValueError(f"gamma={gamma!r} must be positive: it is the scale of the similarities (256 in the paper)")
+            raise ValueError(f"gamma={gamma!r} must be positive: it is the scale of the similarities "
+                             "(256 in the paper)")
         self.m, self.gamma = float(m), float(gamma)
 
     def anchor_terms(self, similarity: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,

@@ -21,7 +21,7 @@ _FIXED = ("num_classes", "embedding_size", "group")
 def metric_loss_options(name: str) -> dict[str, Any]:
     """The parameters of the loss ``name`` that overrides may set, with their defaults."""
     cls = _lookup(name)
-    params = inspect.signature(cls.__init__).parameters.values()
+    params = inspect.signature(cls).parameters.values()  # the class: its __init__ without self
     return {p.name: p.default for p in params if p.name != "self" and p.name not in _FIXED}
 
 

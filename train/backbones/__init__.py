@@ -4,6 +4,6 @@
 gradient_checkpointing=False)``; ``list_backbones()`` names them all.
 """
 from . import iresnet, mobilefacenet, vit, vit_insightface  # noqa: F401  (importing registers the builders)
-from .registry import backbone_options, build_backbone, list_backbones, register_backbone
+from .registry import ALIASES, backbone_options, build_backbone, canonical_backbone, list_backbones, register_backbone
 
-__all__ = ["backbone_options", "build_backbone", "list_backbones", "register_backbone"]
+__all__ = ["ALIASES", "backbone_options", "build_backbone", "canonical_backbone", "list_backbones", "register_backbone"]

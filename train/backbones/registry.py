@@ -10,6 +10,16 @@ BackboneBuilder = Callable[..., nn.Module]
 
 _BUILDERS: dict[str, BackboneBuilder] = {}
 
+ALIASES: dict[str, str] = {"r18": "iresnet18", "r34": "iresnet34", "r50": "iresnet50", "r100": "iresnet100",
+                           "r200": "iresnet200", "mbf": "mobilefacenet_mbf"}
+"""The short names of insightface's arcface_torch, accepted wherever a backbone name is; each is the
+backbone its weights import into (``train.insightface.CORRESPONDENCES``, checked by the tests)."""
+
+
+def canonical_backbone(name: str) -> str:
+    """The registered name of ``name`` (an alias such as ``r50`` becomes ``iresnet50``)."""
+    return ALIASES.get(name, name)
+
 
 def register_backbone(name: str) -> Callable[[BackboneBuilder], BackboneBuilder]:
     """Decorator that registers a builder ``fn(embedding_size=512, **options) -> nn.Module`` under ``name``."""
@@ -51,6 +61,8 @@ def build_backbone(name: str, embedding_size: int = 512, **options: Any) -> nn.M
 
 def _builder(name: str) -> BackboneBuilder:
     try:
-        return _BUILDERS[name]
-    except KeyError:
-        raise ValueError(f"unknown backbone {name!r}: choose one of {', '.join(list_backbones())}") from None
+        return _BUILDERS[canonical_backbone(name)]
+    except (KeyError, TypeError):
+        aliases = ", ".join(f"{k}={v}" for k, v in ALIASES.items())
+        raise ValueError(f"unknown backbone {name!r}: choose one of {', '.join(list_backbones())} "
+                         f"(or an alias: {aliases})") from None

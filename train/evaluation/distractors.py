@@ -47,7 +47,7 @@ def distractor_curve(probes: np.ndarray, probe_labels: Sequence[int] | np.ndarra
     out: dict[str, Any] = {"sizes": sizes, "rank1": [], "rank5": [], "rank10": [], "cmc": {},
                            "num_probes": int(probe_labels.size), "num_enrolled": int(enrolled_labels.size)}
     for n in sizes:
-        if n:
+        if n and distractors is not None:  # n <= pool, so n > 0 means distractors were given
             gallery = np.concatenate([enrolled, np.asarray(distractors[:n], dtype=np.float32)])
             labels = np.r_[enrolled_labels, np.full(n, DISTRACTOR, dtype=np.int64)]
         else:

@@ -7,7 +7,7 @@ L2-normalised; features of one media (a still or a video) are averaged; the medi
 template are summed and the result is L2-normalised.  A pair's score is the cosine of its two
 template features.
 
-    python -m train.evaluation.ijb --features emb.npy --names emb.txt \
+    shardface eval-ijb --features emb.npy --names emb.txt \
         --faces ijbc_face_tid_mid.txt --pairs ijbc_template_pair_label.txt
 """
 from __future__ import annotations
@@ -132,8 +132,8 @@ def evaluate_ijb(features: np.ndarray, face_list: str | Path, pair_list: str | P
     scores = score_pairs(template_ids, template_feats, t1, t2)
     fpr, tpr, _ = roc_curve(scores, labels)
     result: dict[str, Any] = {far_key(far): tar_at_far(scores, labels, far)[0] for far in fars}
-    result.update(auc=roc_auc(scores, labels), num_pairs=float(scores.size),
-                  num_templates=float(template_ids.size), roc=thin_roc(fpr, tpr))
+    result.update(auc=roc_auc(scores, labels), num_pairs=int(scores.size),
+                  num_templates=int(template_ids.size), roc=thin_roc(fpr, tpr))
     return result
 
 
@@ -172,6 +172,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--faces", required=True, help="*_face_tid_mid.txt")
     parser.add_argument("--pairs", required=True, help="*_template_pair_label.txt")
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except (OSError, ValueError) as err:  # a wrong path or a malformed file: one line, not a traceback
+        print(f"ijb: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     features = np.load(args.features)
     face_names, _, _ = read_face_list(args.faces)
     if args.names:
@@ -180,7 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"scoring {len(face_names)} faces against {args.pairs}", file=sys.stderr)
     result = evaluate_ijb(features, args.faces, args.pairs)
     print(tar_table({Path(args.features).stem: result}))
-    print(f"AUC {result['auc']:.5f} over {int(result['num_pairs'])} pairs, {int(result['num_templates'])} templates")
+    from .report import format_results
+    print(format_results({k: v for k, v in result.items() if k in ("auc", "num_pairs", "num_templates")}))
     return 0
 
 

@@ -84,7 +84,8 @@ def template_rows(template_ids: np.ndarray, wanted: np.ndarray, what: str) -> np
     return idx
 
 
-def evaluate_ijb_1n(features: np.ndarray, face_list: str | Path, galleries: Sequence[str | Path] | Mapping[str, str | Path],
+def evaluate_ijb_1n(features: np.ndarray, face_list: str | Path,
+                    galleries: Sequence[str | Path] | Mapping[str, str | Path],
                     probes: str | Path, flipped: np.ndarray | None = None, face_scores: np.ndarray | None = None,
                     fpirs: Sequence[float] = IDENT_FPIRS, ranks: Sequence[int] = IDENT_RANKS) -> dict[str, Any]:
     """Per-gallery 1:N results (and ``mean`` over galleries) of features in face-list order.

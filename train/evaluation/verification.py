@@ -17,8 +17,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from .metrics import (accuracy_at, as_scores_and_labels, best_threshold, far_key, roc_auc, roc_curve,
-                      tar_at_far, thin_roc)
+from .metrics import (
+    accuracy_at,
+    as_scores_and_labels,
+    best_threshold,
+    far_key,
+    roc_auc,
+    roc_curve,
+    tar_at_far,
+    thin_roc,
+)
 
 DEFAULT_FARS = (1e-2, 1e-3, 1e-4)
 METRICS = ("cosine", "sql2")
@@ -84,7 +92,7 @@ def evaluate_scores(scores: np.ndarray, issame: np.ndarray, folds: int = 10,
         "accuracy_std": float(accuracies.std()),
         "threshold": float(thresholds.mean()),
         "auc": roc_auc(s, y),
-        "num_pairs": float(s.size),
+        "num_pairs": int(s.size),
     }
     for far in fars:
         result[far_key(far)] = tar_at_far(s, y, far)[0]
@@ -110,8 +118,9 @@ def evaluate_embeddings(embeddings: np.ndarray | torch.Tensor, issame: np.ndarra
 
 
 def scalars(result: Mapping[str, Any]) -> dict[str, float]:
-    """The float entries of a result (everything but the ROC arrays), e.g. for logging."""
-    return {k: float(v) for k, v in result.items() if k != "roc"}
+    """The number entries of a result (everything but the ROC arrays), e.g. for logging; counts stay ints."""
+    from .report import COUNT_KEYS
+    return {k: int(v) if k in COUNT_KEYS else float(v) for k, v in result.items() if k != "roc"}
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -43,7 +44,7 @@ PLATEAU_GAIN = 0.005
 QUICK: dict[str, Any] = {
     "steps": 150, "seeds": 2, "geometry_steps": 600,
     "synth": SynthConfig(num_identities=120, images_per_identity=20, heldout_identities=50, heldout_pairs=1000,
-                         image_size=56)}
+                         image_size=(56, 56))}
 """``--quick``: a smaller dataset, fewer steps and two seeds (about ten minutes on two cores)."""
 
 
@@ -77,7 +78,7 @@ class StudySettings:
     """A geometry run stops when this many measurements in a row gained less than
     :data:`PLATEAU_GAIN` over the best before them (or when every training image is right)."""
     synth: SynthConfig = field(default_factory=lambda: SynthConfig(
-        num_identities=300, images_per_identity=30, heldout_identities=100, heldout_pairs=2000, image_size=56))
+        num_identities=300, images_per_identity=30, heldout_identities=100, heldout_pairs=2000, image_size=(56, 56)))
     """The study's own dataset when ``data`` is None."""
     heldout_per_identity: int = 10
     """Images per held-out identity in the labelled set used for the angles."""
@@ -184,7 +185,8 @@ class LossStudy:
         if s.geometry_steps:
             base = synthetic_config_of(self.data_dir) or s.synth
             cfg = SynthConfig(num_identities=s.geometry_identities, images_per_identity=s.geometry_train_images,
-                              heldout_identities=0, heldout_pairs=0, image_size=s.geometry_image_size,
+                              heldout_identities=0, heldout_pairs=0,
+                              image_size=(s.geometry_image_size, s.geometry_image_size),
                               difficulty=base.difficulty, seed=s.seed)
             ensure_synthetic_dataset(cfg, self.out / "geometry" / "data", samples_per_shard=10 ** 6)
             later = range(s.geometry_train_images, s.geometry_train_images + 24)
@@ -245,7 +247,7 @@ class LossStudy:
                                "settings": settings, "data": self.manifest.source,
                                "heldout": self.heldout is not None}
                 jobs.append(Job(_main_key(loss.name, seed), run_dir / "done.json", fingerprint,
-                                lambda loss=loss, seed=seed, run_dir=run_dir: self._run_main(loss, seed, run_dir),
+                                functools.partial(self._run_main, loss, seed, run_dir),
                                 _describe_main))
         return jobs
 
@@ -309,7 +311,7 @@ class LossStudy:
                 settings = [o for o in self._geometry_overrides(loss, dim, run_dir) if not o.startswith("output_dir=")]
                 fingerprint = {"kind": "geometry", "loss": loss.name, "dim": dim, "settings": settings}
                 jobs.append(Job(f"{loss.name} ({dim}-D)", run_dir / "done.json", fingerprint,
-                                lambda loss=loss, dim=dim, run_dir=run_dir: self._run_geometry(loss, dim, run_dir),
+                                functools.partial(self._run_geometry, loss, dim, run_dir),
                                 _describe_geometry))
         return jobs
 

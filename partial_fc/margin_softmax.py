@@ -1,0 +1,121 @@
+"""Margin and sharded softmax cross-entropy in one pass over the [N, c] logits.
+
+Most margins are ``s · cos θ`` in every column except the target one, whose logit is a
+function of the target cosine (and of the feature norm for some).  For them the logits
+need not exist as an autograd tensor of their own: one [N, c] buffer holds ``s·cos``,
+then ``exp(logit − max)``, and in the backward becomes the gradient with respect to the
+cosine, in place.  The target column's logit and its derivative are computed by the
+margin on [N] tensors (:meth:`Margin.target_logit`), with autograd on those only.
+
+Against the generic path (margin module, then :func:`partial_fc.softmax.sharded_cross_entropy`)
+this saves the margin's [N, c] temporaries (scaled copy, one-hot mask, select), the
+autograd graph of those and the scattered target gradients, and the normalisation pass
+of the softmax (the backward scales each row once instead).  The collectives are the
+same: one MAX and one packed SUM all-reduce; the top-1 accuracy (ranked by the logits)
+needs nothing more than their results.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .comm import ProcessGroup, all_reduce
+from .cosine import row_blocks
+from .margins.base import Margin, MarginInput
+from .rows import Workspace
+
+
+class _ScaledMarginCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of logits ``s·cos`` with the target column replaced by the margin's."""
+
+    @staticmethod
+    def forward(ctx, cos: torch.Tensor, feature_norm: torch.Tensor, target: torch.Tensor,
+                margin: Margin, scale: float, inp: MarginInput, group: ProcessGroup, with_accuracy: bool,
+                workspace: Optional[Workspace]):
+        has = target >= 0
+        idx = target.clamp(min=0).unsqueeze(1)
+        zero = torch.zeros((), dtype=cos.dtype, device=cos.device)
+        cos_t = cos.gather(1, idx).squeeze(1)
+        # The target logit on [N] leaves: its derivative comes from autograd in the backward.
+        with torch.enable_grad():
+            cos_leaf = cos_t.detach().requires_grad_()
+            norm_leaf = feature_norm.detach().requires_grad_(feature_norm.requires_grad)
+            leaf_inp = MarginInput(cos=cos.detach(), target=target, feature_norm=norm_leaf,
+                                   weight_norm=inp.weight_norm, bias=inp.bias, group=group)
+            t = margin.target_logit(cos_leaf, leaf_inp).to(cos.dtype)
+        t_here = torch.where(has, t.detach(), zero)
+
+        # One buffer: s·cos, the target column replaced (rows held elsewhere keep s·cos_t).
+        # Each pass runs block by block over rows, so the block is in cache for all its steps.
+        buf = (torch.empty_like(cos) if workspace is None
+               else workspace.get("margin_softmax", tuple(cos.shape), cos.dtype, cos.device))
+        put = torch.where(has, t_here, cos_t * scale).unsqueeze(1)
+        row_max = torch.empty(cos.shape[0], dtype=cos.dtype, device=cos.device)
+        blocks = row_blocks(tuple(cos.shape))
+        for sl in blocks:
+            part = torch.mul(cos[sl], scale, out=buf[sl])
+            part.scatter_(1, idx[sl], put[sl])
+            torch.amax(part, dim=1, out=row_max[sl])  # amax: no indices
+        all_reduce(row_max, "max", group)
+        sum_exp_here = torch.empty_like(row_max)
+        for sl in blocks:
+            part = buf[sl].sub_(row_max[sl].unsqueeze(1)).exp_()
+            torch.sum(part, dim=1, out=sum_exp_here[sl])
+        sums = all_reduce(torch.stack([sum_exp_here, t_here]), "sum", group)
+        sum_exp, target_logit = sums[0], sums[1]
+        loss = (sum_exp.log() + row_max - target_logit).mean()
+        if with_accuracy:
+            # Ranked by the logits themselves: the target is top-1 when its logit is the row max.
+            accuracy = (target_logit >= row_max).to(torch.float32).mean()
+        else:
+            accuracy = torch.full((), float("nan"), device=cos.device)
+        ctx.mark_non_differentiable(accuracy)
+        ctx.scale, ctx.t, ctx.leaves = scale, t, (cos_leaf, norm_leaf)
+        ctx.save_for_backward(buf, sum_exp, target)
+        return loss, accuracy
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, _grad_accuracy: Optional[torch.Tensor]):
+        buf, sum_exp, target = ctx.saved_tensors
+        cos_leaf, norm_leaf = ctx.leaves
+        has = target >= 0
+        idx = target.clamp(min=0).unsqueeze(1)
+        k = grad_loss / buf.shape[0]
+        row_scale = k / sum_exp
+        # d loss / d t = k·(softmax at the target − 1), where this rank holds the target.
+        p_t = buf.gather(1, idx).squeeze(1) * row_scale
+        grad_t = torch.where(has, p_t - k, torch.zeros((), dtype=buf.dtype, device=buf.device))
+        # The saved buffer becomes d loss / d cos = s·k·softmax in every non-target column.
+        grad = buf.mul_((row_scale * ctx.scale).unsqueeze(1))
+        wanted = [cos_leaf] + ([norm_leaf] if norm_leaf.requires_grad else [])
+        grads = torch.autograd.grad(ctx.t, wanted, grad_t, allow_unused=True)
+        grad_cos_t = grads[0] if grads[0] is not None else torch.zeros_like(grad_t)
+        grad.scatter_(1, idx, torch.where(has, grad_cos_t, grad.gather(1, idx).squeeze(1)).unsqueeze(1))
+        grad_norm = grads[1] if len(grads) > 1 else None
+        ctx.t = ctx.leaves = None
+        return grad, grad_norm, None, None, None, None, None, None, None
+
+
+def margin_cross_entropy(margin: Margin, inp: MarginInput, accuracy: bool = False,
+                         workspace: Optional[Workspace] = None) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """(mean loss of the global batch, top-1 accuracy or NaN) for a margin of the scaled form.
+
+    Returns None when ``margin`` is not of that form (:meth:`Margin.logit_scale` is None):
+    the caller then runs the margin module and :func:`partial_fc.softmax.sharded_cross_entropy`.
+    The accuracy ranks the logits (margin included at the target), as the unfused path does,
+    and costs nothing: the row maximum and the target logit are the softmax's own.  The backward
+    may run once (its buffer is reused in place).  ``workspace``: keeps
+    that [N, c] buffer between steps (as :func:`partial_fc.cosine.cosine_logits`'s).
+    """
+    scale = margin.logit_scale()
+    if scale is None:
+        return None
+    if inp.cos.dtype != torch.float32 and inp.cos.dtype != torch.float64:
+        raise TypeError(f"cosines must be float32 or float64 for a stable softmax, got {inp.cos.dtype}")
+    loss, acc = _ScaledMarginCrossEntropy.apply(inp.cos, inp.feature_norm, inp.target, margin, float(scale),
+                                                inp, inp.group, bool(accuracy), workspace)
+    return loss, acc
+
+
+__all__ = ["margin_cross_entropy"]
