@@ -419,8 +419,8 @@ def _main_key(loss: str, seed: int) -> str:
 
 def _geometry_caption(r: dict[str, Any]) -> str:
     """The line under a geometry panel: how far the run trained and how well it fits its training images."""
-    state = "plateau" if r.get("converged") else "cap, still rising"
-    return f"train acc {100 * r['train_accuracy']:.0f}% ({r['steps']} steps, {state})"
+    state = "plateau" if r.get("converged") else "cap, no plateau yet"
+    return f"train acc {100 * r['train_accuracy']:.1f}% ({r['steps']} steps, {state})"
 
 
 def _describe_geometry(r: dict[str, Any]) -> str:
