@@ -238,7 +238,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 
 
 def _cmd_study(a: argparse.Namespace) -> int:
-    from launch.study import run_loss_study
+    from train.loss_study.study import run_loss_study
     return run_loss_study(a)
 
 
@@ -457,15 +457,21 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--out", default="runs/loss_study",
                     help="study folder: results, figures, runs (default runs/loss_study)")
     sl.add_argument("--losses", nargs="+", default=None, help="default: every margin and metric loss")
-    sl.add_argument("--steps", type=int, default=None, help="optimiser steps per loss (default 1200)")
+    sl.add_argument("--steps", type=int, default=None, help="optimiser steps per run (default 400)")
+    sl.add_argument("--seeds", type=int, default=None,
+                    help="runs per loss with seeds SEED, SEED+1, ...; the table shows mean ± std (default 3)")
+    sl.add_argument("--quick", action="store_true",
+                    help="smaller data, 150 steps, 2 seeds, geometry capped at 600 steps (about 10 minutes)")
     sl.add_argument("--parallel", type=int, default=1, help="losses trained at the same time")
     sl.add_argument("--data", default=None,
                     help="dataset directory (default: render 300 synthetic identities into OUT/data)")
     sl.add_argument("--batch-size", type=int, default=None, help="local batch per process (default 32)")
     sl.add_argument("--nproc", type=int, default=None, help="training processes per loss (default 2, torchrun)")
-    sl.add_argument("--seed", type=int, default=None, help="seed of every run and of the study's data (default 0)")
+    sl.add_argument("--seed", type=int, default=None, help="first seed of the runs; seed of the study's data "
+                    "(default 0)")
     sl.add_argument("--geometry-steps", type=int, default=None,
-                    help="steps of each 2-D/3-D picture run (default 200; 0: no geometry pictures)")
+                    help="most steps of each 2-D/3-D picture run, which stops on a plateau "
+                         "(default 1500; 0: no geometry pictures)")
     sl.set_defaults(func=_cmd_study)
     return p
 

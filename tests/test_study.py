@@ -10,14 +10,16 @@ from PIL import Image
 from data_pipeline.synthetic import SynthConfig
 from data_pipeline.synthetic.dataset import make_synthetic_dataset
 from launch.cli import main as cli_main
-from launch.study_jobs import failure_reason
-from launch.study_losses import default_loss_names, study_losses
-from partial_fc.margins import MARGINS, MarginInput
+from partial_fc.margins import MARGINS, MarginInput, build_margin
 from partial_fc.metric_losses import METRIC_LOSSES
 from train.config import ConfigError
 from train.distributed import init_distributed
-from train.evaluation.geometry import geometry_metrics, pair_angles
-from train.evaluation.margin_curves import standard_curves
+from train.loss_study.geometry import centre_accuracy, geometry_metrics, pair_angles
+from train.loss_study.jobs import failure_reason
+from train.loss_study.losses import TOY_SCALE, default_loss_names, study_losses, toy_overrides, toy_room_deg
+from train.loss_study.margin_curves import standard_curves
+from train.loss_study.report import indistinguishable_from_best, ranking_note, seed_summary
+from train.loss_study.study import plateaued
 from train.trainer import Trainer
 from train_fixtures import SplitLoader, plain_net, tiny_config
 
@@ -153,6 +155,56 @@ def test_default_study_covers_every_margin_and_metric_loss():
         study_losses(["arcface", "arcface"])
 
 
+def test_centre_accuracy_counts_samples_nearest_their_own_centre():
+    # Class 0 around 0°, class 1 around 90°; the sample at 60° is nearer class 1's centre.
+    emb = _on_circle([-10, 10, 60, 80, 100, 120])
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    centres = np.stack([unit[labels == c].mean(0) for c in (0, 1)])
+    own = np.array([unit[i] @ centres[labels[i]] >= unit[i] @ centres[1 - labels[i]] for i in range(6)])
+    assert centre_accuracy(emb * 3.0, labels) == pytest.approx(own.mean())
+    assert centre_accuracy(emb, labels) < 1.0
+
+
+def test_toy_margins_fit_the_circle_and_sphere():
+    assert toy_room_deg(2, 8) == pytest.approx(45.0) and toy_room_deg(128, 8) == 90.0
+    assert 70.0 < toy_room_deg(3, 8) < 85.0  # near the 74.9° of the best 8-point arrangement
+    import json
+    for name in ("cosface", "arcface", "combined", "magface"):
+        loss = study_losses([name])[0]
+        (item,) = toy_overrides(loss, 2, 8)
+        options = json.loads(item.split("=", 1)[1])
+        assert options["s"] == TOY_SCALE
+        paper = build_margin(name).describe()
+        for key, value in options.items():
+            if key != "s":
+                assert value == pytest.approx(paper[key] * 0.5, abs=1e-4)  # 45° of 90° room
+    # CosFace's paper margin could never rank the target first against a neighbour 45° away; the toy's can.
+    cos_m = json.loads(toy_overrides(study_losses(["cosface"])[0], 2, 8)[0].split("=", 1)[1])["m"]
+    assert build_margin("cosface").describe()["m"] > 1 - math.cos(math.radians(45)) > cos_m
+    assert toy_overrides(study_losses(["triplet"])[0], 2, 8) == () == toy_overrides(study_losses(["softmax"])[0], 2, 8)
+
+
+def test_plateau_rule():
+    assert not plateaued([0.2, 0.4, 0.6], patience=2, gain=0.005)
+    assert plateaued([0.2, 0.8, 0.801, 0.803], patience=2, gain=0.005)
+    assert not plateaued([0.2, 0.8, 0.801, 0.81], patience=2, gain=0.005)
+    assert plateaued([0.5, 1.0], patience=4, gain=0.005)  # nothing left to learn
+
+
+def test_seed_summary_and_overlapping_intervals():
+    recs = [{"accuracy": a, "intra_angle": i, "verification_set": "v"} for a, i in ((0.90, 30.0), (0.94, 34.0))]
+    out = seed_summary(recs)
+    assert out["seeds"] == 2 and out["accuracy"] == pytest.approx(0.92)
+    assert out["accuracy_seed_std"] == pytest.approx(np.std([0.90, 0.94], ddof=1))
+    assert out["intra_angle_deg_seed_std"] == pytest.approx(np.std([30.0, 34.0], ddof=1))
+    assert seed_summary(recs[:1])["accuracy_seed_std"] is None
+    summary = {"a": {"accuracy": 0.95, "accuracy_seed_std": 0.01}, "b": {"accuracy": 0.935, "accuracy_seed_std": 0.01},
+               "c": {"accuracy": 0.90, "accuracy_seed_std": 0.01}, "d": {"accuracy": None}}
+    assert indistinguishable_from_best(summary) == ["a", "b"]
+    assert "indistinguishable from it" in ranking_note(summary) and "b" in ranking_note(summary)
+
+
 def test_failure_reason_skips_the_launcher_report():
     log = ("step 1/3 | loss 2.0\nValueError: label 7 is outside [0, 4)\n"
            "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n  error_file: <N/A>\n")
@@ -168,7 +220,8 @@ def study(tmp_path_factory):
                       image_size=32, seed=3)
     make_synthetic_dataset(cfg, root / "data", samples_per_shard=24, progress=False)
     args = ["study", "losses", "--out", str(root / "out"), "--data", str(root / "data"), "--losses", *STUDY_LOSSES,
-            "--steps", "2", "--geometry-steps", "2", "--batch-size", "8", "--parallel", "2"]
+            "--steps", "2", "--seeds", "2", "--nproc", "1", "--geometry-steps", "2", "--batch-size", "8",
+            "--parallel", "2"]
     assert cli_main(args) == 0
     return root / "out", args
 
@@ -178,39 +231,50 @@ def test_study_writes_the_table_and_figures(study):
     out, _ = study
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["loss"] for r in rows] == STUDY_LOSSES
+    assert [(r["loss"], r["seed"]) for r in rows] == [(n, s) for s in ("0", "1") for n in STUDY_LOSSES]
     labels = np.load(out / "heldout_labelled.npz")["labels"]
     for r in rows:
         assert 0.0 <= float(r["accuracy"]) <= 1.0 and float(r["train_s"]) > 0
         assert r["verification_set"] == "synthetic_heldout" and int(float(r["steps"])) == 2
         # The table's angles are those of the saved held-out embeddings.
-        m = geometry_metrics(np.load(out / "runs" / r["loss"] / "heldout_embeddings.npy"), labels)
+        m = geometry_metrics(np.load(out / "runs" / r["loss"] / f"seed{r['seed']}" / "heldout_embeddings.npy"), labels)
         assert float(r["intra_angle_deg"]) == pytest.approx(m["intra_angle"], abs=1e-3)
         assert float(r["inter_angle_deg"]) == pytest.approx(m["inter_angle"], abs=1e-3)
+    # The summary is the mean and sample std of the per-seed rows.
+    with open(out / "results_summary.csv") as f:
+        summary = {r["loss"]: r for r in csv.DictReader(f)}
+    for name in STUDY_LOSSES:
+        acc = np.array([float(r["accuracy"]) for r in rows if r["loss"] == name])
+        assert int(summary[name]["seeds"]) == 2
+        assert float(summary[name]["accuracy"]) == pytest.approx(acc.mean())
+        assert float(summary[name]["accuracy_seed_std"]) == pytest.approx(acc.std(ddof=1))
     table = (out / "results.md").read_text()
     assert [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")][1:] == STUDY_LOSSES
+    assert table.count(" ± ") >= 3 * len(STUDY_LOSSES)
     for name in FIGURES:
         with Image.open(out / name) as img:
             img.load()
             assert img.width > 300 and img.height > 200, name
-    assert (out / "runs" / "triplet" / "train.log").read_text().count("acc n/a") >= 1  # no classifier trained
+    assert (out / "runs" / "triplet" / "seed0" / "train.log").read_text().count("acc n/a") >= 1  # no classifier
+    geo = (out / "geometry" / "2d" / "arcface" / "train.log").read_text()
+    assert "training accuracy (nearest class centre)" in geo and '"s": 16' in geo  # the toy's own scale
 
 
 @pytest.mark.slow
 def test_study_resumes_with_the_losses_not_done(study, capsys):
     out, args = study
-    redo = out / "runs" / "center"
-    kept = {n: (out / "runs" / n / "done.json").stat().st_mtime_ns for n in ("arcface", "triplet")}
+    redo = out / "runs" / "center" / "seed1"
+    kept = {n: (out / "runs" / n / "seed1" / "done.json").stat().st_mtime_ns for n in ("arcface", "triplet")}
     # As if the study had been killed while training "center": no marker, a half-written run folder.
     (redo / "done.json").unlink()
     (redo / "leftover.txt").write_text("partial")
     capsys.readouterr()
     assert cli_main(args) == 0
     lines = capsys.readouterr().out
-    assert "arcface: done earlier, skipped" in lines and "triplet: done earlier, skipped" in lines
-    assert "center: done earlier" not in lines and "] center: accuracy" in lines
+    assert "arcface seed 1: done earlier, skipped" in lines and "center seed 0: done earlier, skipped" in lines
+    assert "center seed 1: done earlier" not in lines and "] center seed 1: accuracy" in lines
     assert lines.count("(2-D): done earlier, skipped") == 3
-    assert {n: (out / "runs" / n / "done.json").stat().st_mtime_ns for n in kept} == kept
+    assert {n: (out / "runs" / n / "seed1" / "done.json").stat().st_mtime_ns for n in kept} == kept
     assert (redo / "done.json").is_file() and not (redo / "leftover.txt").exists()
     # Other settings in the same folder are refused before anything is trained.
     other = list(args)

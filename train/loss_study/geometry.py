@@ -54,6 +54,19 @@ def class_centres(unit: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.
     return classes, unit_rows(sums)
 
 
+def centre_accuracy(embeddings: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of samples whose nearest class centre (by angle) is their own class's.
+
+    A training accuracy that every loss has, with or without a classifier (metric losses
+    train none), read from the features alone.
+    """
+    unit = unit_rows(embeddings)
+    labels = _check_labels(unit, labels)
+    classes, centres = class_centres(unit, labels)
+    nearest = classes[np.argmax(unit @ centres.T, axis=1)]
+    return float(np.mean(nearest == labels))
+
+
 def intra_class_angles(unit: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """[N] angle of each sample to its own class centre."""
     classes, centres = class_centres(unit, labels)
@@ -127,7 +140,7 @@ def embed_labelled(model: nn.Module, images: torch.Tensor, batch_size: int = 256
                    device: str | torch.device = "cpu",
                    progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
     """[N, D] embeddings of ``images``: image + flipped image, as in the verification protocol."""
-    from .verification import embed_pairs  # one embedding routine for pairs and labelled sets
+    from train.evaluation.verification import embed_pairs  # one embedding routine for pairs and labelled sets
 
     plain, flipped = embed_pairs(model, image_batches(images, batch_size), device, progress=progress)
     return plain + flipped

@@ -1,7 +1,7 @@
 """Figures of the loss study: feature geometry (circle, sphere), pair-angle histograms, margin curves.
 
-Plotting only: the numbers come from :mod:`train.evaluation.geometry` and
-:mod:`train.evaluation.margin_curves`.  matplotlib is imported lazily with the Agg backend.
+Plotting only: the numbers come from :mod:`train.loss_study.geometry` and
+:mod:`train.loss_study.margin_curves`.  matplotlib is imported lazily with the Agg backend.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from train.evaluation.geometry import class_centres, geometry_metrics
-from train.evaluation.margin_curves import MarginCurve
+from .geometry import class_centres, geometry_metrics
+from .margin_curves import MarginCurve
 
 DPI = 90
 ELEV, AZIM = 20.0, 35.0
@@ -72,8 +72,11 @@ def _panel_title(name: str, unit: np.ndarray, labels: np.ndarray) -> str:
 
 
 def plot_geometry(features: Mapping[str, tuple[np.ndarray, np.ndarray]], dim: int, path: Path,
-                  title: str = "") -> Path:
-    """One panel per loss: unit features [N, dim] (dim 2 or 3) on the circle or sphere, coloured by label."""
+                  title: str = "", captions: Mapping[str, str] | None = None) -> Path:
+    """One panel per loss: unit features [N, dim] (dim 2 or 3) on the circle or sphere, coloured by label.
+
+    ``captions``: a line under a panel (by loss name), e.g. the run's training accuracy.
+    """
     if dim not in (2, 3):
         raise ValueError(f"dim={dim}: the geometry figure draws 2-D (circle) or 3-D (sphere) features")
     plt = _pyplot()
@@ -119,6 +122,10 @@ def plot_geometry(features: Mapping[str, tuple[np.ndarray, np.ndarray]], dim: in
             ax.set_zlim(-1, 1)
         ax.set_axis_off()
         ax.set_title(_panel_title(name, unit, labels), fontsize=10)
+        if captions and name in captions:
+            ax.text2D(0.5, -0.02, captions[name], transform=ax.transAxes, ha="center", va="top", fontsize=8) \
+                if dim == 3 else ax.text(0.5, -0.02, captions[name], transform=ax.transAxes, ha="center",
+                                         va="top", fontsize=8)
     _finish(fig, title, 12)
     return _save(fig, path)
 

@@ -22,7 +22,7 @@ from data_pipeline.formats.manifest import Manifest
 from data_pipeline.synthetic import SynthConfig, SyntheticFaces, render_jpegs
 from data_pipeline.synthetic.dataset import CONFIG_FILE, make_synthetic_dataset
 
-from .study_jobs import write_json_atomic
+from .jobs import write_json_atomic
 
 READY_FILE = "study_ready.json"
 

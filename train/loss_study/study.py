@@ -2,9 +2,9 @@
 
 Every loss is trained through the normal training path (``python -m train.main``, under
 torchrun with ``--nproc`` processes) with the same steps, batch, learning-rate schedule and
-seed; only the ``loss.*`` settings differ (:mod:`launch.study_losses`).  After each run the
+seed; only the ``loss.*`` settings differ (:mod:`train.loss_study.losses`).  After each run the
 study embeds a labelled set of held-out identities and measures compactness and separation
-(:mod:`train.evaluation.geometry`).  Small 2-D and 3-D runs on a few identities give the
+(:mod:`train.loss_study.geometry`).  Small 2-D and 3-D runs on a few identities give the
 feature pictures.  Each run leaves a done marker, so a killed study continues where it stopped.
 
 Outputs in ``--out``: ``results.md``, ``results.csv``, ``angles.png``, ``geometry_2d.png``,
@@ -29,20 +29,22 @@ import numpy as np
 import torch
 
 from data_pipeline.synthetic import SynthConfig
+from launch.torchrun import LaunchSpec, torchrun_command
 
-from .study_data import (
-    ensure_synthetic_dataset,
-    heldout_labelled_set,
-    labelled_images,
-    load_manifest,
-    synthetic_config_of,
-)
-from .study_jobs import Job, format_seconds, run_jobs, run_logged
-from .study_losses import StudyLoss, study_losses
-from .torchrun import LaunchSpec, torchrun_command
+from .data import ensure_synthetic_dataset, heldout_labelled_set, labelled_images, load_manifest, synthetic_config_of
+from .jobs import Job, format_seconds, run_jobs, run_logged
+from .losses import StudyLoss, study_losses, toy_overrides
+from .report import seed_summary
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 GEOMETRY_DIMS = (2, 3)
+PLATEAU_GAIN = 0.005
+"""Training-accuracy gain (fraction) below which a geometry measurement counts as no progress."""
+QUICK: dict[str, Any] = {
+    "steps": 150, "seeds": 2, "geometry_steps": 600,
+    "synth": SynthConfig(num_identities=120, images_per_identity=20, heldout_identities=50, heldout_pairs=1000,
+                         image_size=(56, 56))}
+"""``--quick``: a smaller dataset, fewer steps and two seeds (about ten minutes on two cores)."""
 
 
 @dataclass
@@ -53,7 +55,7 @@ class StudySettings:
     """Study folder."""
     losses: list[StudyLoss] = field(default_factory=lambda: study_losses(None))
     """Losses to compare, in table order."""
-    steps: int = 1200
+    steps: int = 400
     """Optimiser steps of every main run."""
     batch_size: int = 32
     """Local batch per process (global batch = batch_size x nproc)."""
@@ -62,11 +64,18 @@ class StudySettings:
     parallel: int = 1
     """Runs at the same time."""
     seed: int = 0
-    """Seed of every run (weights, data order) and of the study's synthetic data."""
+    """First seed of the main runs (weights, data order) and the seed of the study's data and pictures."""
+    seeds: int = 3
+    """Main runs per loss, with seeds ``seed``, ``seed + 1``, ...; the table shows mean ± std over them."""
     data: Optional[Path] = None
     """Dataset folder; None: the study renders its own synthetic faces into ``out/data``."""
-    geometry_steps: int = 200
-    """Steps of each 2-D / 3-D geometry run; 0 skips the geometry pictures."""
+    geometry_steps: int = 1500
+    """Most steps of each 2-D / 3-D geometry run (it stops earlier on a plateau); 0 skips the pictures."""
+    geometry_check_every: int = 50
+    """Steps between two measurements of a geometry run's training accuracy."""
+    geometry_patience: int = 4
+    """A geometry run stops when this many measurements in a row gained less than
+    :data:`PLATEAU_GAIN` over the best before them (or when every training image is right)."""
     synth: SynthConfig = field(default_factory=lambda: SynthConfig(
         num_identities=300, images_per_identity=30, heldout_identities=100, heldout_pairs=2000, image_size=(56, 56)))
     """The study's own dataset when ``data`` is None."""
@@ -80,7 +89,8 @@ class StudySettings:
     """Image side of the geometry runs."""
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "nproc", "parallel"):
+        for name in ("steps", "batch_size", "nproc", "parallel", "seeds", "geometry_check_every",
+                     "geometry_patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be at least 1")
         if self.geometry_steps < 0:
@@ -91,9 +101,10 @@ class StudySettings:
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> "StudySettings":
         """Settings from the ``shardface study losses`` arguments (options not given keep their defaults)."""
-        given = {k: getattr(a, k, None) for k in ("steps", "batch_size", "nproc", "parallel", "seed",
+        given = {k: getattr(a, k, None) for k in ("steps", "batch_size", "nproc", "parallel", "seed", "seeds",
                                                    "geometry_steps")}
-        kwargs: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+        kwargs: dict[str, Any] = dict(QUICK) if getattr(a, "quick", False) else {}
+        kwargs.update({k: v for k, v in given.items() if v is not None})
         data = getattr(a, "data", None)
         return cls(out=Path(a.out), losses=study_losses(getattr(a, "losses", None)),
                    data=Path(data) if data else None, **kwargs)
@@ -109,21 +120,6 @@ def _train_command(nproc: int, overrides: list[str]) -> list[str]:
     return [sys.executable, "-m", "train.main"] + _train_args(overrides)
 
 
-def _train_in_process(overrides: list[str], log_path: Path) -> None:
-    """``train.main`` in this process (a single-process run), its console output into ``log_path``.
-
-    The small geometry runs take a few seconds each; a new interpreter would spend as long
-    importing torch.
-    """
-    from train.main import main as train_main
-    with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        print("$ python -m train.main " + " ".join(_train_args(overrides)), flush=True)
-        try:
-            train_main(_train_args(overrides))
-        except SystemExit as err:  # argparse's way out must not end the study
-            raise RuntimeError(f"train.main exited with status {err.code} (see {log_path})") from None
-
-
 def _env(threads: int) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
@@ -132,9 +128,9 @@ def _env(threads: int) -> dict[str, str]:
     return env
 
 
-def _schedule(s: StudySettings, steps: int) -> list[str]:
+def _schedule(seed: int, steps: int) -> list[str]:
     """The training recipe shared by every run: backbone, optimiser, schedule, seed."""
-    return [f"seed={s.seed}", f"max_steps={steps}", "epochs=0", "device=auto", "precision.dtype=bf16",
+    return [f"seed={seed}", f"max_steps={steps}", "epochs=0", "device=auto", "precision.dtype=bf16",
             "model.backbone=iresnet_tiny", "model.dropout=0.0", "loss.sample_rate=1.0", "loss.head_dtype=fp32",
             "optim.name=sgd", "optim.lr=0.1", "optim.reference_batch=0", "optim.momentum=0.9",
             "optim.weight_decay=5e-4", "optim.schedule=poly", "optim.poly_power=2.0", "optim.clip_grad_norm=5.0",
@@ -167,6 +163,7 @@ class LossStudy:
         torch.set_num_threads(max(1, cores // settings.parallel))  # the study's own embedding passes
         self.heldout: Optional[tuple[torch.Tensor, np.ndarray]] = None
         self.geometry_set: Optional[tuple[torch.Tensor, np.ndarray]] = None
+        self.geometry_train: Optional[tuple[torch.Tensor, np.ndarray]] = None
 
     # ------------------------------------------------------------------ data
     def prepare(self) -> None:
@@ -195,44 +192,63 @@ class LossStudy:
             self.geometry_set = labelled_images(cfg, range(s.geometry_identities), list(later),
                                                 cfg.image_size, self.out / "geometry" / "images.npz",
                                                 f"rendering {s.geometry_identities} identities x 24 unseen images")
+            # The training images themselves (the same renders as the shards): the plateau is measured on them.
+            self.geometry_train = labelled_images(cfg, range(s.geometry_identities),
+                                                  list(range(s.geometry_train_images)), cfg.image_size,
+                                                  self.out / "geometry" / "train_images.npz",
+                                                  f"rendering {s.geometry_identities} identities x "
+                                                  f"{s.geometry_train_images} training images")
 
     # ------------------------------------------------------------------ main runs
-    def _main_overrides(self, loss: StudyLoss, run_dir: Path) -> list[str]:
+    def _main_overrides(self, loss: StudyLoss, seed: int, run_dir: Path) -> list[str]:
         size = self.manifest.image_size[0]
         return [f"output_dir={run_dir}", f"data.manifest={self.manifest_path}", "data.loader=webdataset",
                 f"data.batch_size={self.s.batch_size}", f"data.image_size={size}", "data.workers=0",
                 "model.embedding_size=128", "eval.every_steps=0", "eval.at_end=true"] + \
-            _schedule(self.s, self.s.steps) + list(loss.overrides)
+            _schedule(seed, self.s.steps) + list(loss.overrides)
 
-    def _run_main(self, loss: StudyLoss, run_dir: Path) -> dict[str, Any]:
+    @property
+    def seeds(self) -> list[int]:
+        """Seeds of the main runs of every loss."""
+        return [self.s.seed + k for k in range(self.s.seeds)]
+
+    def _run_main(self, loss: StudyLoss, seed: int, run_dir: Path) -> dict[str, Any]:
         _fresh(run_dir)
-        run_logged(_train_command(self.s.nproc, self._main_overrides(loss, run_dir)), run_dir / "train.log",
+        run_logged(_train_command(self.s.nproc, self._main_overrides(loss, seed, run_dir)), run_dir / "train.log",
                    env=_env(self.threads), cwd=REPO)
         summary = json.loads((run_dir / "summary.json").read_text())
-        record: dict[str, Any] = {"loss": loss.name, "steps": summary["steps"], "train_s": summary["wall_s"],
+        record: dict[str, Any] = {"loss": loss.name, "seed": seed, "steps": summary["steps"],
+                                  "train_s": summary["wall_s"],
                                   "final_loss": summary["final_loss"]}
         if summary.get("eval"):
             name = sorted(summary["eval"])[0]
             record["verification_set"] = name
             record.update(summary["eval"][name])
         if self.heldout is not None:
-            from train.evaluation.geometry import embed_labelled, geometry_metrics, unit_rows
+            from .geometry import embed_labelled, geometry_metrics, unit_rows
             images, labels = self.heldout
             emb = embed_labelled(_load_model(run_dir), images, batch_size=256)
             np.save(run_dir / "heldout_embeddings.npy", unit_rows(emb).astype(np.float32))
             record.update(geometry_metrics(emb, labels))
         return record
 
+    def main_dir(self, loss: StudyLoss, seed: int) -> Path:
+        """Folder of one main run."""
+        return self.out / "runs" / loss.name / f"seed{seed}"
+
     def main_jobs(self) -> list[Job]:
-        """One job per loss: train, evaluate, measure the held-out geometry."""
+        """One job per loss and seed: train, evaluate, measure the held-out geometry."""
         jobs = []
-        for loss in self.s.losses:
-            run_dir = self.out / "runs" / loss.name
-            settings = [o for o in self._main_overrides(loss, run_dir) if not o.startswith("output_dir=")]
-            fingerprint = {"kind": "main", "loss": loss.name, "nproc": self.s.nproc, "settings": settings,
-                           "data": self.manifest.source, "heldout": self.heldout is not None}
-            jobs.append(Job(f"{loss.name}", run_dir / "done.json", fingerprint,
-                            functools.partial(self._run_main, loss, run_dir), _describe_main))
+        for seed in self.seeds:  # seed-major: a stopped study has every loss at the same number of seeds
+            for loss in self.s.losses:
+                run_dir = self.main_dir(loss, seed)
+                settings = [o for o in self._main_overrides(loss, seed, run_dir) if not o.startswith("output_dir=")]
+                fingerprint = {"kind": "main", "loss": loss.name, "seed": seed, "nproc": self.s.nproc,
+                               "settings": settings, "data": self.manifest.source,
+                               "heldout": self.heldout is not None}
+                jobs.append(Job(_main_key(loss.name, seed), run_dir / "done.json", fingerprint,
+                                functools.partial(self._run_main, loss, seed, run_dir),
+                                _describe_main))
         return jobs
 
     # ------------------------------------------------------------------ geometry runs
@@ -240,18 +256,48 @@ class LossStudy:
         return [f"output_dir={run_dir}", f"data.manifest={(self.out / 'geometry' / 'data').resolve()}",
                 "data.loader=webdataset", "data.batch_size=32", f"data.image_size={self.s.geometry_image_size}",
                 "data.workers=0", f"model.embedding_size={dim}", "eval.bins=[]", "eval.at_end=false"] + \
-            _schedule(self.s, self.s.geometry_steps) + list(loss.overrides)
+            _schedule(self.s.seed, self.s.geometry_steps) + list(loss.overrides) + \
+            list(toy_overrides(loss, dim, self.s.geometry_identities))
 
     def _run_geometry(self, loss: StudyLoss, dim: int, run_dir: Path) -> dict[str, Any]:
-        from train.evaluation.geometry import embed_labelled, geometry_metrics, unit_rows
+        """Train one toy run in this process until its training accuracy plateaus (or the step cap)."""
+        from train.config import TrainConfig
+        from train.distributed import init_distributed
+        from train.trainer import Trainer
+
+        from .geometry import centre_accuracy, embed_labelled, geometry_metrics, unit_rows
         _fresh(run_dir)
-        _train_in_process(self._geometry_overrides(loss, dim, run_dir), run_dir / "train.log")
-        assert self.geometry_set is not None
-        images, labels = self.geometry_set
-        emb = embed_labelled(_load_model(run_dir), images, batch_size=256)
+        assert self.geometry_set is not None and self.geometry_train is not None
+        s, overrides = self.s, self._geometry_overrides(loss, dim, run_dir)
+        train_images, train_labels = self.geometry_train
+        history: list[tuple[int, float]] = []
+        t0 = time.perf_counter()
+        with open(run_dir / "train.log", "w") as log, contextlib.redirect_stdout(log), \
+                contextlib.redirect_stderr(log):
+            print("$ python -m train.main " + " ".join(_train_args(overrides)), flush=True)
+            cfg = TrainConfig.load("cpu_tiny", overrides)
+            ctx = init_distributed(backend=cfg.parallel.backend, device="cpu")
+            try:
+                trainer = Trainer(cfg, ctx)
+                while trainer.step < trainer.total_steps:
+                    summary = trainer.fit(stop_at_step=trainer.step + s.geometry_check_every)
+                    acc = centre_accuracy(embed_labelled(trainer.runner.module, train_images), train_labels)
+                    history.append((trainer.step, acc))
+                    print(f"step {trainer.step}: training accuracy (nearest class centre) {100 * acc:.1f}%",
+                          flush=True)
+                    if plateaued([a for _, a in history], s.geometry_patience, PLATEAU_GAIN):
+                        break
+                images, labels = self.geometry_set
+                emb = embed_labelled(trainer.runner.module, images, batch_size=256)
+            finally:
+                ctx.shutdown(barrier=False)
         np.save(run_dir / "features.npy", unit_rows(emb).astype(np.float32))
-        summary = json.loads((run_dir / "summary.json").read_text())
-        return {"loss": loss.name, "dim": dim, "train_s": summary["wall_s"], "final_loss": summary["final_loss"],
+        steps, acc = history[-1]
+        return {"loss": loss.name, "dim": dim, "train_s": time.perf_counter() - t0,
+                "final_loss": summary["final_loss"], "steps": steps, "train_accuracy": acc,
+                "converged": steps < s.geometry_steps or plateaued([a for _, a in history], s.geometry_patience,
+                                                                   PLATEAU_GAIN),
+                "accuracy_history": history, "test_accuracy": centre_accuracy(emb, labels),
                 **geometry_metrics(emb, labels)}
 
     def geometry_jobs(self) -> list[Job]:
@@ -269,28 +315,37 @@ class LossStudy:
                                 _describe_geometry))
         return jobs
 
+    def aggregate(self, records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Mean and spread over the finished seeds of every loss (see :func:`.report.seed_summary`)."""
+        return {loss.name: seed_summary([records[k] for k in (_main_key(loss.name, seed) for seed in self.seeds)
+                                         if k in records]) for loss in self.s.losses}
+
     # ------------------------------------------------------------------ outputs
     def write_table(self, records: dict[str, dict[str, Any]]) -> None:
         """results.md and results.csv from the finished main runs."""
-        from .study_report import write_results
+        from .report import write_results
         s = self.s
         header = (f"Same backbone (iresnet_tiny, 128-D), data ({self.manifest.num_classes} identities, "
                   f"{self.manifest.num_samples} images, {self.manifest.image_size[0]} px) and budget "
                   f"({s.steps} steps, global batch {s.batch_size * s.nproc} on {s.nproc} processes, SGD lr 0.1, "
-                  f"poly decay, seed {s.seed}) for every loss. Angles: held-out identities, never trained on.")
-        write_results(s.losses, records, self.out, header)
+                  f"poly decay) for every loss, {s.seeds} seed(s) each ({', '.join(map(str, self.seeds))}): "
+                  "mean ± standard deviation over the seeds (one value: a single seed). "
+                  "Angles: held-out identities, never trained on.")
+        per_seed = [(loss, records[_main_key(loss.name, seed)]) for seed in self.seeds for loss in s.losses
+                    if _main_key(loss.name, seed) in records]
+        write_results(s.losses, self.aggregate(records), per_seed, self.out, header)
 
     def write_figures(self, records: dict[str, dict[str, Any]], geometry: dict[str, dict[str, Any]]) -> list[Path]:
         """angles.png, geometry_2d.png, geometry_3d.png and margin_curves.png (from what has finished)."""
-        from train.evaluation.geometry import pair_angles
-        from train.evaluation.margin_curves import standard_curves
-
-        from .study_plots import plot_angle_histograms, plot_geometry, plot_margin_curves
+        from .geometry import pair_angles
+        from .margin_curves import standard_curves
+        from .plots import plot_angle_histograms, plot_geometry, plot_margin_curves
         written = [plot_margin_curves(standard_curves(), self.out / "margin_curves.png")]
         if self.heldout is not None:
             labels = self.heldout[1]
-            pairs = {loss.name: pair_angles(np.load(self.out / "runs" / loss.name / "heldout_embeddings.npy"),
-                                            labels) for loss in self.s.losses if loss.name in records}
+            first = self.seeds[0]  # one seed's pictures: pooling seeds would mix unrelated embedding spaces
+            pairs = {loss.name: pair_angles(np.load(self.main_dir(loss, first) / "heldout_embeddings.npy"), labels)
+                     for loss in self.s.losses if _main_key(loss.name, first) in records}
             if pairs:
                 written.append(plot_angle_histograms(
                     pairs, self.out / "angles.png",
@@ -300,11 +355,13 @@ class LossStudy:
             for dim in GEOMETRY_DIMS:
                 feats = {loss.name: (np.load(self.out / "geometry" / f"{dim}d" / loss.name / "features.npy"),
                                      labels) for loss in self.s.losses if f"{loss.name} ({dim}-D)" in geometry}
+                captions = {name: _geometry_caption(geometry[f"{name} ({dim}-D)"]) for name in feats}
                 if feats:
                     written.append(plot_geometry(
                         feats, dim, self.out / f"geometry_{dim}d.png",
-                        f"{dim}-D normalised features of {self.s.geometry_identities} identities (unseen images), "
-                        f"{self.s.geometry_steps} steps"))
+                        f"{dim}-D normalised features of {self.s.geometry_identities} identities (unseen images); "
+                        f"trained until the training accuracy stops rising (at most {self.s.geometry_steps} steps)",
+                        captions))
         return written
 
     def run(self) -> int:
@@ -317,9 +374,10 @@ class LossStudy:
                              "pip install 'shardface[plots]'") from None
         self.out.mkdir(parents=True, exist_ok=True)
         self.prepare()
-        print(f"loss study: {len(s.losses)} losses x {s.steps} steps, global batch {s.batch_size * s.nproc} "
+        print(f"loss study: {len(s.losses)} losses x {s.seeds} seed(s) x {s.steps} steps, "
+              f"global batch {s.batch_size * s.nproc} "
               f"({s.nproc} processes per run, {s.parallel} run(s) at a time), data {self.data_dir}"
-              + (f"; geometry: 2-D and 3-D, {s.geometry_identities} identities, {s.geometry_steps} steps"
+              + (f"; geometry: 2-D and 3-D, {s.geometry_identities} identities, up to {s.geometry_steps} steps"
                  if s.geometry_steps else ""), flush=True)
         done: dict[str, dict[str, Any]] = {}
 
@@ -327,7 +385,7 @@ class LossStudy:
             done[job.key] = record  # the table grows as losses finish
             self.write_table(done)
 
-        records, errors = run_jobs(self.main_jobs(), s.parallel, title="loss ", on_done=table_so_far)
+        records, errors = run_jobs(self.main_jobs(), s.parallel, title="run ", on_done=table_so_far)
         self.write_table(records)
         # Geometry runs train in this process, one at a time, with the threads of one training process.
         torch.set_num_threads(self.threads)
@@ -355,8 +413,29 @@ def _describe_main(r: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _main_key(loss: str, seed: int) -> str:
+    return f"{loss} seed {seed}"
+
+
+def _geometry_caption(r: dict[str, Any]) -> str:
+    """The line under a geometry panel: how far the run trained and how well it fits its training images."""
+    state = "plateau" if r.get("converged") else "cap, no plateau yet"
+    return f"train acc {100 * r['train_accuracy']:.1f}% ({r['steps']} steps, {state})"
+
+
 def _describe_geometry(r: dict[str, Any]) -> str:
-    return f"intra {r['intra_angle']:.1f}°, inter {r['inter_angle']:.1f}°, trained in {format_seconds(r['train_s'])}"
+    return (f"train acc {100 * r['train_accuracy']:.1f}% at step {r['steps']}, intra {r['intra_angle']:.1f}°, "
+            f"inter {r['inter_angle']:.1f}°, trained in {format_seconds(r['train_s'])}")
+
+
+def plateaued(accuracies: list[float], patience: int, gain: float) -> bool:
+    """True when the last ``patience`` accuracies rose less than ``gain`` above the best before them,
+    or the last one is perfect (nothing left to learn)."""
+    if accuracies and accuracies[-1] >= 1.0:
+        return True
+    if len(accuracies) <= patience:
+        return False
+    return max(accuracies[-patience:]) < max(accuracies[:-patience]) + gain
 
 
 def run_loss_study(args: argparse.Namespace) -> int:

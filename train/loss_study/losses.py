@@ -7,6 +7,8 @@ faces: center loss as softmax + λ·center (Wen et al. 2016: λ = 0.003, α = 0.
 """
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 
 from partial_fc.margins import MARGINS, build_margin
@@ -60,7 +62,7 @@ def default_loss_names() -> list[str]:
     """Every margin of ``partial_fc.margins.MARGINS``, then every metric loss."""
     missing = sorted(set(METRIC_LOSSES) - set(_METRIC))
     if missing:
-        raise RuntimeError(f"metric loss(es) {missing} have no study entry in launch/study_losses.py")
+        raise RuntimeError(f"metric loss(es) {missing} have no study entry in train/loss_study/losses.py")
     return list(MARGINS) + list(METRIC_LOSSES)
 
 
@@ -80,3 +82,54 @@ def study_losses(names: list[str] | None) -> list[StudyLoss]:
     if repeated:
         raise ValueError(f"loss(es) {', '.join(repeated)} listed more than once in --losses")
     return [study_loss(n) for n in names]
+
+
+TOY_SCALE = 16.0
+"""Scale s of the 2-D / 3-D geometry runs.  s = 64 suits 128-D and larger features, whose class
+weights are near-orthogonal; on a circle with 8 identities the neighbours sit 45° apart and a
+target logit of s·cos θ saturates the softmax long before the features spread.  NormFace's bound
+(s ≥ (C-1)/C · log((C-1)·p / (1-p))) asks for s ≈ 4 to reach p = 0.9 with C = 8 on a simplex;
+the circle's closer neighbours need about four times that."""
+
+_MARGIN_KEYS = ("m", "m2", "m3", "l_m", "u_m")
+"""Margin parameters measured in radians or cosine units, shrunk with the toy's angular room
+(``m1`` of combined and the integer ``m`` of the large-margin softmaxes are multipliers and stay)."""
+
+
+def toy_room_deg(dim: int, identities: int) -> float:
+    """Angle between neighbouring class directions when ``identities`` share a ``dim``-D unit sphere.
+
+    2-D: 360° / C exactly.  3-D: twice the radius of the caps that cover the sphere at the
+    hexagonal packing density π/√12 (C = 8 gives 78.6°; the best arrangement, a square
+    antiprism, 74.9°).  Higher dimensions: 90°, the near-orthogonal weights of a real model.
+    """
+    if dim == 2:
+        return 360.0 / identities
+    if dim == 3:
+        density = math.pi / math.sqrt(12.0)
+        return min(90.0, 2.0 * math.degrees(math.acos(max(-1.0, 1.0 - 2.0 * density / identities))))
+    return 90.0
+
+
+def toy_overrides(loss: StudyLoss, dim: int, identities: int) -> tuple[str, ...]:
+    """``--set`` items that fit ``loss`` to a ``dim``-D toy of ``identities`` classes (margins only).
+
+    The scale becomes :data:`TOY_SCALE` and every additive margin shrinks by room / 90°, the
+    ratio of the toy's neighbour angle to the near-orthogonal room the papers' margins were
+    chosen for; without it, e.g. CosFace's m = 0.35 exceeds 1 - cos 45° = 0.29 on the circle
+    and no feature can ever rank its own class first.  Metric losses keep their settings.
+    """
+    name = next((o.split("=", 1)[1] for o in loss.overrides if o.startswith("loss.margin=")), None)
+    if name is None or name not in MARGINS or loss.name not in MARGINS:
+        return ()
+    factor = min(1.0, toy_room_deg(dim, identities) / 90.0)
+    params = build_margin(name).describe()
+    options: dict[str, float] = {}
+    if "s" in params:
+        options["s"] = TOY_SCALE
+    for key in _MARGIN_KEYS:
+        value = params.get(key)
+        if isinstance(value, float):
+            options[key] = round(value * factor, 4)
+    # One dict-valued item, placed after the entry's own ``loss.margin_options={}``, which it replaces.
+    return (f"loss.margin_options={json.dumps(options)}",) if options else ()
