@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .figures import line_plot
 from .identification import DISTRACTOR, cmc, search
 
 DEFAULT_SIZES = (0, 10, 100, 1000)
@@ -59,56 +60,28 @@ def distractor_curve(probes: np.ndarray, probe_labels: Sequence[int] | np.ndarra
     return out
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def plot_rank1_vs_distractors(curves: Mapping[str, Mapping[str, Any]], path: str | Path,
                               title: str = "rank-1 identification vs distractors") -> Path:
     """PNG of rank-1 (%) against the number of distractors (symmetric-log axis, so N=0 shows), one line per name."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=100)
-    try:
+    with line_plot(path, title, "lower left") as ax:
         for name, curve in curves.items():
             ax.plot(curve["sizes"], [100 * v for v in curve["rank1"]], marker="o", label=name)
         ax.set_xscale("symlog", linthresh=10)
         ax.set_xlabel("distractors in the gallery")
         ax.set_ylabel("rank-1 identification rate (%)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.set_title(title)
-        ax.legend(loc="lower left")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, format="png")
-    finally:
-        plt.close(fig)
-    return path
+    return Path(path)
 
 
 def plot_cmc(cmcs: Mapping[str, np.ndarray], path: str | Path, title: str = "CMC") -> Path:
     """PNG of CMC curves (identification rate % at ranks 1..R), one per name."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=100)
-    try:
+    with line_plot(path, title, "lower right") as ax:
         for name, curve in cmcs.items():
             curve = np.asarray(curve, dtype=float)
             ax.plot(np.arange(1, curve.size + 1), 100 * curve, marker=".", label=name)
         ax.set_xlabel("rank")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel("identification rate (%)")
-        ax.grid(True, alpha=0.3)
-        ax.set_title(title)
-        ax.legend(loc="lower right")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, format="png")
-    finally:
-        plt.close(fig)
-    return path
+    return Path(path)
 
 
 def curve_table(curve: Mapping[str, Any]) -> str:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .figures import line_plot
 from .metrics import (
     accuracy_at,
     as_scores_and_labels,
@@ -164,15 +165,9 @@ def evaluate_bin(backbone: nn.Module, vset: Any, batch_size: int = 256, device: 
 def plot_roc(results_by_name: Mapping[str, Mapping[str, Any]], path: str | Path,
              title: str = "ROC") -> Path:
     """Write a PNG of the ROC curves (log-scale FAR) of several results, keyed by name."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display is needed or wanted
-    import matplotlib.pyplot as plt
-
     if not results_by_name:
         raise ValueError("plot_roc needs at least one result")
-    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=100)
-    try:
+    with line_plot(path, title, "lower right") as ax:
         for name, result in results_by_name.items():
             if "roc" not in result:
                 raise ValueError(f"result {name!r} has no 'roc' entry: pass results of evaluate_embeddings")
@@ -184,15 +179,7 @@ def plot_roc(results_by_name: Mapping[str, Mapping[str, Any]], path: str | Path,
         ax.set_xlabel("false accept rate")
         ax.set_ylabel("true accept rate")
         ax.set_ylim(0, 1.01)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.set_title(title)
-        ax.legend(loc="lower right")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, format="png")
-    finally:
-        plt.close(fig)
-    return path
+    return Path(path)
 
 
 def _as_array(x: np.ndarray | torch.Tensor) -> np.ndarray:
