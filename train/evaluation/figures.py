@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
+
+LegendPlace = Literal["lower left", "lower right"]
 
 
 @contextlib.contextmanager
-def line_plot(path: str | Path, title: str, legend_loc: str) -> Iterator[Any]:
+def line_plot(path: str | Path, title: str, legend_loc: LegendPlace) -> Iterator[Any]:
     """Yield the axes of a 6 × 4.5 in figure; on leaving, add grid, title and legend and write ``path``.
 
     The figure is closed whatever happens, so a failing plot leaves no open figure behind.
