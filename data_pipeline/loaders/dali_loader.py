@@ -68,6 +68,18 @@ def _import_dali() -> tuple[Any, Any, Any, Any]:
     return fn, types, Pipeline, DALIGenericIterator
 
 
+def dali_device(device: str) -> torch.device:
+    """The device a DALI loader hands its batches to: the CPU, or a CUDA device that exists."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but CUDA is not available here: use "
+                         "device='cpu' (DALI then decodes on the CPU)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r} is not supported by the DALI loader: use "
+                         "'cpu' or 'cuda[:N]'")
+    return dev
+
+
 def labels_from_digits(cls: torch.Tensor) -> torch.Tensor:
     """``[B, 10]`` uint8 ASCII digits (the ``.cls`` payloads) → int64 labels ``[B]``."""
     return ((cls.to(torch.int64) - ord("0")) * _DIGIT_WEIGHTS.to(cls.device)).sum(1)
@@ -89,13 +101,7 @@ class DaliLoader(Loader):
         if verify not in VERIFY_MODES:
             raise ValueError(f"verify={verify!r} is not one of {', '.join(VERIFY_MODES)}: 'header' checks "
                              "JPEG headers while indexing, 'decode' decodes every image once")
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={device!r} but CUDA is not available here: use "
-                             "device='cpu' (DALI then decodes on the CPU)")
-        if self.device.type not in ("cpu", "cuda"):
-            raise ValueError(f"device={device!r} is not supported by the DALI loader: use "
-                             "'cpu' or 'cuda[:N]'")
+        self.device = dali_device(device)
         num_batches = batches_per_rank(mode, manifest.num_samples, world_size, batch_size, epoch_samples)
         super().__init__(num_classes=manifest.num_classes, num_batches=num_batches, rank=rank,
                          world_size=world_size, batch_size=batch_size, seed=seed, mode=mode,

@@ -29,7 +29,7 @@ import torch
 from ..bad_data import CORRUPT_JPEG, WRONG_SIZE, BadSample, SkipLog
 from ..formats.jpeg import jpeg_size
 from ..sources.rec_dataset import RecDataset
-from .dali_loader import _import_dali
+from .dali_loader import _import_dali, dali_device
 from .loader_base import Batch
 from .rec_loader import RecLoaderBase, RecordFile, fill_bad_slots
 
@@ -74,13 +74,7 @@ class RecDaliLoader(RecLoaderBase):
                  workers: int, seed: int, mode: str, flip: bool, strict: bool, device: str,
                  epoch_samples: int | None) -> None:
         _import_dali()
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={device!r} but CUDA is not available here: use "
-                             "device='cpu' (DALI then decodes on the CPU)")
-        if self.device.type not in ("cpu", "cuda"):
-            raise ValueError(f"device={device!r} is not supported by the DALI loader: use "
-                             "'cpu' or 'cuda[:N]'")
+        self.device = dali_device(device)
         super().__init__(data, rank=rank, world_size=world_size, batch_size=batch_size, seed=seed,
                          mode=mode, epoch_samples=epoch_samples, settings={"source": "recordio"})
         self.threads = max(1, workers)
