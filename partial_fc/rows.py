@@ -22,7 +22,6 @@ product of rounded rows has the same rounding variance as with independent noise
 """
 from __future__ import annotations
 
-import sys
 from typing import Iterator, Optional
 
 import torch
@@ -42,6 +41,11 @@ PARALLEL_BLOCK_ELEMENTS = 1 << 24
 def elements_per_block() -> int:
     """Elements per block for the current torch thread count (see the two constants above)."""
     return BLOCK_ELEMENTS if torch.get_num_threads() <= 1 else max(BLOCK_ELEMENTS, PARALLEL_BLOCK_ELEMENTS)
+
+
+def core_block_elements() -> int:
+    """Elements per block of a loop whose ops run on one core each (:mod:`partial_fc.block_threads`)."""
+    return BLOCK_ELEMENTS
 
 
 def blocks(num_rows: int, width: int, block_elements: Optional[int] = None) -> Iterator[slice]:
@@ -152,13 +156,16 @@ def round_to_bf16_(x: torch.Tensor, row: torch.Tensor, col: torch.Tensor, out: t
     noise = torch.bitwise_xor(row, col, out=noise)
     bits = x.view(torch.int32)
     bits.add_(noise)
-    if sys.byteorder == "little" and x.dim() == 2 and x.is_contiguous() and out.is_contiguous():
-        # Truncation is the upper 16-bit half of each word: one strided copy, no mask pass.
-        out.view(torch.int16).copy_(bits.view(torch.int16)[:, 1::2])
+    if out.is_contiguous() and noise.is_contiguous() and noise.shape == bits.shape:
+        # Truncation keeps the upper 16 bits: shift them down (into the noise, no longer
+        # needed) and narrow to int16, which keeps the low 16 bits of each word.  Two
+        # vectorised passes; a strided copy of the upper halves is a scalar loop, twice slower.
+        high = torch.bitwise_right_shift(bits, 16, out=noise)
+        out.view(torch.int16).copy_(high)
         return out
     bits.bitwise_and_(-65536)  # the upper 16 bits are now the bf16 value, exactly
     return out.copy_(x)
 
 
-__all__ = ["BLOCK_ELEMENTS", "PARALLEL_BLOCK_ELEMENTS", "elements_per_block", "Workspace", "as_words", "blocks",
-           "copy_rows_", "gather_rows", "rounding_noise", "round_to_bf16_"]
+__all__ = ["BLOCK_ELEMENTS", "PARALLEL_BLOCK_ELEMENTS", "core_block_elements", "elements_per_block", "Workspace",
+           "as_words", "blocks", "copy_rows_", "gather_rows", "rounding_noise", "round_to_bf16_"]
