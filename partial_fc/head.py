@@ -31,6 +31,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .block_threads import BlockThreads
 from .checks import check_global_batch, check_mode, input_report
 from .comm import ProcessGroup, gather_batch, gather_sizes, rank_and_world
 from .cosine import RowCorrection, cosine_logits, row_norms
@@ -40,7 +41,7 @@ from .guard import tag_row_gradient_params
 from .margin_softmax import margin_cross_entropy
 from .margins.base import Margin, MarginInput
 from .row_decay import LazyRowDecay
-from .rows import Workspace, gather_rows
+from .rows import Workspace, blocks, core_block_elements, gather_rows
 from .sharding import class_range
 from .softmax import sharded_cross_entropy, sharded_cross_entropy_and_accuracy
 
@@ -240,7 +241,7 @@ class PartialFC(nn.Module):
                else torch.empty(shape, dtype=torch.float32, device=weight.device))
         # One centre per class: the row norms come out of the gather, block by block.
         norms = torch.empty(shape[0], dtype=torch.float32, device=weight.device) if self.num_centers == 1 else None
-        w = gather_rows(weight, index, out, workspace, norms=norms)
+        w = self._gather(weight, index, out, workspace, norms)
         # Rows that missed steps under lazy_dense decay: bring the copy up to date first, so
         # that the cosine and the gradient see the row dense SGD would hold.
         owed = self.lazy_decay.factors(index) if self.lazy_decay is not None and index is not None else None
@@ -436,6 +437,26 @@ class PartialFC(nn.Module):
             return None
         rows, version = gathered
         return rows.detach() if self.weight._version == version else None
+
+    def _gather(self, weight: torch.Tensor, index: Optional[torch.Tensor], out: torch.Tensor,
+                workspace: Workspace, norms: Optional[torch.Tensor]) -> torch.Tensor:
+        """``gather_rows`` into ``out``; on a CPU with several threads, cache-sized blocks on
+        one core each (:mod:`partial_fc.block_threads`), so that the conversion and the norms
+        read each block from cache instead of a few large parallel passes over memory."""
+        simple = weight.dtype == out.dtype and norms is None
+        if weight.device.type != "cpu" or torch.get_num_threads() == 1 or simple or out.dim() != 2:
+            return gather_rows(weight, index, out, workspace, norms=norms)
+
+        def block(sl: slice, ws: Workspace) -> None:
+            gather_rows(weight[sl] if index is None else weight, None if index is None else index[sl], out[sl], ws,
+                        per, None if norms is None else norms[sl])
+
+        per = core_block_elements()
+        threads = getattr(self, "_threads", None)
+        if threads is None:
+            threads = self._threads = BlockThreads()
+        threads.run(block, list(blocks(out.shape[0], out.shape[1], per)))
+        return out
 
     def _row_workspace(self) -> Workspace:
         """Buffers for the sampled rows, kept between steps (created on first use)."""

@@ -31,9 +31,10 @@ from typing import Optional
 
 import torch
 
+from .block_threads import BlockThreads
 from .head import PartialFC
 from .row_decay import ROW_DECAY_POLICIES, LazyRowDecay
-from .rows import Workspace, blocks, copy_rows_, gather_rows, round_to_bf16_, rounding_noise
+from .rows import Workspace, blocks, copy_rows_, core_block_elements, gather_rows, round_to_bf16_, rounding_noise
 
 
 def _stochastic_round_bf16(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -145,25 +146,25 @@ class _RowOptimizer(torch.optim.Optimizer):
         """
         n = grad.shape[0]
         width = grad[0].numel() if grad.dim() > 1 else 1
-        ws = self._workspace
         dev = param.device
-        bf16 = [name for name in ("param",) + self.state_names
-                if (param if name == "param" else state[name]).dtype == torch.bfloat16
-                and (param if name == "param" else state[name]).shape == param.shape]
+        names = ("param",) + self.state_names
+        targets = {name: param if name == "param" else state[name] for name in names}
+        bf16 = [name for name, t in targets.items() if t.dtype == torch.bfloat16 and t.shape == param.shape]
         # One row draw and one column draw per rounded tensor and step (see partial_fc.rows).
         noise = {name: rounding_noise(n, width, self.rounding_generator, dev) for name in bf16}
-        for sl in blocks(n, width):
+        per = core_block_elements()
+
+        def update_block(sl: slice, ws: Workspace) -> None:
             part = None if index is None else index[sl]
             count = sl.stop - sl.start
             block = {}
-            for name in ("param",) + self.state_names:
-                source = param if name == "param" else state[name]
+            for name, source in targets.items():
                 if name == "param" and rows is not None:
                     block[name] = rows[sl]
                     continue
                 shape = (count,) + tuple(source.shape[1:])
                 src = source[sl] if index is None else source
-                block[name] = gather_rows(src, part, ws.get(name, shape, torch.float32, dev), ws)
+                block[name] = gather_rows(src, part, ws.get(name, shape, torch.float32, dev), ws, per)
                 if name == "param" and owed is not None:
                     block[name].mul_(owed[sl].view((-1,) + (1,) * (len(shape) - 1)))
             g = grad[sl]
@@ -175,7 +176,7 @@ class _RowOptimizer(torch.optim.Optimizer):
                 g.mul_(grad_scale)
             self._update(block, g, group)
             for name, value in block.items():
-                target = param if name == "param" else state[name]
+                target = targets[name]
                 if name in noise:
                     row, col = noise[name]
                     flat = value.view(count, -1)
@@ -187,13 +188,18 @@ class _RowOptimizer(torch.optim.Optimizer):
                 else:
                     copy_rows_(target, part, value.to(target.dtype))
 
+        # Cache-sized blocks on one core each (partial_fc.block_threads), on the CPU; a GPU
+        # runs the same loop in order, its kernels being asynchronous.
+        self._block_threads.run(update_block, list(blocks(n, width, per)),
+                                None if dev.type == "cpu" else 1)
+
     @property
-    def _workspace(self) -> Workspace:
-        """Cache-sized scratch blocks of this optimiser (created on first use)."""
-        ws = getattr(self, "_scratch", None)
-        if ws is None:
-            ws = self._scratch = Workspace()
-        return ws
+    def _block_threads(self) -> BlockThreads:
+        """The threads and per-thread scratch blocks of this optimiser (created on first use)."""
+        pool = getattr(self, "_threads", None)
+        if pool is None:
+            pool = self._threads = BlockThreads()
+        return pool
 
     def _update(self, rows: dict, grad: torch.Tensor, group: dict) -> None:  # pragma: no cover
         """Update ``rows`` (param and state, float32) in place from ``grad``."""

@@ -171,8 +171,8 @@ def test_blocks_grow_when_ops_run_on_several_threads(monkeypatch):
     assert [s.stop - s.start for s in two] == [64, 64]
 
 
-def test_bf16_truncation_by_halves_equals_masking_and_converting():
-    # Contiguous rows take the upper 16-bit halves; other layouts mask and convert: same bits.
+def test_bf16_truncation_by_shift_and_narrow_equals_masking_and_converting():
+    # Contiguous rows shift the upper 16 bits down and narrow; other layouts mask and convert: same bits.
     torch.manual_seed(4)
     x = torch.randn(7, 6) * torch.logspace(-30, 30, 6)
     x[0, 0], x[1, 1], x[2, 2] = float("inf"), float("-inf"), 3.3895e38  # rounds up to inf or stays
@@ -181,3 +181,30 @@ def test_bf16_truncation_by_halves_equals_masking_and_converting():
     slow = round_to_bf16_(x.clone(), row, col, torch.empty(6, 7, dtype=torch.bfloat16).t())
     assert torch.equal(fast.view(torch.int16), slow.contiguous().view(torch.int16))
     assert fast[0, 0] == float("inf") and fast[1, 1] == float("-inf")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_update_on_several_threads_equals_one_thread_bit_for_bit(monkeypatch, dtype):
+    # Blocks of 3 rows spread over Python threads (partial_fc.block_threads): each block's
+    # arithmetic is the one-thread arithmetic, so weight and momentum match exactly.
+    monkeypatch.setattr(rows_mod, "BLOCK_ELEMENTS", 3 * D)
+    before = torch.get_num_threads()
+
+    def train(threads):
+        torch.set_num_threads(threads)
+        head = PartialFC(D, C, CosFace(), sample_rate=0.5, param_dtype=dtype, seed=5)
+        opt = build_head_optimizer(head, "sgd", lr=0.4, weight_decay=0.05, seed=5)
+        for i in range(3):
+            gen = torch.Generator().manual_seed(i)
+            opt.zero_grad()
+            head(torch.randn(6, D, generator=gen), torch.randint(0, C, (6,), generator=gen)).backward()
+            opt.step()
+            assert torch.get_num_threads() == threads  # the workers' one-thread setting is undone
+        return head.weight.detach().clone(), opt.state_rows()["weight.momentum_buffer"].clone()
+
+    try:
+        one, three = train(1), train(3)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one[0], three[0]) and torch.equal(one[1], three[1])
+    assert not torch.equal(one[1], torch.zeros_like(one[1]))  # the rows did move
