@@ -16,6 +16,10 @@ Bad data: damaged records, bad labels and JPEG headers that are unreadable or of
 size are skipped and counted here, before DALI sees them, as the Python reader does. An image
 whose header is fine but whose data DALI cannot decode stops the run with an error naming the
 batch (``loader=rec`` decodes with PIL and skips such images).
+
+Each epoch's pipeline is shut down when its iterator ends, fails or is closed
+(:func:`~data_pipeline.dali_loader.release_pipeline`), not when the garbage collector
+gets to it.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ import torch
 from ..bad_data import CORRUPT_JPEG, WRONG_SIZE, BadSample, SkipLog
 from ..formats.jpeg import jpeg_size
 from ..sources.rec_dataset import RecDataset
-from .dali_loader import _import_dali, dali_device
+from .dali_loader import _import_dali, dali_device, release_pipeline
 from .loader_base import Batch
 from .rec_loader import RecLoaderBase, RecordFile, fill_bad_slots
 
@@ -128,6 +132,7 @@ class RecDaliLoader(RecLoaderBase):
         feed = _Feed(self, epoch, start)
         pipe = self._pipeline(feed)
         j = start
+        it = None
         try:
             it = DALIGenericIterator([pipe], ["images", "labels"], size=-1, auto_reset=False)
             while j < len(self):
@@ -146,4 +151,5 @@ class RecDaliLoader(RecLoaderBase):
                 j += 1
                 yield out["images"], out["labels"].to(self.device).to(torch.int64)
         finally:
-            del pipe
+            del it
+            release_pipeline(pipe)
