@@ -227,10 +227,8 @@ def test_dali_on_cpu_matches_the_python_reader_and_resumes(recs):
     for e in range(2):
         dali.set_epoch(e)
         python.set_epoch(e)
-        # The Python reader's workers fork before a DALI pipeline exists: a child forked while
-        # DALI's threads run inherits a pipeline whose finaliser waits on them forever.
-        expected = list(python)
-        pairs = list(zip(dali, expected))
+        # Read side by side: the Python reader's worker forks while a DALI pipeline runs.
+        pairs = list(zip(dali, python))
         assert len(pairs) == len(python)
         for (xd, yd), (xp, yp) in pairs:
             assert torch.equal(yd, yp) and xd.shape == xp.shape and xd.dtype == torch.float32
@@ -307,3 +305,68 @@ def test_dalis_own_recordio_reader_keeps_file_order_whatever_the_index_order(tmp
     p.build()
     (labels,) = p.run()
     assert [float(np.asarray(labels.at(i))[0]) for i in range(6)] == [0, 1, 2, 3, 4, 5]
+
+
+FORK_AFTER_DALI = r'''
+import gc, sys
+from data_pipeline.bad_data import BadSampleError
+from data_pipeline.loaders import build_loader
+from data_pipeline.loaders.rec_loader import RecLoader
+from data_pipeline.sources.rec_dataset import open_dataset
+
+good, bad, phases = sys.argv[1:4]
+kw = dict(rank=0, world_size=1, batch_size=4, mode="exact", seed=0, flip=False)
+gc.disable()  # nothing is collected in this process unless asked
+
+
+collected = []
+
+
+def collect(image, rng):
+    if not collected:  # a worker's first collection, which would otherwise come at any allocation
+        collected.append(gc.collect())
+    return image
+
+
+def plain_epoch(tag):
+    loader = RecLoader(open_dataset(good), workers=1, strict=False, device="cpu", epoch_samples=None,
+                       sample_transform=collect, **kw)
+    print(tag, sum(len(y) for _, y in loader), flush=True)
+
+
+if "1" in phases:  # a pipeline up, its epoch half read, held only by garbage (an iterator in a cycle)
+    it = iter(build_loader("dali", good, workers=2, **kw))
+    next(it)
+    cycle = [it]
+    cycle.append(cycle)
+    del it, cycle
+    plain_epoch("garbage")
+if "2" in phases:  # an epoch ended by an error, its traceback (and the epoch's frames) garbage
+    try:
+        list(build_loader("dali", bad, workers=2, strict=True, **kw))
+    except BadSampleError as e:
+        kept = [e]
+        kept.append(kept)
+    del kept
+    plain_epoch("failed")
+if "3" in phases:  # a pipeline running while the plain loader starts its worker
+    for _ in zip(build_loader("dali", good, workers=2, **kw), range(1)):
+        plain_epoch("running")
+'''
+
+
+def test_a_plain_loader_forks_safely_after_dali_pipelines(recs, tmp_path):
+    """A DataLoader worker forked while a DALI pipeline is up but unreachable (or kept by a
+    traceback) used to finalise it in the child and wait there forever for DALI's threads."""
+    pytest.importorskip("nvidia.dali")
+    root, data = recs
+    bad = damaged_rec(tmp_path / "bad", data[:12])
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    try:
+        run = subprocess.run([sys.executable, "-c", FORK_AFTER_DALI, str(root / "plain"), str(bad), "123"],
+                             env=env, capture_output=True, text=True, timeout=90)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"hung after {e.output!r}: a forked worker waits on a DALI pipeline")
+    assert run.returncode == 0, run.stderr[-3000:]
+    n = -(-N // 4) * 4  # an exact epoch of batches of 4, padded
+    assert run.stdout.split() == ["garbage", str(n), "failed", str(n), "running", str(n)]

@@ -50,7 +50,7 @@ def build_loader(kind: str, manifest: Manifest | str | os.PathLike | None, *, ra
     makes the ranks agree on ``dali_verify`` (``header`` or ``decode``, see
     :mod:`data_pipeline.dali_loader`).
 
-    ``augment`` (webdataset and DALI): the per-sample transforms and their probabilities
+    ``augment`` (webdataset, DALI and rec, over shards or a ``.rec``): the per-sample transforms and their probabilities
     (:class:`data_pipeline.augment.Augment`; None: none, only ``flip``).
     """
     if kind in LOADER_ALIASES:

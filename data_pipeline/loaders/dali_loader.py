@@ -17,10 +17,20 @@ with PIL while indexing; with ``verify="header"`` (the default, header checks on
 decode failure that DALI meets later stops this rank at once with a clear error, marking
 the indexes so that the restarted run decodes every image while indexing.  A long scan on
 one rank while the others wait in a collective would only end in the collective's timeout.
+
+Pipelines and forks: a DALI pipeline that is still up when the process forks (a DataLoader
+starting its workers) is copied into the child without the threads it runs on, and if the
+child's garbage collector finalises that copy, DALI's finaliser waits for those threads
+forever. So every epoch's pipeline is shut down when its iterator ends, fails or is closed
+(:func:`release_pipeline`), and once DALI is imported here a fork first collects garbage
+in the parent when some pipeline is still up (:func:`_collect_before_fork`), which shuts
+down pipelines nobody holds any more, ours or not, where their threads are.
 """
 from __future__ import annotations
 
+import gc
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -65,7 +75,37 @@ def _import_dali() -> tuple[Any, Any, Any, Any]:
         raise ImportError(f"the 'dali' loader needs NVIDIA DALI ({e}): install it with "
                           "`pip install nvidia-dali-cuda130` (or `pip install shardface[dali]`), "
                           "or use kind='webdataset'") from None
+    global _fork_guarded
+    if not _fork_guarded:
+        os.register_at_fork(before=_collect_before_fork)
+        _fork_guarded = True
     return fn, types, Pipeline, DALIGenericIterator
+
+
+_fork_guarded = False
+
+
+def _collect_before_fork() -> None:
+    """Before a fork: finalise unreachable DALI pipelines here, not in the child (see the module doc).
+
+    DALI keeps a weak reference to every pipeline not yet shut down; with none there is no
+    garbage to fear and the fork costs nothing more.
+    """
+    from nvidia.dali.pipeline import Pipeline
+    if getattr(Pipeline, "_pipes", True):
+        gc.collect()
+
+
+def release_pipeline(pipe: Any) -> None:
+    """Shut ``pipe`` down now: its threads end and its buffers are freed.
+
+    A pipeline that is shut down has nothing left to wait for, so finalising it later, in
+    this process or in a forked child, is harmless. (DALI's own finaliser calls the same
+    ``_shutdown``; DALI has no public call for it.)
+    """
+    shutdown = getattr(pipe, "_shutdown", None)
+    if shutdown is not None:
+        shutdown()
 
 
 def dali_device(device: str) -> torch.device:
@@ -348,14 +388,16 @@ class DaliLoader(Loader):
             if start:
                 log.info("DALI loader: resuming epoch %d at batch %d of %d (reading from there)",
                          epoch, start, len(self))
-            it = DALIGenericIterator([pipe], ["images", "cls"], size=-1, auto_reset=False)
+            it = None
             try:
+                it = DALIGenericIterator([pipe], ["images", "cls"], size=-1, auto_reset=False)
                 for _ in range(start, len(self)):
                     out = next(it)[0]
                     labels = labels_from_digits(out["cls"].cpu()).to(self.device)
                     yield out["images"], labels
             finally:
-                del it, pipe
+                del it
+                release_pipeline(pipe)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 

@@ -16,7 +16,7 @@ Every batch is a function of ``(epoch, rank, j)`` alone: a resumed epoch starts 
 its next batch and reads nothing it consumed before, and any worker can make any batch.
 :class:`RecBatchReader` turns a batch's record indices into images in three steps, the
 place where per-sample transforms plug in: ``decode`` (JPEG bytes -> uint8 HWC array),
-``transform`` (the flip today) and ``collate`` (arrays -> one uint8 tensor).
+``transform`` (the flip, then the ``data.aug_*`` augmentations) and ``collate`` (arrays -> one uint8 tensor).
 """
 from __future__ import annotations
 
@@ -79,6 +79,13 @@ class RecPlan:
         """Which samples of batch ``j`` are mirrored (the same in the Python and DALI readers)."""
         rng = np.random.default_rng(derive_seed(self.seed, epoch, self.rank, j, FLIP_TAG))
         return rng.random(self.batch_size) < 0.5
+
+    def transform_rng(self, epoch: int, j: int, slot: int) -> np.random.Generator:
+        """The generator of the augmentation draws of slot ``slot`` of batch ``j``.
+
+        One key for both readers, so ``loader=rec`` and ``loader=dali`` augment a batch alike.
+        """
+        return np.random.default_rng(derive_seed(self.seed, epoch, self.rank, j, slot, TRANSFORM_TAG))
 
 
 # -- reading records ---------------------------------------------------------------------------
@@ -173,16 +180,15 @@ class RecBatchReader(Dataset):
     def transform(self, images: list[np.ndarray], epoch: int, j: int) -> list[np.ndarray]:
         """Per-sample augmentation of batch ``j`` (deterministic in seed, epoch, rank, batch, slot).
 
-        The flip first (its flags are the DALI reader's too), then ``sample_transform`` with a
-        generator of each sample's own.
+        The flip first, then ``sample_transform`` with a generator of each sample's own
+        (:meth:`RecPlan.transform_rng`); the DALI reader uses the same flags and generators.
         """
         if self.flip:
             flips = self.plan.flips(epoch, j)
             images = [a[:, ::-1] if f else a for a, f in zip(images, flips)]
         if self.sample_transform is not None:
-            p = self.plan
-            images = [self.sample_transform(a, np.random.default_rng(
-                derive_seed(p.seed, epoch, p.rank, j, k, TRANSFORM_TAG))) for k, a in enumerate(images)]
+            images = [self.sample_transform(a, self.plan.transform_rng(epoch, j, k))
+                      for k, a in enumerate(images)]
         return images
 
     def collate(self, images: list[np.ndarray], labels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -309,8 +315,8 @@ def build_rec_loader(kind: str, data: Any, *, rank: int, world_size: int, batch_
                      epoch_samples: int | None, augment: Any = None) -> Loader:
     """``kind="rec"`` (Python) or ``"dali"`` over a :class:`RecDataset` (see ``build_loader``).
 
-    ``augment`` (an :class:`~data_pipeline.augment.Augment`) plugs its per-sample transforms
-    into ``kind="rec"``; the DALI reader of a ``.rec`` refuses active ones.
+    ``augment`` (an :class:`~data_pipeline.augment.Augment`): the per-sample transforms of
+    both readers, drawn alike (:meth:`RecPlan.transform_rng`), after the flip.
     """
     if not isinstance(data, RecDataset):
         raise ValueError(f"loader kind 'rec' reads an insightface train.rec, but the dataset at "
@@ -330,8 +336,5 @@ def build_rec_loader(kind: str, data: Any, *, rank: int, world_size: int, batch_
         from .augment import SampleTransform
         transform = SampleTransform(augment, seed).apply if augment is not None and augment.active else None
         return RecLoader(data, sample_transform=transform, **common)
-    if augment is not None and augment.active:
-        raise ValueError(f"data.aug_* augmentations are not available in the DALI reader of a .rec "
-                         f"({data.rec_path}): use data.loader=rec, or convert it to shards for DALI")
     from .rec_dali_loader import RecDaliLoader
-    return RecDaliLoader(data, **common)
+    return RecDaliLoader(data, augment=augment, **common)
