@@ -14,9 +14,10 @@ the GPU; ``"cpu"`` without one) and normalises. Batches, labels and flips are th
 
 Augmentations (``data.aug_*``): each slot's :class:`~data_pipeline.augment.Draws` come from
 :meth:`RecPlan.transform_rng`, the generator ``loader=rec`` hands its ``SampleTransform``, and
-run as the DALI ops of :mod:`data_pipeline.dali_augment`. The order is the Python reader's: the
-flip first (``fn.flip``), then the augmentations. So both readers augment the same samples in
-the same way, up to the rounding of two implementations (and of two JPEG decoders).
+run as the DALI ops of :mod:`data_pipeline.dali_augment`. The order is every loader's: the
+augmentations first, then the mirror (in ``fn.crop_mirror_normalize``, as the shard DALI
+loader does). So both readers augment the same samples in the same way, up to the rounding of
+two implementations (and of two JPEG decoders).
 
 Bad data: damaged records, bad labels and JPEG headers that are unreadable or of the wrong
 size are skipped and counted here, before DALI sees them, as the Python reader does. An image
@@ -141,13 +142,10 @@ class RecDaliLoader(RecLoaderBase):
                 source=feed, num_outputs=len(dtypes), batch=True, dtype=dtypes)
             images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
             if feed.names:
-                # The Python reader's order: mirrored first, then augmented (a crop box or an
-                # erased patch lands where it does there).
-                if self.flip:
-                    images = fn.flip(images, horizontal=mirror)
                 images = dali_augment(images, self.augment, self.data.image_size,
                                       dict(zip(feed.names, draws)), fn, types)
-                mirror = 0
+            # Mirrored after the augmentations, as in every loader: a crop box or an erased
+            # patch lands where it does in loader=rec and in the shard loaders.
             # (x / 255 - 0.5) / 0.5 == (x - 127.5) / 127.5
             images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
                                               mean=[127.5] * 3, std=[127.5] * 3, mirror=mirror)

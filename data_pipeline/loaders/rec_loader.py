@@ -16,7 +16,8 @@ Every batch is a function of ``(epoch, rank, j)`` alone: a resumed epoch starts 
 its next batch and reads nothing it consumed before, and any worker can make any batch.
 :class:`RecBatchReader` turns a batch's record indices into images in three steps, the
 place where per-sample transforms plug in: ``decode`` (JPEG bytes -> uint8 HWC array),
-``transform`` (the flip, then the ``data.aug_*`` augmentations) and ``collate`` (arrays -> one uint8 tensor).
+``transform`` (the ``data.aug_*`` augmentations, then the flip: the shard loaders' order) and
+``collate`` (arrays -> one uint8 tensor).
 """
 from __future__ import annotations
 
@@ -180,15 +181,18 @@ class RecBatchReader(Dataset):
     def transform(self, images: list[np.ndarray], epoch: int, j: int) -> list[np.ndarray]:
         """Per-sample augmentation of batch ``j`` (deterministic in seed, epoch, rank, batch, slot).
 
-        The flip first, then ``sample_transform`` with a generator of each sample's own
-        (:meth:`RecPlan.transform_rng`); the DALI reader uses the same flags and generators.
+        ``sample_transform`` first, with a generator of each sample's own
+        (:meth:`RecPlan.transform_rng`), then the flip (:meth:`RecPlan.flips`): the order of
+        every loader, so a sample's crop box or erased patch lands on the same side of the face
+        whether it is read from shards or from a ``.rec``. The DALI reader uses the same
+        generators and flags.
         """
-        if self.flip:
-            flips = self.plan.flips(epoch, j)
-            images = [a[:, ::-1] if f else a for a, f in zip(images, flips)]
         if self.sample_transform is not None:
             images = [self.sample_transform(a, self.plan.transform_rng(epoch, j, k))
                       for k, a in enumerate(images)]
+        if self.flip:
+            flips = self.plan.flips(epoch, j)
+            images = [a[:, ::-1] if f else a for a, f in zip(images, flips)]
         return images
 
     def collate(self, images: list[np.ndarray], labels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -316,7 +320,7 @@ def build_rec_loader(kind: str, data: Any, *, rank: int, world_size: int, batch_
     """``kind="rec"`` (Python) or ``"dali"`` over a :class:`RecDataset` (see ``build_loader``).
 
     ``augment`` (an :class:`~data_pipeline.augment.Augment`): the per-sample transforms of
-    both readers, drawn alike (:meth:`RecPlan.transform_rng`), after the flip.
+    both readers, drawn alike (:meth:`RecPlan.transform_rng`), before the flip.
     """
     if not isinstance(data, RecDataset):
         raise ValueError(f"loader kind 'rec' reads an insightface train.rec, but the dataset at "
