@@ -19,14 +19,15 @@ from data_pipeline.loaders.wds_loader import FLIP_TAG
 from shard_helpers import make_jpeg, write_dataset
 
 SIZE = 32
-N = 48
+SHARDS = [20, 16, 12]  # the sizes of the `dataset` fixture's shards
+N = sum(SHARDS)
 NAMES = [f.name for f in dataclasses.fields(Augment)]
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("aug_shards")
-    write_dataset(root, [20, 16, 12], size=SIZE)  # label of sample i is i
+    write_dataset(root, SHARDS, size=SIZE)  # label of sample i is i
     return root
 
 
@@ -241,10 +242,10 @@ def test_fast_decoder_gives_pil_bytes_and_pil_judges_bad_data():
 
 
 # -- in the DALI loader --------------------------------------------------------------------------
-def dali(dataset, threads=1, **aug):
+def dali(dataset, threads=1, flip=False, **aug):
     pytest.importorskip("nvidia.dali")
     return build_loader("dali", dataset, rank=0, world_size=1, batch_size=8, workers=threads,
-                        mode="exact", flip=False, augment=Augment(**aug), seed=5, shuffle_buffer=0)
+                        mode="exact", flip=flip, augment=Augment(**aug), seed=5, shuffle_buffer=0)
 
 
 def test_dali_switches_change_the_samples_they_should(dataset):
@@ -379,8 +380,8 @@ def rec_loader(kind, rec, threads=1, flip=True, **aug):
 
 
 def test_dali_and_python_rec_readers_augment_the_same_samples_the_same_way(rec):
-    # Both take each slot's draws from RecPlan.transform_rng, after the flip: an erased patch
-    # or a crop box put before the flip in one reader and after it in the other would land
+    # Both take each slot's draws from RecPlan.transform_rng, before the flip: an erased patch
+    # or a crop box put after the flip in one reader and before it in the other would land
     # mirrored, far beyond these bounds.
     plain = by_label(rec_loader("rec", rec), e=1)
     assert all(np.array_equal(by_label(rec_loader("dali", rec), e=1)[i], plain[i]) for i in range(N))
@@ -421,3 +422,62 @@ def test_dali_rec_augmentation_is_deterministic_and_resumes_as_uninterrupted(rec
     assert len(rest) == len(whole) - 2
     for (a, la), (b, lb) in zip(whole[2:], rest):
         assert torch.equal(la, lb) and torch.equal(a, b)
+
+
+# -- the order of augmentation and flip ----------------------------------------------------------
+ORDER_AUG = {"crop": 0.5, "erase": 1.0}  # both land on one side of the face
+
+
+def shard_and_key(i: int) -> tuple[str, str]:
+    """Shard name and sample key of sample ``i`` of the `dataset` fixture."""
+    s = int(np.searchsorted(np.cumsum(SHARDS), i, side="right"))
+    return f"train-{s:06d}.tar", f"{i:09d}"
+
+
+def erased(img: np.ndarray) -> np.ndarray:
+    return (img == A.ERASE_FILL).all(-1)
+
+
+@pytest.mark.parametrize("kind, source", [("webdataset", "shards"), ("rec", "rec"),
+                                          ("dali", "shards"), ("dali", "rec")])
+def test_every_loader_augments_first_and_mirrors_last(dataset, rec, kind, source):
+    # Each sample made by hand as flip(augment(image)), with the loader's own generator and
+    # flip coin: the same order in all four loaders, so a crop box or an erased patch lands
+    # on the same side of the face whether a sample comes from shards or from a .rec.
+    e = 1
+    transform = SampleTransform(Augment(**ORDER_AUG), 5)
+    if source == "shards":
+        loader = (wds if kind == "webdataset" else dali)(dataset, flip=True, **ORDER_AUG)
+
+        def rng(j, k, label):
+            return A.sample_rng(5, e, *shard_and_key(label))
+
+        def flipped(j, k):
+            return np.random.default_rng(derive_seed(5, e, 0, j, FLIP_TAG)).random(8)[k] < 0.5
+    else:
+        loader = rec_loader(kind, rec, flip=True, **ORDER_AUG)
+
+        def rng(j, k, label):
+            return loader.plan.transform_rng(e, j, k)
+
+        def flipped(j, k):
+            return loader.plan.flips(e, j)[k]
+    loader.set_epoch(e)
+    seen, telling = 0, 0
+    for j, (x, y) in enumerate(loader):
+        for k, (img, label) in enumerate(zip(as_uint8(x), y.tolist())):
+            image, f = face(label), flipped(j, k)
+            augmented = transform.apply(image, rng(j, k, label))
+            want = augmented[:, ::-1] if f else augmented
+            other = transform.apply(image[:, ::-1], rng(j, k, label)) if f else want
+            # Samples where the two orders put the erased patch apart, so the check can tell them.
+            telling += int((erased(want) != erased(other)).sum() > 4 * SIZE)
+            where = (kind, source, j, k, label)
+            if kind != "dali":
+                assert np.array_equal(img, want), where
+            else:
+                # Two implementations of crop and JPEG decode round differently (as above).
+                assert (erased(img) != erased(want)).sum() <= 2 * SIZE, where
+                assert np.abs(img.astype(int) - want).mean() < 2, where
+            seen += 1
+    assert seen == N and telling >= N // 4, (seen, telling)

@@ -272,7 +272,7 @@ def test_shardface_train_from_a_rec(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "step_00000004").is_dir(), run.stderr[-2000:]
 
 
-def test_sample_transform_runs_after_decode_and_flip_with_its_own_seed(recs):
+def test_sample_transform_runs_after_decode_with_its_own_seed(recs):
     root, _ = recs
     kw = dict(rank=0, world_size=1, batch_size=4, mode="exact", seed=2, workers=0)
     base = build_loader("rec", root / "plain", **kw)
