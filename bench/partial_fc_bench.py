@@ -270,10 +270,9 @@ def main(argv=None) -> None:
                   "into preallocated outputs plus one gather and one scatter of the sampled rows of weight and "
                   "momentum in their storage dtype: the traffic any sparse update needs (the bf16 floor moves "
                   "half the bytes, as 4-byte words like the step). Step and floor alternate, so load from other "
-                  "work falls on both alike; step/floor is the median of the pairs' ratios. With 2 threads on a "
-                  "loaded 2-core machine every parallel op waits for a descheduled thread at OpenMP's barrier, "
-                  "which falls on the step's few dozen ops (row blocks grow with the thread count) more than on "
-                  "the floor's seven; the 1-thread rows measure the work itself.")
+                  "work falls on both alike; step/floor is the median of the pairs' ratios. With several threads the "
+                  "step's row gather and row update run cache-sized blocks on Python threads of one core each "
+                  "(partial_fc.block_threads), the GEMMs and index kernels of both on torch's threads.")
     print(floor_body)
     if not args.no_write:
         write_section("Partial FC step against its floor", floor_body)

@@ -8,7 +8,9 @@ next to moving the rows.  Two costs dominate once the rows are moved only once:
   the copy itself.  :class:`Workspace` keeps such buffers between steps;
 - passes over memory: every elementwise op on a ``[rows, D]`` tensor reads and writes it
   from DRAM.  The optimiser works on blocks of rows small enough to stay in cache
-  (:func:`blocks`), so gather → update → round → scatter reads each row from DRAM once.
+  (:func:`blocks`), so gather → update → round → scatter reads each row from DRAM once;
+  with several threads the blocks are shared out to threads that run on one core each
+  (:mod:`partial_fc.block_threads`), not split op by op.
 
 bfloat16 stochastic rounding adds uniform 16-bit noise below the kept bits and truncates.
 Drawing one random number per element from the generator costs more than the rest of
@@ -30,7 +32,8 @@ import torch
 # state, gradient and noise fits in this machine class's L2 + L3; larger blocks gain nothing
 # and smaller ones pay Python dispatch per op.
 BLOCK_ELEMENTS = 1 << 19
-# Elements per block when ops run on several threads: every parallel op ends at an OpenMP
+# Elements per block when ops run on several threads (the [N, c] passes of the cosine and
+# the softmax; the row updates use one-core blocks instead): every parallel op ends at an OpenMP
 # barrier, which costs a scheduler time slice (milliseconds) whenever one of its threads is
 # descheduled (a machine with more runnable processes than cores).  Hundreds of cache-sized
 # ops then cost far more than the extra DRAM passes of a few large ones; 16M float32 =
