@@ -457,21 +457,21 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--out", default="runs/loss_study",
                     help="study folder: results, figures, runs (default runs/loss_study)")
     sl.add_argument("--losses", nargs="+", default=None, help="default: every margin and metric loss")
-    sl.add_argument("--steps", type=int, default=None, help="optimiser steps per run (default 400)")
+    sl.add_argument("--steps", type=int, default=None, help="optimiser steps per run (default 300)")
     sl.add_argument("--seeds", type=int, default=None,
                     help="runs per loss with seeds SEED, SEED+1, ...; the table shows mean ± std (default 3)")
     sl.add_argument("--quick", action="store_true",
-                    help="smaller data, 150 steps, 2 seeds, geometry capped at 600 steps (about 10 minutes)")
-    sl.add_argument("--parallel", type=int, default=1, help="losses trained at the same time")
+                    help="smaller data, 50 steps, 2 seeds, geometry capped at 100 steps (about 10 minutes)")
+    sl.add_argument("--parallel", type=int, default=None, help="runs trained at the same time (default 2)")
     sl.add_argument("--data", default=None,
                     help="dataset directory (default: render 300 synthetic identities into OUT/data)")
-    sl.add_argument("--batch-size", type=int, default=None, help="local batch per process (default 32)")
-    sl.add_argument("--nproc", type=int, default=None, help="training processes per loss (default 2, torchrun)")
+    sl.add_argument("--batch-size", type=int, default=None, help="local batch per process (default 64)")
+    sl.add_argument("--nproc", type=int, default=None, help="training processes per run (default 1; torchrun when > 1)")
     sl.add_argument("--seed", type=int, default=None, help="first seed of the runs; seed of the study's data "
                     "(default 0)")
     sl.add_argument("--geometry-steps", type=int, default=None,
                     help="most steps of each 2-D/3-D picture run, which stops on a plateau "
-                         "(default 1500; 0: no geometry pictures)")
+                         "(default 600; 0: no geometry pictures)")
     sl.set_defaults(func=_cmd_study)
     return p
 

@@ -17,13 +17,15 @@ import contextlib
 import dataclasses
 import functools
 import json
+import multiprocessing
 import os
 import shutil
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -41,9 +43,9 @@ GEOMETRY_DIMS = (2, 3)
 PLATEAU_GAIN = 0.005
 """Training-accuracy gain (fraction) below which a geometry measurement counts as no progress."""
 QUICK: dict[str, Any] = {
-    "steps": 150, "seeds": 2, "geometry_steps": 600,
-    "synth": SynthConfig(num_identities=120, images_per_identity=20, heldout_identities=50, heldout_pairs=1000,
-                         image_size=(56, 56))}
+    "steps": 50, "seeds": 2, "geometry_steps": 100,
+    "synth": SynthConfig(num_identities=120, images_per_identity=20, heldout_identities=50, heldout_pairs=500,
+                         image_size=(32, 32))}
 """``--quick``: a smaller dataset, fewer steps and two seeds (about ten minutes on two cores)."""
 
 
@@ -55,21 +57,22 @@ class StudySettings:
     """Study folder."""
     losses: list[StudyLoss] = field(default_factory=lambda: study_losses(None))
     """Losses to compare, in table order."""
-    steps: int = 400
+    steps: int = 300
     """Optimiser steps of every main run."""
-    batch_size: int = 32
+    batch_size: int = 64
     """Local batch per process (global batch = batch_size x nproc)."""
-    nproc: int = 2
+    nproc: int = 1
     """Training processes per run (torchrun when > 1)."""
-    parallel: int = 1
-    """Runs at the same time."""
+    parallel: int = 2
+    """Runs at the same time (one per core by default: a run's start-up, a few seconds, then
+    overlaps another's training, and one process per core needs no collectives)."""
     seed: int = 0
     """First seed of the main runs (weights, data order) and the seed of the study's data and pictures."""
     seeds: int = 3
     """Main runs per loss, with seeds ``seed``, ``seed + 1``, ...; the table shows mean ± std over them."""
     data: Optional[Path] = None
     """Dataset folder; None: the study renders its own synthetic faces into ``out/data``."""
-    geometry_steps: int = 1500
+    geometry_steps: int = 600
     """Most steps of each 2-D / 3-D geometry run (it stops earlier on a plateau); 0 skips the pictures."""
     geometry_check_every: int = 50
     """Steps between two measurements of a geometry run's training accuracy."""
@@ -77,7 +80,7 @@ class StudySettings:
     """A geometry run stops when this many measurements in a row gained less than
     :data:`PLATEAU_GAIN` over the best before them (or when every training image is right)."""
     synth: SynthConfig = field(default_factory=lambda: SynthConfig(
-        num_identities=300, images_per_identity=30, heldout_identities=100, heldout_pairs=2000, image_size=(56, 56)))
+        num_identities=300, images_per_identity=30, heldout_identities=100, heldout_pairs=2000, image_size=(32, 32)))
     """The study's own dataset when ``data`` is None."""
     heldout_per_identity: int = 10
     """Images per held-out identity in the labelled set used for the angles."""
@@ -128,9 +131,16 @@ def _env(threads: int) -> dict[str, str]:
     return env
 
 
+def _precision() -> str:
+    """bf16 on a GPU; fp32 on a CPU, where bf16 without bf16 instructions (AVX2 cores) is
+    emulated: 4.4x slower per step than fp32 on the 2-core machines the default is sized for.
+    The study compares losses, not precisions."""
+    return "bf16" if torch.cuda.is_available() else "fp32"
+
+
 def _schedule(seed: int, steps: int) -> list[str]:
     """The training recipe shared by every run: backbone, optimiser, schedule, seed."""
-    return [f"seed={seed}", f"max_steps={steps}", "epochs=0", "device=auto", "precision.dtype=bf16",
+    return [f"seed={seed}", f"max_steps={steps}", "epochs=0", "device=auto", f"precision.dtype={_precision()}",
             "model.backbone=iresnet_tiny", "model.dropout=0.0", "loss.sample_rate=1.0", "loss.head_dtype=fp32",
             "optim.name=sgd", "optim.lr=0.1", "optim.reference_batch=0", "optim.momentum=0.9",
             "optim.weight_decay=5e-4", "optim.schedule=poly", "optim.poly_power=2.0", "optim.clip_grad_norm=5.0",
@@ -267,6 +277,7 @@ class LossStudy:
 
         from .geometry import centre_accuracy, embed_labelled, geometry_metrics, unit_rows
         _fresh(run_dir)
+        torch.set_num_threads(self.threads * self.s.nproc)  # this run's share of the cores
         assert self.geometry_set is not None and self.geometry_train is not None
         s, overrides = self.s, self._geometry_overrides(loss, dim, run_dir)
         train_images, train_labels = self.geometry_train
@@ -310,8 +321,10 @@ class LossStudy:
                 run_dir = self.out / "geometry" / f"{dim}d" / loss.name
                 settings = [o for o in self._geometry_overrides(loss, dim, run_dir) if not o.startswith("output_dir=")]
                 fingerprint = {"kind": "geometry", "loss": loss.name, "dim": dim, "settings": settings}
-                jobs.append(Job(f"{loss.name} ({dim}-D)", run_dir / "done.json", fingerprint,
-                                functools.partial(self._run_geometry, loss, dim, run_dir),
+                run = functools.partial(self._run_geometry, loss, dim, run_dir)
+                if self.s.parallel > 1:
+                    run = functools.partial(_in_fresh_process, run)
+                jobs.append(Job(f"{loss.name} ({dim}-D)", run_dir / "done.json", fingerprint, run,
                                 _describe_geometry))
         return jobs
 
@@ -327,7 +340,7 @@ class LossStudy:
         s = self.s
         header = (f"Same backbone (iresnet_tiny, 128-D), data ({self.manifest.num_classes} identities, "
                   f"{self.manifest.num_samples} images, {self.manifest.image_size[0]} px) and budget "
-                  f"({s.steps} steps, global batch {s.batch_size * s.nproc} on {s.nproc} processes, SGD lr 0.1, "
+                  f"({s.steps} steps, global batch {s.batch_size * s.nproc} on {s.nproc} process(es), SGD lr 0.1, "
                   f"poly decay) for every loss, {s.seeds} seed(s) each ({', '.join(map(str, self.seeds))}): "
                   "mean ± standard deviation over the seeds (one value: a single seed). "
                   "Angles: held-out identities, never trained on.")
@@ -376,7 +389,7 @@ class LossStudy:
         self.prepare()
         print(f"loss study: {len(s.losses)} losses x {s.seeds} seed(s) x {s.steps} steps, "
               f"global batch {s.batch_size * s.nproc} "
-              f"({s.nproc} processes per run, {s.parallel} run(s) at a time), data {self.data_dir}"
+              f"({s.nproc} process(es) per run, {s.parallel} run(s) at a time), data {self.data_dir}"
               + (f"; geometry: 2-D and 3-D, {s.geometry_identities} identities, up to {s.geometry_steps} steps"
                  if s.geometry_steps else ""), flush=True)
         done: dict[str, dict[str, Any]] = {}
@@ -389,7 +402,7 @@ class LossStudy:
         self.write_table(records)
         # Geometry runs train in this process, one at a time, with the threads of one training process.
         torch.set_num_threads(self.threads)
-        geometry, geo_errors = run_jobs(self.geometry_jobs(), 1, title="geometry ")
+        geometry, geo_errors = run_jobs(self.geometry_jobs(), s.parallel, title="geometry ")
         errors.update(geo_errors)
         figures = self.write_figures(records, geometry)
         print(f"wrote {self.out / 'results.md'}, {self.out / 'results.csv'} and "
@@ -421,6 +434,14 @@ def _geometry_caption(r: dict[str, Any]) -> str:
     """The line under a geometry panel: how far the run trained and how well it fits its training images."""
     state = "plateau" if r.get("converged") else "cap, no plateau yet"
     return f"train acc {100 * r['train_accuracy']:.1f}% ({r['steps']} steps, {state})"
+
+
+def _in_fresh_process(run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``run()`` in a spawned process: geometry runs train in-process (a trainer, redirected
+    output, torch's thread count), which two at a time cannot share; a fresh interpreter,
+    unlike a fork, also starts with no OpenMP threads of this one."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(run).result()
 
 
 def _describe_geometry(r: dict[str, Any]) -> str:
