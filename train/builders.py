@@ -33,6 +33,19 @@ def classifier_precision(precision: PrecisionConfig, device: torch.device) -> st
     return name
 
 
+def fast_precision() -> str:
+    """The autocast dtype that speeds this machine up: bf16 on CUDA and on CPUs with bf16
+    instructions (AVX512-BF16, AMX), fp32 elsewhere, where bf16 is emulated (4.4x slower per
+    step than fp32 on an AVX2 core, measured with ``iresnet_tiny``)."""
+    if torch.cuda.is_available():
+        return "bf16"
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN: no fast bf16 path either
+        native = False
+    return "bf16" if native else "fp32"
+
+
 def apply_precision_settings(precision: PrecisionConfig, device: torch.device) -> None:
     """Process-wide matmul settings where the run starts (CUDA only; nothing changes on CPU).
 

@@ -32,6 +32,7 @@ import torch
 
 from data_pipeline.synthetic import SynthConfig
 from launch.torchrun import LaunchSpec, torchrun_command
+from train.builders import fast_precision
 
 from .data import ensure_synthetic_dataset, heldout_labelled_set, labelled_images, load_manifest, synthetic_config_of
 from .jobs import Job, format_seconds, run_jobs, run_logged
@@ -131,16 +132,9 @@ def _env(threads: int) -> dict[str, str]:
     return env
 
 
-def _precision() -> str:
-    """bf16 on a GPU; fp32 on a CPU, where bf16 without bf16 instructions (AVX2 cores) is
-    emulated: 4.4x slower per step than fp32 on the 2-core machines the default is sized for.
-    The study compares losses, not precisions."""
-    return "bf16" if torch.cuda.is_available() else "fp32"
-
-
 def _schedule(seed: int, steps: int) -> list[str]:
     """The training recipe shared by every run: backbone, optimiser, schedule, seed."""
-    return [f"seed={seed}", f"max_steps={steps}", "epochs=0", "device=auto", f"precision.dtype={_precision()}",
+    return [f"seed={seed}", f"max_steps={steps}", "epochs=0", "device=auto", f"precision.dtype={fast_precision()}",
             "model.backbone=iresnet_tiny", "model.dropout=0.0", "loss.sample_rate=1.0", "loss.head_dtype=fp32",
             "optim.name=sgd", "optim.lr=0.1", "optim.reference_batch=0", "optim.momentum=0.9",
             "optim.weight_decay=5e-4", "optim.schedule=poly", "optim.poly_power=2.0", "optim.clip_grad_norm=5.0",
