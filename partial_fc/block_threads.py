@@ -70,18 +70,6 @@ class BlockThreads:
             self._workspaces.append(Workspace())
         return self._pool
 
-    def clear(self) -> None:
-        """Free the workspaces' buffers (the threads stay)."""
-        for ws in self._workspaces:
-            ws.clear()
-
-    def close(self) -> None:
-        """Stop the threads."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-            self._size = 0
-
     def __getstate__(self) -> dict:
         return {}  # threads and scratch buffers are not state
 

@@ -34,7 +34,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -59,6 +59,7 @@ from .epoch_plan import (
 )
 from .loader_base import Batch, Loader
 
+T = TypeVar("T")
 log = logging.getLogger("shardface.data")
 VERIFY_MODES = ("header", "decode")
 FLIP_TAG, WINDOW_TAG = 0x464C, 0x4457
@@ -175,20 +176,26 @@ class DaliLoader(Loader):
         """
         if not any(r.is_remote for r in refs):
             return refs, []
-        leader = self.barrier is None or self.local_rank == 0
         checksums = [s.sha256 for s in self.manifest.shards]
-        staged: tuple[list[ShardRef], list[BadSample]] | None = None
+        staged = self._leader_first(lambda: stage_shards(refs, checksums, self.manifest.remote))
+        return staged or stage_shards(refs, checksums, self.manifest.remote, download=False)
+
+    def _leader_first(self, work: Callable[[], T]) -> T | None:
+        """``work()`` on local rank 0 of each node while the others wait at the barrier; its
+        result there, None on the others.  A failure is raised after the barrier, so that no
+        rank is left waiting for it."""
+        result: T | None = None
         failure: BaseException | None = None
-        if leader:
+        if self.barrier is None or self.local_rank == 0:
             try:
-                staged = stage_shards(refs, checksums, self.manifest.remote)
-            except Exception as e:  # noqa: BLE001 - raised after the barrier, so no rank waits for it
+                result = work()
+            except Exception as e:  # noqa: BLE001 - raised below, after the barrier
                 failure = e
         if self.barrier is not None:
             self.barrier()
         if failure is not None:
             raise failure
-        return staged or stage_shards(refs, checksums, self.manifest.remote, download=False)
+        return result
 
     def _marker(self) -> Path:
         """The file that says a decode failure was met: the next start verifies every decode."""
@@ -207,19 +214,8 @@ class DaliLoader(Loader):
 
     def _index_all(self, decode: bool) -> list[ShardIndex]:
         """Every shard's index; local rank 0 of each node builds, the others wait, then read."""
-        leader = self.barrier is None or self.local_rank == 0
-        indexes: list[ShardIndex] | None = None
-        failure: BaseException | None = None
-        if leader:
-            try:
-                indexes = index_shards(self._refs, self.num_classes,
-                                       self.manifest.image_size, decode=decode, workers=self.index_workers)
-            except Exception as e:  # noqa: BLE001 - raised after the barrier, so no rank waits for it
-                failure = e
-        if self.barrier is not None:
-            self.barrier()
-        if failure is not None:
-            raise failure
+        indexes = self._leader_first(lambda: index_shards(self._refs, self.num_classes, self.manifest.image_size,
+                                                          decode=decode, workers=self.index_workers))
         if indexes is None:
             # Current files are only read; one that no local rank 0 wrote for this file system
             # (e.g. a launcher whose local ranks do not start at 0) is built by this rank.
