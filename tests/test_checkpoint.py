@@ -1,11 +1,10 @@
 """Checkpoints: exact resume, resume at another world size, atomicity under a kill, retention."""
-import multiprocessing as mp
 import os
 
 import pytest
 import torch
 
-from distributed_harness import run_distributed
+from distributed_harness import fresh_process, run_distributed
 from train.checkpoint import (
     LATEST,
     CheckpointManager,
@@ -158,7 +157,7 @@ def _killed_save(root, where):
 def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path, where):
     root = tmp_path / "ckpt"
     _manager(root).save(1, _payload(1), _payload(1))
-    child = mp.get_context("spawn").Process(target=_killed_save, args=(root, where))
+    child = fresh_process(_killed_save, root, where)
     child.start()
     child.join(60)
     assert child.exitcode == 9

@@ -1,5 +1,4 @@
 """Checkpoint format versions, stale temporary folders, the storage probe, node-local storage, async saves."""
-import multiprocessing as mp
 import os
 import threading
 
@@ -7,7 +6,7 @@ import pytest
 import torch
 
 from data_pipeline.loaders.loader_base import LoaderSettingsMismatch
-from distributed_harness import run_distributed
+from distributed_harness import fresh_process, run_distributed
 from train.checkpoint import (
     SHARED,
     CheckpointFormatError,
@@ -129,7 +128,7 @@ def _killed_background_save(root):
 
 def test_kill_during_a_background_write_leaves_the_last_good_checkpoint(tmp_path):
     _slow_manager(tmp_path).save(1, {"step": 1}, {"w": torch.zeros(2)})
-    child = mp.get_context("spawn").Process(target=_killed_background_save, args=(tmp_path,))
+    child = fresh_process(_killed_background_save, tmp_path)
     child.start()
     child.join(60)
     assert child.exitcode == 9
