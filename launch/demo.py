@@ -32,7 +32,7 @@ class DemoOptions:
 
 # Sizes chosen so that the full demo finishes in well under 10 minutes on 2 CPU cores.
 FULL = dict(identities=1000, images=16, heldout=200, pairs=3000, steps=600, distractors=1000)
-QUICK = dict(identities=200, images=16, heldout=100, pairs=1000, steps=120, distractors=200)
+QUICK = dict(identities=200, images=16, heldout=100, pairs=1000, steps=60, distractors=200)
 IMAGE_SIZE = 56
 
 
