@@ -52,8 +52,8 @@ def slurm_conf(root: Path, host: str, cpus: int) -> str:
         "ClusterName=shardfacetest", f"SlurmctldHost={host}",
         f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
         "SlurmUser=root", "AuthType=auth/munge",
-        # A requeued job waits for its old credential to expire (120 s by default).
-        "AuthInfo=cred_expire=10",
+        # A requeued job waits for its old credential to expire (120 s by default, 5 s at least).
+        "AuthInfo=cred_expire=5",
         "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none",
         "AccountingStorageType=accounting_storage/none", "SelectType=select/cons_tres",
         "SelectTypeParameters=CR_CPU", "SchedulerParameters=bf_interval=2,sched_interval=2",
