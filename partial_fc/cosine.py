@@ -9,10 +9,12 @@ would allocate several [N, c] and [c, D] temporaries):
     ∂L/∂unit = g' @ rows
     ∂L/∂w_j  = (g'ᵀ @ unit)_j − w_j · Σ_i g'_ij cos_ij / ‖w_j‖
 
-The correction term is a pass over three [c, D] tensors, more memory traffic than any
-[N, c] step when N < D.  A caller that updates the rows block by block can take it
-instead as its per-row coefficient (:class:`RowCorrection`) and apply it while each
-block is in cache; ``partial_fc.optim`` does.
+The [c, D] gradient is the step's largest tensor: written by the product, read again by
+the correction and again by the update, it crosses memory three times, more traffic
+than any [N, c] step when N < D.  A caller that updates the rows block by block can take
+the product's operands and the per-row coefficient instead (:class:`RowCorrection`) and
+make each block of the gradient while it updates that block, in cache;
+``partial_fc.optim`` does.
 """
 from __future__ import annotations
 
@@ -73,21 +75,37 @@ def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, tf32: bool,
 
 @dataclass
 class RowCorrection:
-    """The part of the rows' gradient that the backward left out: ``− coef_j · w_j``.
+    """The part of the rows' gradient that the backward left to its caller.
 
-    ``rows`` are the [c, D] rows of the forward; ``coef`` [c] is set by the backward.  The
-    true gradient of row j is ``grad_j − coef_j · rows_j``.
+    ``rows`` are the [c, D] rows of the forward.  The backward sets ``coef`` [c]: the true
+    gradient of row j is ``grad_j − coef_j · w_j``.  It also leaves out the matrix product
+    ``g'ᵀ @ unit`` itself (``product``; the rows then get no ``.grad``): the caller makes
+    the gradient block by block (:meth:`gradient_block`), so that each block of the [c, D]
+    gradient is computed in cache and used at once instead of crossing memory twice.
     """
 
     rows: torch.Tensor
     coef: Optional[torch.Tensor] = None
+    product: Optional[tuple] = None
+    """(g' [N, c], unit [N, D], GEMM dtype, tf32) of a backward whose product is pending."""
 
-    def apply_(self, grad: torch.Tensor) -> torch.Tensor:
-        """Complete ``grad`` (shaped like ``rows``) in place, once; later calls change nothing."""
-        if self.coef is not None:
-            grad.addcmul_(self.rows.to(grad.dtype), self.coef.unsqueeze(1), value=-1.0)
-            self.coef = None
-        return grad
+    @property
+    def pending(self) -> bool:
+        """The backward ran and its gradient has not been made yet."""
+        return self.product is not None
+
+    def gradient_block(self, rows: slice, out: torch.Tensor) -> torch.Tensor:
+        """The complete gradient of ``rows`` (of :attr:`rows`) into float32 ``out`` [len, D]."""
+        assert self.product is not None and self.coef is not None  # set together by the backward
+        g, unit, dtype, tf32 = self.product
+        part = _mm(g[:, rows].t(), unit, dtype, tf32, out)
+        if part is not out:
+            out.copy_(part)
+        return out.addcmul_(self.rows[rows], self.coef[rows].unsqueeze(1), value=-1.0)
+
+    def clear(self) -> None:
+        """Forget the pending gradient (made, or no longer wanted)."""
+        self.coef = self.product = None
 
 
 def row_blocks(shape: tuple) -> list[slice]:
@@ -147,13 +165,16 @@ class _CosineLogits(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # The correction term stays float32: it is a per-row scalar times the row.
             coef = (coef if coef is not None else (g * cos).sum(dim=0)).mul_(inv_norm)
-            out = _buffer(ctx.workspace, "grad_rows", tuple(rows.shape), rows) if rows.dtype == torch.float32 else None
-            grad_rows = _mm(g.t(), unit, dtype, tf32, out).float()
-            if ctx.correction is not None:
-                ctx.correction.coef = coef  # applied by the caller, block by block
+            correction = ctx.correction
+            if correction is not None and not correction.pending:
+                # The caller makes the gradient block by block (RowCorrection.gradient_block).
+                correction.coef, correction.product = coef, (g.detach(), unit.detach(), dtype, tf32)
             else:
+                out = (_buffer(ctx.workspace, "grad_rows", tuple(rows.shape), rows)
+                       if rows.dtype == torch.float32 else None)
+                grad_rows = _mm(g.t(), unit, dtype, tf32, out).float()
                 grad_rows.addcmul_(rows.float(), coef.unsqueeze(1), value=-1.0)
-            grad_rows = grad_rows.to(rows.dtype)
+                grad_rows = grad_rows.to(rows.dtype)
         ctx.correction = ctx.workspace = None
         return grad_unit, grad_rows, None, None, None, None, None, None
 
@@ -170,8 +191,8 @@ def cosine_logits(unit: torch.Tensor, rows: torch.Tensor, norms: Optional[torch.
     autocast dtype when autocast is on, float32 otherwise.  ``tf32``: float32 GEMMs may use
     TF32 tensor cores (CUDA only; restored after each GEMM).  ``grad_in_place``: the
     gradient reaching the cosines is a buffer nobody else reads (the fused margin softmax's)
-    and may be overwritten.  ``correction``: leave the rows' ``− coef·w`` term out of their
-    gradient and hand its coefficients to this :class:`RowCorrection` (float32 rows only).
+    and may be overwritten.  ``correction``: leave the rows' gradient to this
+    :class:`RowCorrection` (its product operands and ``− coef·w`` term; float32 rows only).
     ``workspace``: buffers kept between steps for the cosines and the rows' gradient (float32
     products): the next call with the same workspace overwrites them, so it is for the one
     forward of a training step whose backward runs before the next step's forward.

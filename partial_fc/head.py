@@ -59,9 +59,20 @@ class _Chosen:
     weight: torch.Tensor
     bias: Optional[torch.Tensor]
     correction: Optional[RowCorrection] = None
-    """The ``− coef·w`` term left out of ``weight.grad`` (None: the gradient is complete)."""
+    """The gradient the backward left to be made (None: ``weight.grad`` is all of it)."""
     norms: Optional[torch.Tensor] = None
     """‖w‖ of the rows, computed by the gather (None: not yet computed)."""
+
+    @property
+    def has_grad(self) -> bool:
+        """A backward reached these rows (their gradient may still be pending)."""
+        return self.weight.grad is not None or (self.correction is not None and self.correction.pending)
+
+    @property
+    def deferred(self) -> Optional[RowCorrection]:
+        """The pending gradient when it is all the gradient these rows have (one backward)."""
+        c = self.correction
+        return c if c is not None and c.pending and self.weight.grad is None else None
 
 
 class PartialFC(nn.Module):
@@ -291,7 +302,7 @@ class PartialFC(nn.Module):
             # Forwards whose backward never ran hold rows nobody will update: dropped, so that
             # the pending list cannot grow step after step.  The dense float32 shard is the
             # leaf itself: it is listed once (a torch optimiser may own it and never clear).
-            self._chosen = [c for c in self._chosen if c.weight.grad is not None]
+            self._chosen = [c for c in self._chosen if c.has_grad]
             if not any(c.weight is chosen.weight for c in self._chosen):
                 self._chosen.append(chosen)
 
@@ -301,8 +312,8 @@ class PartialFC(nn.Module):
         norms = chosen.norms if chosen.norms is not None else row_norms(rows)
         fused = self.margin.logit_scale() is not None
         if chosen.weight is not self.weight and self.training and torch.is_grad_enabled():
-            # The rows are this forward's own copy: the row optimiser applies the gradient's
-            # −coef·w term block by block, while it holds each block in cache anyway.
+            # The rows are this forward's own copy: the row optimiser makes their gradient
+            # block by block, while it holds each block in cache anyway.
             chosen.correction = RowCorrection(rows.detach())
         # The parameter itself (dense float32 shard) keeps its own .grad: a torch optimiser may
         # zero it in place and accumulate into it, so its gradient must not be a kept buffer.
@@ -376,32 +387,52 @@ class PartialFC(nn.Module):
         return index, w, b
 
     def _complete_row_grads(self) -> list[_Chosen]:
-        """The forwards with a gradient, their deferred row corrections applied."""
-        done = [c for c in self._chosen if c.weight.grad is not None]
+        """The forwards with a gradient, each pending gradient made (into ``weight.grad``)."""
+        done = [c for c in self._chosen if c.has_grad]
         for c in done:
-            if c.correction is not None:
-                c.correction.apply_(c.weight.grad.view(c.correction.rows.shape))
+            if c.correction is not None and c.correction.pending:
+                grad = self._make_pending_gradient(c)
+                c.weight.grad = grad if c.weight.grad is None else c.weight.grad.add_(grad)
         return done
 
+    def _make_pending_gradient(self, chosen: _Chosen) -> torch.Tensor:
+        """The gradient a backward left pending, made in the row optimiser's blocks (so that it
+        equals, bit for bit, what the optimiser would have made itself)."""
+        correction = chosen.correction
+        assert correction is not None
+        out = torch.empty(chosen.weight.shape, dtype=torch.float32, device=chosen.weight.device)
+        rows = out.view(correction.rows.shape)
+        k = self.num_centers
+
+        def block(sl: slice, ws: Workspace) -> None:
+            part = slice(sl.start * k, sl.stop * k)
+            correction.gradient_block(part, rows[part])
+
+        self.block_threads.run(block, self.update_blocks(out.shape[0]), None if out.device.type == "cpu" else 1)
+        correction.clear()
+        return out
+
+    def update_blocks(self, num_rows: int) -> list[slice]:
+        """The blocks of chosen rows that a row optimiser updates one at a time, in cache."""
+        return list(blocks(num_rows, self.num_centers * self.embedding_size, core_block_elements()))
+
     def pending_row_grads(self) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor],
-                                         Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """As :meth:`row_grads`, plus the deferred correction: (index, weight grad, coef, bias grad).
+                                         Optional[RowCorrection], Optional[torch.Tensor]]:
+        """As :meth:`row_grads`, with the weight gradient possibly still to be made:
+        (index, weight grad, pending, bias grad).
 
         When one forward fed the gradient and its row copy is still current
-        (:meth:`gathered_weight_rows`), ``coef`` [rows, centres] is returned instead of
-        applied: the weight gradient of row j is ``grad_j − coef_j · w_j`` (per centre), with
-        w the rows :meth:`gathered_weight_rows` returns.  Otherwise ``coef`` is None and the
-        gradient is complete.  Whoever takes ``coef`` must apply it before changing the rows.
+        (:meth:`gathered_weight_rows`), the weight gradient is not made: ``pending`` is the
+        :class:`partial_fc.cosine.RowCorrection` that makes it block by block
+        (``gradient_block`` over the rows of :meth:`update_blocks`, one centre after another),
+        from the rows :meth:`gathered_weight_rows` returns, and ``weight grad`` is None.
+        Whoever takes it must make each block before changing those rows, and ``clear()`` it
+        after.  Otherwise ``pending`` is None and the weight gradient is complete.
         """
-        done = [c for c in self._chosen if c.weight.grad is not None]
-        if (len(done) == 1 and done[0].correction is not None and done[0].correction.coef is not None
-                and self.gathered_weight_rows() is not None):
+        done = [c for c in self._chosen if c.has_grad]
+        if len(done) == 1 and done[0].deferred is not None and self.gathered_weight_rows() is not None:
             only = done[0]
-            correction = only.correction
-            assert correction is not None and correction.coef is not None  # checked just above
-            coef, correction.coef = correction.coef, None
-            return (only.index, only.weight.grad, coef.view(only.weight.shape[0], -1),
-                    only.bias.grad if only.bias is not None else None)
+            return only.index, None, only.deferred, only.bias.grad if only.bias is not None else None
         index, w, b = self.row_grads()
         return index, w, None, b
 
@@ -409,16 +440,19 @@ class PartialFC(nn.Module):
     def row_grads_finite(self) -> torch.Tensor:
         """Device bool: every row gradient since the last clear is finite (no host read).
 
-        A deferred correction is checked through its coefficients (the rows are the
-        weights, finite whenever the loss is), so the check never completes the gradient.
+        A pending gradient is checked through its factors (the product's operands and the
+        correction's coefficients; the rows are the weights, finite whenever the loss is), so
+        the check never makes it: a product of finite float32 factors this size overflows
+        only past 3e38.
         """
         ok = torch.ones((), dtype=torch.bool, device=self.weight.device)
         for c in self._chosen:
-            if c.weight.grad is None:
-                continue
-            ok = ok & torch.isfinite(c.weight.grad).all()
-            if c.correction is not None and c.correction.coef is not None:
-                ok = ok & torch.isfinite(c.correction.coef).all()
+            if c.weight.grad is not None:
+                ok = ok & torch.isfinite(c.weight.grad).all()
+            correction = c.correction
+            if correction is not None and correction.product is not None and correction.coef is not None:
+                g, unit = correction.product[:2]
+                ok = ok & torch.isfinite(g).all() & torch.isfinite(unit).all() & torch.isfinite(correction.coef).all()
             if c.bias is not None and c.bias.grad is not None:
                 ok = ok & torch.isfinite(c.bias.grad).all()
         return ok
@@ -432,7 +466,7 @@ class PartialFC(nn.Module):
         update the returned rows in place: they are not read again before the next forward.
         """
         gathered = getattr(self, "_gathered", None)
-        done = [c for c in self._chosen if c.weight.grad is not None]
+        done = [c for c in self._chosen if c.has_grad]
         if gathered is None or len(done) != 1 or done[0].weight is not gathered[0]:
             return None
         rows, version = gathered
@@ -452,11 +486,16 @@ class PartialFC(nn.Module):
                         per, None if norms is None else norms[sl])
 
         per = core_block_elements()
+        self.block_threads.run(block, list(blocks(out.shape[0], out.shape[1], per)))
+        return out
+
+    @property
+    def block_threads(self) -> BlockThreads:
+        """The threads and per-thread scratch blocks of the row loops (created on first use)."""
         threads = getattr(self, "_threads", None)
         if threads is None:
             threads = self._threads = BlockThreads()
-        threads.run(block, list(blocks(out.shape[0], out.shape[1], per)))
-        return out
+        return threads
 
     def _row_workspace(self) -> Workspace:
         """Buffers for the sampled rows, kept between steps (created on first use)."""

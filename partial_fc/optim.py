@@ -7,8 +7,10 @@ every row is sampled every step, and the update equals ``torch.optim.SGD`` /
 ``torch.optim.AdamW`` exactly.
 
 Bytes per class per rank (D = 512): weight + momentum (SGD) = 2·4·D = 4 KiB in float32,
-2 KiB in bfloat16 (``param_dtype=torch.bfloat16``: state is stored in bfloat16 too,
-written back with stochastic rounding so small updates are not lost on average);
+2 KiB in bfloat16 (``param_dtype=torch.bfloat16``: state is stored in bfloat16 too; the
+weight and AdamW's moments are written back with stochastic rounding so that small updates
+are not lost on average, SGD's momentum buffer rounds to nearest while momentum <= 0.99,
+where no step's change to it is that small);
 AdamW keeps two moments and a per-row step counter: 3·4·D + 4 bytes in float32.
 Per step: the sampled rows and their gradient, ≈ 2·4·D·r bytes per class; the float32 copy
 of the rows is a buffer kept between steps (``partial_fc.rows``), the gradient is transient.
@@ -21,9 +23,10 @@ SphereFace/L-Softmax λ, ElasticFace's draws), so that it follows optimiser step
 the gradient accumulation.
 
 The sparse update runs block by block (``partial_fc.rows.blocks``): each block of rows is
-gathered, updated and written back while it is in cache, the weight rows come from the
-copy the forward made, and the elementwise update is the same as torch.optim's, so the
-float32 result does not depend on the blocking.
+gathered, its gradient made (``partial_fc.cosine.RowCorrection``), updated and written
+back while it is in cache, and the weight rows come from the copy the forward made.  The
+elementwise update is torch.optim's: SGD through the kernel of ``SGD(fused=True)``, AdamW
+op by op.  The blocks do not depend on the thread count, so neither does the result.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from typing import Optional
 
 import torch
 
-from .block_threads import BlockThreads
+from .cosine import RowCorrection
 from .head import PartialFC
 from .row_decay import ROW_DECAY_POLICIES, LazyRowDecay
 from .rows import Workspace, blocks, copy_rows_, core_block_elements, gather_rows, round_to_bf16_, rounding_noise
@@ -92,28 +95,30 @@ class _RowOptimizer(torch.optim.Optimizer):
     def step(self, closure=None, grad_scale: float = 1.0):  # noqa: D401 - torch signature
         """Update the sampled rows; ``grad_scale`` multiplies the gradients first (1/loss scale)."""
         loss = closure() if closure is not None else None
-        index, w_grad, coef, b_grad = self.head.pending_row_grads()
-        if w_grad is None:
+        index, w_grad, pending, b_grad = self.head.pending_row_grads()
+        if w_grad is None and pending is None:
             return loss
         group = self.param_groups[0]
         gathered = self.head.gathered_weight_rows()
         lazy = self.lazy_decay
         # The decay the chosen rows owe (lazy_dense); the forward's copy already carries it.
         owed = lazy.factors(index) if lazy is not None and index is not None else None
-        for p, grad, rows, correction in zip(group["params"], (w_grad, b_grad), (gathered, None), (coef, None)):
-            if grad is None:
+        for p, grad, rows, deferred in zip(group["params"], (w_grad, b_grad), (gathered, None), (pending, None)):
+            if grad is None and deferred is None:
                 continue
             # The gradient buffers are discarded after the step, so they are updated in place.
-            grad = grad.float()
+            grad = None if grad is None else grad.float()
             state = self._param_state(p)
-            if index is None and p.dtype == torch.float32:
+            if index is None and p.dtype == torch.float32 and grad is not None:
                 # Dense float32 rows are updated where they live (torch.optim's update).
                 if grad_scale != 1.0:
                     grad.mul_(grad_scale)
                 self._update({"param": p.detach(), **{n: state[n] for n in self.state_names}}, grad, group)
             else:
                 self._sparse_update(p.detach(), state, index, grad, rows, group, grad_scale,
-                                    owed if rows is None else None, correction)
+                                    owed if rows is None else None, deferred)
+        if pending is not None:
+            pending.clear()
         if lazy is not None:
             lazy.advance(group["lr"], group["weight_decay"], index)
         self.head.margin.advance()
@@ -132,26 +137,31 @@ class _RowOptimizer(torch.optim.Optimizer):
         lazy.mark.fill_(lazy.total)
 
     def _sparse_update(self, param: torch.Tensor, state: dict, index: Optional[torch.Tensor],
-                       grad: torch.Tensor, rows: Optional[torch.Tensor], group: dict,
+                       grad: Optional[torch.Tensor], rows: Optional[torch.Tensor], group: dict,
                        grad_scale: float, owed: Optional[torch.Tensor] = None,
-                       coef: Optional[torch.Tensor] = None) -> None:
+                       pending: Optional[RowCorrection] = None) -> None:
         """Gather, update and write back the chosen rows of ``param`` and its state, block by block.
 
         ``rows``: the float32 copy of the chosen weight rows made by the forward (None:
         gathered here).  ``owed``: [rows] decay factor applied to the gathered rows first
         (lazy_dense).  Each block of rows is gathered, updated and written back while it
-        is in cache, so weight and state cross memory once each way.  ``coef`` [rows, centres]:
-        the gradient's deferred ``− coef·w`` term (``PartialFC.pending_row_grads``), applied to
-        each block before its update.
+        is in cache, so weight and state cross memory once each way.  ``pending`` (with ``grad``
+        None): the gradient still to be made (``PartialFC.pending_row_grads``), block by block
+        just before each block's update, so that it is used while in cache.
         """
-        n = grad.shape[0]
-        width = grad[0].numel() if grad.dim() > 1 else 1
+        shaped = grad if grad is not None else rows
+        assert shaped is not None, "a pending gradient comes with the forward's rows"
+        n = shaped.shape[0]
+        width = shaped[0].numel() if shaped.dim() > 1 else 1
+        centers = self.head.num_centers
         dev = param.device
         names = ("param",) + self.state_names
         targets = {name: param if name == "param" else state[name] for name in names}
         bf16 = [name for name, t in targets.items() if t.dtype == torch.bfloat16 and t.shape == param.shape]
-        # One row draw and one column draw per rounded tensor and step (see partial_fc.rows).
-        noise = {name: rounding_noise(n, width, self.rounding_generator, dev) for name in bf16}
+        # One row draw and one column draw per stochastically rounded tensor and step (see
+        # partial_fc.rows); the others round to nearest.
+        noise = {name: rounding_noise(n, width, self.rounding_generator, dev) for name in bf16
+                 if self._rounds_stochastically(name, group)}
         per = core_block_elements()
 
         def update_block(sl: slice, ws: Workspace) -> None:
@@ -167,11 +177,12 @@ class _RowOptimizer(torch.optim.Optimizer):
                 block[name] = gather_rows(src, part, ws.get(name, shape, torch.float32, dev), ws, per)
                 if name == "param" and owed is not None:
                     block[name].mul_(owed[sl].view((-1,) + (1,) * (len(shape) - 1)))
-            g = grad[sl]
-            if coef is not None:
-                w = block["param"]
-                g.view(count, coef.shape[1], -1).addcmul_(w.view(count, coef.shape[1], -1),
-                                                          coef[sl].unsqueeze(2), value=-1.0)
+            if pending is None:
+                assert grad is not None
+                g = grad[sl]
+            else:  # made from the rows before the update changes them
+                g = ws.get("grad", (count, width), torch.float32, dev)
+                pending.gradient_block(slice(sl.start * centers, sl.stop * centers), g.view(count * centers, -1))
             if grad_scale != 1.0:
                 g.mul_(grad_scale)
             self._update(block, g, group)
@@ -183,27 +194,27 @@ class _RowOptimizer(torch.optim.Optimizer):
                     out = ws.get("bf16", flat.shape, torch.bfloat16, dev)
                     value = round_to_bf16_(flat, row[sl], col, out,
                                            ws.get("noise", flat.shape, torch.int32, dev)).view(value.shape)
+                elif target.dtype != value.dtype:
+                    value = ws.get("bf16", value.shape, target.dtype, dev).copy_(value)
                 if index is None:
                     target[sl].copy_(value)
                 else:
                     copy_rows_(target, part, value.to(target.dtype))
 
         # Cache-sized blocks on one core each (partial_fc.block_threads), on the CPU; a GPU
-        # runs the same loop in order, its kernels being asynchronous.
-        self._block_threads.run(update_block, list(blocks(n, width, per)),
-                                None if dev.type == "cpu" else 1)
-
-    @property
-    def _block_threads(self) -> BlockThreads:
-        """The threads and per-thread scratch blocks of this optimiser (created on first use)."""
-        pool = getattr(self, "_threads", None)
-        if pool is None:
-            pool = self._threads = BlockThreads()
-        return pool
+        # runs the same loop in order, its kernels being asynchronous.  For the weight these
+        # are PartialFC.update_blocks, in which the head makes a pending gradient when asked.
+        self.head.block_threads.run(update_block, list(blocks(n, width, per)), None if dev.type == "cpu" else 1)
 
     def _update(self, rows: dict, grad: torch.Tensor, group: dict) -> None:  # pragma: no cover
         """Update ``rows`` (param and state, float32) in place from ``grad``."""
         raise NotImplementedError
+
+    def _rounds_stochastically(self, name: str, group: dict) -> bool:
+        """Whether bfloat16 rows ``name`` ("param" or a state) are written back with stochastic
+        rounding (else to nearest): the weight always, the state unless an optimiser knows
+        that no step's change to it falls below bfloat16's resolution."""
+        return True
 
     # ------------------------------------------------------------ re-sharding support
     def state_rows(self) -> dict[str, torch.Tensor]:
@@ -245,6 +256,12 @@ class _RowOptimizer(torch.optim.Optimizer):
 _OWED = "weight.decay_owed"
 
 
+# The kernel behind torch.optim.SGD(fused=True) (CPU and CUDA); None where a build lacks it.
+_FUSED_SGD = getattr(torch, "_fused_sgd_", None)
+# Elements of the widest CPU vector registers (64 floats = 2048 bits, SVE's largest).
+_WHOLE_VECTORS = 64
+
+
 class PartialFCSGD(_RowOptimizer):
     """SGD with momentum and L2 weight decay on the sampled rows (torch.optim.SGD's update)."""
 
@@ -257,8 +274,25 @@ class PartialFCSGD(_RowOptimizer):
         super().__init__(head, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                                     nesterov=nesterov), seed, row_decay)
 
+    def _rounds_stochastically(self, name, group):
+        # The momentum buffer changes each step by at least 1 − momentum of itself (its decay)
+        # and settles at grad / (1 − momentum): with momentum <= 0.99 both are above bf16's
+        # worst relative half-step (2^-8 = 0.4%), so rounding to nearest loses no step.
+        # Closer to 1 the decay of a step could round away, and the draw is needed.
+        return name != "momentum_buffer" or group["momentum"] > 0.99
+
     def _update(self, rows, grad, group):
         w, buf = rows["param"], rows["momentum_buffer"]
+        if (group["momentum"] and _FUSED_SGD is not None and grad.numel() % _WHOLE_VECTORS == 0
+                and w.is_contiguous() and buf.is_contiguous() and grad.is_contiguous()):
+            # torch.optim.SGD(fused=True)'s kernel: the same update in one pass over weight,
+            # momentum and gradient instead of four.  Its vector body rounds as the ops below
+            # do, its scalar tail does not: it gets whole vectors only, so the result is the
+            # same bit for bit whichever path runs (and whatever the blocking).
+            _FUSED_SGD([w], [grad], [buf], weight_decay=group["weight_decay"], momentum=group["momentum"],
+                       lr=group["lr"], dampening=0.0, nesterov=group["nesterov"], maximize=False,
+                       is_first_step=False)
+            return
         if group["weight_decay"]:
             grad.add_(w, alpha=group["weight_decay"])
         direction = grad

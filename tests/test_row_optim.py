@@ -208,3 +208,46 @@ def test_row_update_on_several_threads_equals_one_thread_bit_for_bit(monkeypatch
         torch.set_num_threads(before)
     assert torch.equal(one[0], three[0]) and torch.equal(one[1], three[1])
     assert not torch.equal(one[1], torch.zeros_like(one[1]))  # the rows did move
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_one_pass_sgd_update_equals_torch_optim_bit_for_bit(monkeypatch, nesterov, weight_decay):
+    # Rows of 64 values take the fused kernel; the update must still be torch.optim.SGD's.
+    import partial_fc.optim as optim_mod
+
+    calls = []
+    if optim_mod._FUSED_SGD is not None:
+        kernel = optim_mod._FUSED_SGD
+        monkeypatch.setattr(optim_mod, "_FUSED_SGD", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    gen = torch.Generator().manual_seed(7)
+    w, g, m = (torch.randn(37, 64, generator=gen) for _ in range(3))
+    ours = {"param": w.clone(), "momentum_buffer": m.clone()}
+    group = dict(lr=0.3, momentum=0.9, weight_decay=weight_decay, nesterov=nesterov)
+    optim_mod.PartialFCSGD._update(None, ours, g.clone(), group)
+    ref = torch.nn.Parameter(w.clone())
+    ref.grad = g.clone()
+    sgd = torch.optim.SGD([ref], lr=0.3, momentum=0.9, weight_decay=weight_decay, nesterov=nesterov, foreach=False)
+    sgd.state[ref]["momentum_buffer"] = m.clone()
+    sgd.step()
+    assert torch.equal(ours["param"], ref.detach())
+    assert torch.equal(ours["momentum_buffer"], sgd.state[ref]["momentum_buffer"])
+    assert calls or optim_mod._FUSED_SGD is None
+
+
+def test_momentum_buffer_rounds_to_nearest_unless_momentum_is_close_to_one():
+    def first_step(momentum):
+        head = PartialFC(D, C, CosFace(), param_dtype=torch.bfloat16, seed=2)
+        opt = build_head_optimizer(head, "sgd", lr=0.1, momentum=momentum, weight_decay=0.0, seed=2)
+        gen = torch.Generator().manual_seed(4)
+        head(torch.randn(6, D, generator=gen), torch.randint(0, C, (6,), generator=gen)).backward()
+        _, grad, _ = head.row_grads()  # the state starts at zero: after one step it is the gradient
+        opt.step()
+        return grad, opt.state_rows()["weight.momentum_buffer"]
+
+    grad, buf = first_step(0.9)
+    assert torch.equal(buf, grad.to(torch.bfloat16))  # round to nearest
+    grad, buf = first_step(0.999)
+    nearest = grad.to(torch.bfloat16)
+    assert not torch.equal(buf, nearest)  # stochastic: some values round the other way
+    assert ((buf.float() - grad).abs() <= grad.abs() * 2 ** -7).all()  # ... to a neighbour
