@@ -32,7 +32,6 @@ def test_sbatch_preempted_requeues_and_ends_with_the_uninterrupted_weights(tmp_p
         ensure_installed()
     except SlurmUnavailable as err:
         pytest.skip(str(err))
-    ref = start_training(tmp_path / "ref", STEPS)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     # `shardface` on PATH runs this checkout (the script calls it as users have it installed).
@@ -49,6 +48,8 @@ def test_sbatch_preempted_requeues_and_ends_with_the_uninterrupted_weights(tmp_p
         out = tmp_path / f"job-{job}.out"
         _wait_for_line(out, "step 5/", cluster, job)
         cluster.run("scancel", "--signal=USR1", "--batch", str(job))
+        # The uninterrupted reference trains while the job stops, waits for SLURM and starts again.
+        ref = start_training(tmp_path / "ref", STEPS)
         info = cluster.wait_job(job, timeout=240)
         log = out.read_text(errors="replace")
         assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{log[-3000:]}"
