@@ -94,14 +94,20 @@ class RowCorrection:
         """The backward ran and its gradient has not been made yet."""
         return self.product is not None
 
-    def gradient_block(self, rows: slice, out: torch.Tensor) -> torch.Tensor:
-        """The complete gradient of ``rows`` (of :attr:`rows`) into float32 ``out`` [len, D]."""
+    def product_block(self, rows: slice, out: torch.Tensor) -> torch.Tensor:
+        """The product part ``g'ᵀ @ unit`` of ``rows``' gradient into float32 ``out`` [len, D]; the
+        gradient is ``out − coef[rows] · self.rows[rows]`` (for a caller that applies it itself)."""
         assert self.product is not None and self.coef is not None  # set together by the backward
         g, unit, dtype, tf32 = self.product
         part = _mm(g[:, rows].t(), unit, dtype, tf32, out)
         if part is not out:
             out.copy_(part)
-        return out.addcmul_(self.rows[rows], self.coef[rows].unsqueeze(1), value=-1.0)
+        return out
+
+    def gradient_block(self, rows: slice, out: torch.Tensor) -> torch.Tensor:
+        """The complete gradient of ``rows`` (of :attr:`rows`) into float32 ``out`` [len, D]."""
+        assert self.coef is not None
+        return self.product_block(rows, out).addcmul_(self.rows[rows], self.coef[rows].unsqueeze(1), value=-1.0)
 
     def clear(self) -> None:
         """Forget the pending gradient (made, or no longer wanted)."""

@@ -31,6 +31,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from . import native
 from .block_threads import BlockThreads
 from .checks import check_global_batch, check_mode, input_report
 from .comm import ProcessGroup, gather_batch, gather_sizes, rank_and_world
@@ -49,6 +50,13 @@ from .softmax import sharded_cross_entropy, sharded_cross_entropy_and_accuracy
 # initial weight of class j is the same whatever the world size.
 _INIT_CHUNK = 4096
 _NORM_EPS = 1e-12
+
+
+def _top_rows(score: torch.Tensor, k: int) -> torch.Tensor:
+    """The sorted indices of the ``k`` largest ``score``s (non-negative): the C select on the
+    CPU where it is built (:func:`partial_fc.native.top_rows`), topk and a sort elsewhere."""
+    index = native.top_rows(score, k)
+    return index if index is not None else torch.topk(score, k, sorted=False).indices.sort().values
 
 
 @dataclass
@@ -220,7 +228,7 @@ class PartialFC(nn.Module):
             score = torch.rand(self.num_local, generator=self.sampler(), device=self.weight.device)
             mark = torch.where(here, 2.0, 0.0).to(score.dtype)
             score.scatter_reduce_(0, clamped, mark, reduce="amax")
-            index = torch.topk(score, self.num_sample, sorted=False).indices.sort().values
+            index = _top_rows(score, self.num_sample)
         else:
             # More samples than rows: the positives may not fit, and their count decides the
             # rows (unique, one host read).  The training run avoids this path (min_sample).
@@ -230,7 +238,7 @@ class PartialFC(nn.Module):
             else:
                 score = torch.rand(self.num_local, generator=self.sampler(), device=self.weight.device)
                 score[positives] = 2.0  # above any uniform draw: positives are always kept
-                index = torch.topk(score, self.num_sample, sorted=False).indices.sort().values
+                index = _top_rows(score, self.num_sample)
         column = torch.searchsorted(index, clamped)
         return index, torch.where(here, column, torch.full_like(local, -1))
 

@@ -34,6 +34,8 @@ from typing import Optional
 
 import torch
 
+from . import native
+from .block_threads import BlockFn
 from .cosine import RowCorrection
 from .head import PartialFC
 from .row_decay import ROW_DECAY_POLICIES, LazyRowDecay
@@ -163,6 +165,10 @@ class _RowOptimizer(torch.optim.Optimizer):
         noise = {name: rounding_noise(n, width, self.rounding_generator, dev) for name in bf16
                  if self._rounds_stochastically(name, group)}
         per = core_block_elements()
+        native_block = self._native_block(param, state, index, grad, rows, group, grad_scale, owed, pending, noise)
+        if native_block is not None:
+            self.head.block_threads.run(native_block, list(blocks(n, width, per)), None if dev.type == "cpu" else 1)
+            return
 
         def update_block(sl: slice, ws: Workspace) -> None:
             part = None if index is None else index[sl]
@@ -210,6 +216,14 @@ class _RowOptimizer(torch.optim.Optimizer):
         """Update ``rows`` (param and state, float32) in place from ``grad``."""
         raise NotImplementedError
 
+    def _native_block(self, param: torch.Tensor, state: dict, index: Optional[torch.Tensor],
+                      grad: Optional[torch.Tensor], rows: Optional[torch.Tensor], group: dict, grad_scale: float,
+                      owed: Optional[torch.Tensor], pending: Optional[RowCorrection],
+                      noise: dict) -> Optional[BlockFn]:
+        """A block update of :meth:`_sparse_update` by the C row kernels (:mod:`partial_fc.native`),
+        or None where they do not apply: the torch ops then run."""
+        return None
+
     def _rounds_stochastically(self, name: str, group: dict) -> bool:
         """Whether bfloat16 rows ``name`` ("param" or a state) are written back with stochastic
         rounding (else to nearest): the weight always, the state unless an optimiser knows
@@ -256,6 +270,11 @@ class _RowOptimizer(torch.optim.Optimizer):
 _OWED = "weight.decay_owed"
 
 
+def _noise_block(noise: Optional[tuple], sl: slice) -> Optional[tuple]:
+    """The rounding draws of one block of rows: its row draws, every column draw."""
+    return None if noise is None else (noise[0][sl], noise[1])
+
+
 # The kernel behind torch.optim.SGD(fused=True) (CPU and CUDA); None where a build lacks it.
 _FUSED_SGD = getattr(torch, "_fused_sgd_", None)
 # Elements of the widest CPU vector registers (64 floats = 2048 bits, SVE's largest).
@@ -280,6 +299,35 @@ class PartialFCSGD(_RowOptimizer):
         # worst relative half-step (2^-8 = 0.4%), so rounding to nearest loses no step.
         # Closer to 1 the decay of a step could round away, and the draw is needed.
         return name != "momentum_buffer" or group["momentum"] > 0.99
+
+    def _native_block(self, param, state, index, grad, rows, group, grad_scale, owed, pending, noise):
+        # One C loop per row: gather, correction, SGD, rounding and scatter of weight and momentum
+        # (the torch ops below are a dozen passes over each block).  CPU rows of one centre only.
+        buf = state["momentum_buffer"]
+        if (param.device.type != "cpu" or param.dim() != 2 or self.head.num_centers != 1
+                or param.dtype not in (torch.float32, torch.bfloat16) or buf.dtype != param.dtype
+                or not (param.is_contiguous() and buf.is_contiguous()) or native.library() is None):
+            return None
+        grad = None if grad is None else grad.contiguous()
+        width = param.shape[1]
+        hyper = dict(lr=group["lr"], momentum_factor=group["momentum"], weight_decay=group["weight_decay"],
+                     nesterov=group["nesterov"], scale=grad_scale)
+
+        def block(sl: slice, ws: Workspace) -> None:
+            if pending is None:
+                assert grad is not None
+                g, coef = grad[sl], None
+            else:  # the product here, its correction in the kernel
+                g = pending.product_block(sl, ws.get("grad", (sl.stop - sl.start, width), torch.float32, param.device))
+                coef = None if pending.coef is None else pending.coef[sl]
+            # Without an index the rows are the first ones: the kernel gets the block's own rows.
+            target, momentum, part = (param, buf, index[sl]) if index is not None else (param[sl], buf[sl], None)
+            native.sgd_rows(target, momentum, part, g, rows=None if rows is None else rows[sl],
+                            owed=None if owed is None else owed[sl], coef=coef,
+                            weight_noise=_noise_block(noise.get("param"), sl),
+                            momentum_noise=_noise_block(noise.get("momentum_buffer"), sl),
+                            scratch=ws.get("sgd", (3 * width,), torch.float32, param.device), **hyper)
+        return block
 
     def _update(self, rows, grad, group):
         w, buf = rows["param"], rows["momentum_buffer"]

@@ -28,6 +28,8 @@ from typing import Iterator, Optional
 
 import torch
 
+from . import native
+
 # Elements per block at one thread: 512k float32 = 2 MiB per tensor, so a block of weight,
 # state, gradient and noise fits in this machine class's L2 + L3; larger blocks gain nothing
 # and smaller ones pay Python dispatch per op.
@@ -112,7 +114,12 @@ def gather_rows(source: torch.Tensor, index: Optional[torch.Tensor], out: torch.
     Rows of another dtype (bfloat16 storage) go through a cache-sized block, so the
     conversion costs no extra pass over memory.  ``norms`` [rows] (float32, ``out`` 2-D):
     also receives each gathered row's L2 norm, computed while its block is in cache.
+    A conversion or norms on the CPU run in one C loop per row where :mod:`partial_fc.native`
+    is built (a plain copy stays torch's, parallel over its threads).
     """
+    if ((source.dtype != out.dtype or norms is not None) and (index is None or index.dtype == torch.int64)
+            and native.can_gather(source, out)):
+        return native.gather_rows(source, None if index is None else index.contiguous(), out, norms)
     if source.dtype == out.dtype and norms is None:
         if index is None:
             out.copy_(source)

@@ -1,4 +1,4 @@
-"""The wheel carries what an installed shardface needs besides code: presets and launch files."""
+"""The wheel carries what an installed shardface needs besides code: presets, launch files, C source."""
 from __future__ import annotations
 
 import subprocess
@@ -28,7 +28,7 @@ def test_wheel_ships_presets_where_the_config_loader_looks(tmp_path: Path) -> No
     for name in presets:
         assert any(n.endswith(f".data/data/{relative}/{name}") for n in names), (name, sorted(names)[:20])
     for name in ("launch/slurm.sbatch", "launch/multinode.sh", "launch/deepspeed_zero1.json",
-                 "launch/deepspeed_zero2.json"):
+                 "launch/deepspeed_zero2.json", "partial_fc/native/row_kernels.c"):
         assert name in names, name
 
 

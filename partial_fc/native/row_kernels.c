@@ -1,0 +1,163 @@
+/* Row kernels of the classifier shard's sparse update on the CPU (loaded by partial_fc/native/__init__.py).
+ *
+ * A sampled step touches ~r·C rows of weight and momentum.  With torch ops every stage of the
+ * update (gather, conversion from bfloat16, gradient correction, SGD, stochastic rounding,
+ * conversion back, scatter) is a pass over the rows with its own dispatch; here one loop per
+ * row reads the row's weight, momentum and gradient once and writes weight and momentum back in
+ * their storage dtype, which is the traffic any sparse update needs.
+ *
+ * The arithmetic is that of the torch ops it replaces, rounding for rounding: on CPUs with FMA
+ * (x86-64 AVX2 and up, aarch64) ATen computes add(alpha=) and addcmul as one fused multiply-add
+ * and mul then add as two roundings, so these loops call fmaf exactly there and are built with
+ * -ffp-contract=off so that the compiler fuses nothing else.  Integers only in the rounding: bfloat16
+ * is the upper half of a float32, round to nearest even adds 0x7FFF plus the kept low bit,
+ * stochastic rounding adds 16 bits of noise (row draw XOR column draw, see partial_fc.rows).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint32_t bits_of(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+static inline uint16_t f32_to_bf16_nearest(float f) {
+    uint32_t u = bits_of(f);
+    uint16_t rounded = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    return f != f ? (uint16_t)0x7FC0 : rounded; /* NaN stays a quiet NaN, as torch converts it */
+}
+
+/* One row of d values from storage (float32 or bfloat16) as float32. */
+static void load_row(float *restrict dst, const void *base, int64_t row, int64_t d, int32_t bf16) {
+    if (bf16) {
+        const uint16_t *src = (const uint16_t *)base + row * d;
+        for (int64_t k = 0; k < d; k++) dst[k] = bf16_to_f32(src[k]);
+    } else {
+        memcpy(dst, (const float *)base + row * d, (size_t)d * sizeof(float));
+    }
+}
+
+/* One float32 row into storage; bfloat16 rounds stochastically when noise_row is given
+ * (noise = noise_row XOR noise_col[k], uniform on [0, 2^16)), to nearest otherwise. */
+static void store_row(void *base, int64_t row, int64_t d, int32_t bf16, const float *restrict src,
+                      const int32_t *noise_row, const int32_t *restrict noise_col) {
+    if (!bf16) {
+        memcpy((float *)base + row * d, src, (size_t)d * sizeof(float));
+        return;
+    }
+    uint16_t *restrict dst = (uint16_t *)base + row * d;
+    if (noise_row != NULL) {
+        const uint32_t r = (uint32_t)*noise_row;
+        for (int64_t k = 0; k < d; k++) dst[k] = (uint16_t)((bits_of(src[k]) + (r ^ (uint32_t)noise_col[k])) >> 16);
+    } else {
+        for (int64_t k = 0; k < d; k++) dst[k] = f32_to_bf16_nearest(src[k]);
+    }
+}
+
+/* rows[i] = storage[index[i]] as float32 (index NULL: row i), and norms[i] = ||rows[i]|| when
+ * norms is not NULL. */
+void sf_gather_rows(int64_t n, int64_t d, const int64_t *index, const void *storage, int32_t bf16,
+                    float *out, float *norms) {
+    for (int64_t i = 0; i < n; i++) {
+        float *restrict row = out + i * d;
+        load_row(row, storage, index != NULL ? index[i] : i, d, bf16);
+        if (norms == NULL) continue;
+        float lanes[16] = {0};
+        int64_t k = 0;
+        for (; k + 16 <= d; k += 16)
+            for (int l = 0; l < 16; l++) lanes[l] += row[k + l] * row[k + l];
+        for (; k < d; k++) lanes[0] += row[k] * row[k];
+        float sum = 0.0f;
+        for (int l = 0; l < 16; l++) sum += lanes[l];
+        norms[i] = sqrtf(sum);
+    }
+}
+
+/* SGD with momentum on rows index[0..n) of weight and momentum storage [*, d] (torch.optim.SGD's
+ * update, dampening 0), in place.
+ *
+ * rows:  the current float32 weight rows [n, d] (the forward's copy), or NULL to read them from
+ *        storage, each multiplied by owed[i] when owed is not NULL (decay a row still owes).
+ * grad:  [n, d]; the gradient is (grad[i] - coef[i] * w[i]) * scale (coef NULL: grad * scale).
+ * momentum_on: 0 leaves the momentum storage untouched (plain SGD).
+ * w_noise_*, m_noise_*: stochastic-rounding draws of bfloat16 weight / momentum (NULL: nearest).
+ * scratch: 3 * d floats. */
+void sf_sgd_rows(int64_t n, int64_t d, const int64_t *index, void *weight, int32_t weight_bf16, void *momentum,
+                 int32_t momentum_bf16, const float *rows, const float *owed, const float *grad, const float *coef,
+                 float scale, float lr, float mu, float wd, int32_t momentum_on, int32_t nesterov,
+                 const int32_t *w_noise_row, const int32_t *w_noise_col, const int32_t *m_noise_row,
+                 const int32_t *m_noise_col, float *scratch) {
+    float *restrict w = scratch, *restrict buf = scratch + d, *restrict out = scratch + 2 * d;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t r = index != NULL ? index[i] : i;
+        if (rows != NULL) {
+            memcpy(w, rows + i * d, (size_t)d * sizeof(float));
+        } else {
+            load_row(w, weight, r, d, weight_bf16);
+            if (owed != NULL) {
+                const float f = owed[i];
+                for (int64_t k = 0; k < d; k++) w[k] = w[k] * f;
+            }
+        }
+        const float *restrict g = grad + i * d;
+        const float c = coef != NULL ? coef[i] : 0.0f;
+        if (momentum_on) {
+            load_row(buf, momentum, r, d, momentum_bf16);
+            for (int64_t k = 0; k < d; k++) {
+                float gk = coef != NULL ? fmaf(-w[k], c, g[k]) : g[k]; /* addcmul_(w, coef, value=-1) */
+                gk = gk * scale;
+                gk = fmaf(w[k], wd, gk);                               /* add_(w, alpha=wd) */
+                const float b = buf[k] * mu + gk;                      /* mul_(mu).add_(g) */
+                buf[k] = b;
+                const float step = nesterov ? fmaf(b, mu, gk) : b;     /* add_(buf, alpha=mu) */
+                out[k] = fmaf(step, -lr, w[k]);                        /* add_(step, alpha=-lr) */
+            }
+            store_row(momentum, r, d, momentum_bf16, buf, m_noise_row != NULL ? m_noise_row + i : NULL, m_noise_col);
+        } else {
+            for (int64_t k = 0; k < d; k++) {
+                float gk = coef != NULL ? fmaf(-w[k], c, g[k]) : g[k];
+                gk = gk * scale;
+                gk = fmaf(w[k], wd, gk);
+                out[k] = fmaf(gk, -lr, w[k]);
+            }
+        }
+        store_row(weight, r, d, weight_bf16, out, w_noise_row != NULL ? w_noise_row + i : NULL, w_noise_col);
+    }
+}
+
+/* The k indices of the largest of n non-negative float32 scores, ascending; of equal scores at
+ * the boundary, the lowest indices (0 < k < n).  The bits of non-negative floats order as the
+ * floats, so a radix select on the upper then the lower 16 bits finds the k-th largest in two
+ * counting passes, and a third collects the indices in order: no sort.  hist: 65536 scratch. */
+void sf_top_rows(int64_t n, const float *scores, int64_t k, int64_t *out, int64_t *hist) {
+    const uint32_t *bits = (const uint32_t *)scores;
+    memset(hist, 0, 65536 * sizeof(int64_t));
+    for (int64_t i = 0; i < n; i++) hist[bits[i] >> 16]++;
+    int64_t above = 0;
+    int32_t high = 65535;
+    for (; high > 0 && above + hist[high] < k; high--) above += hist[high];
+    memset(hist, 0, 65536 * sizeof(int64_t));
+    for (int64_t i = 0; i < n; i++)
+        if ((bits[i] >> 16) == (uint32_t)high) hist[bits[i] & 0xFFFFu]++;
+    int32_t low = 65535;
+    for (; low > 0 && above + hist[low] < k; low--) above += hist[low];
+    const uint32_t threshold = ((uint32_t)high << 16) | (uint32_t)low;
+    int64_t ties = k - above; /* scores equal to the threshold still to take */
+    int64_t m = 0;
+    for (int64_t i = 0; i < n && m < k; i++) {
+        const uint32_t v = bits[i];
+        if (v > threshold || (v == threshold && ties > 0)) {
+            ties -= v == threshold;
+            out[m++] = i;
+        }
+    }
+}

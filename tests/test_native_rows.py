@@ -1,0 +1,133 @@
+"""The C row kernels (partial_fc.native): built here, and the same numbers as the torch ops they replace."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import partial_fc.native as native
+import partial_fc.rows as rows_mod
+from partial_fc import PartialFC, build_head_optimizer
+from partial_fc.margins.cosface import CosFace
+from partial_fc.optim import PartialFCSGD
+
+D, C = 64, 300
+HAVE_COMPILER = native._compiler() is not None
+needs_library = pytest.mark.skipif(not HAVE_COMPILER, reason="no C compiler on this machine")
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """An empty build cache and no library loaded yet (restored afterwards)."""
+    monkeypatch.setenv("SHARDFACE_NATIVE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_state", {})
+    return tmp_path / "cache"
+
+
+@needs_library
+def test_the_library_builds_into_its_cache_and_loads(fresh_build):
+    assert native.library() is not None
+    built = list(fresh_build.glob("row_kernels-*.so"))
+    assert len(built) == 1 and not list(fresh_build.glob("*.so.tmp*"))
+
+
+def test_without_a_compiler_the_torch_ops_run_and_one_warning_says_so(fresh_build, monkeypatch, tmp_path):
+    broken = tmp_path / "cc"
+    broken.write_text("#!/bin/sh\necho 'cc: no such compiler' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CC", str(broken))
+    monkeypatch.setattr(native, "_compiler", lambda: str(broken))
+    with pytest.warns(RuntimeWarning, match="did not build"):
+        assert native.library() is None
+    assert native.library() is None  # decided once
+    head = PartialFC(D, C, CosFace(), sample_rate=0.2, seed=1, param_dtype=torch.bfloat16)
+    opt = build_head_optimizer(head, "sgd", lr=0.5)
+    before = head.weight.detach().clone()
+    head(torch.randn(8, D), torch.randint(0, C, (8,))).backward()
+    opt.step()
+    assert not torch.equal(head.weight.detach(), before)
+
+
+def test_shardface_native_0_turns_the_kernels_off(monkeypatch):
+    monkeypatch.setenv("SHARDFACE_NATIVE", "0")
+    assert native.library() is None
+    assert native.top_rows(torch.rand(100), 10) is None
+
+
+def _train(dtype, torch_ops: bool, monkeypatch, **opt_args):
+    """Three steps of a sampled head; ``torch_ops``: the row update as torch ops (the gather and
+    the sampling stay as they are, so that both runs see the same rows and gradients)."""
+    with monkeypatch.context() as patch:
+        if torch_ops:
+            patch.setattr(PartialFCSGD, "_native_block", lambda self, *a: None)
+        row_decay = opt_args.pop("row_decay", "sampled")
+        head = PartialFC(D, C, CosFace(), sample_rate=0.3, seed=4, param_dtype=dtype)
+        opt = PartialFCSGD(head, seed=4, row_decay=row_decay, **opt_args)
+        gen = torch.Generator().manual_seed(9)
+        for step in range(3):
+            x, y = torch.randn(10, D, generator=gen), torch.randint(0, C, (10,), generator=gen)
+            opt.zero_grad()
+            head(x, y).backward()
+            if step == 1:
+                head.row_grads()  # a completed gradient (no pending product) takes the kernel too
+            opt.step(grad_scale=0.5 if step == 2 else 1.0)
+        return head.weight.detach().clone(), opt.state_rows()["weight.momentum_buffer"].clone()
+
+
+@needs_library
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("opt_args", [
+    dict(lr=0.4, momentum=0.9, weight_decay=5e-4),
+    dict(lr=0.4, momentum=0.9, weight_decay=0.0, nesterov=True),
+    dict(lr=0.4, momentum=0.0, weight_decay=0.01),
+    dict(lr=0.4, momentum=0.999, weight_decay=5e-4),  # bf16: the momentum rounds stochastically too
+    dict(lr=0.4, momentum=0.9, weight_decay=0.05, row_decay="lazy_dense"),
+], ids=["momentum", "nesterov", "plain", "momentum-0.999", "lazy-dense"])
+def test_the_c_row_update_equals_the_torch_ops_bit_for_bit(monkeypatch, dtype, opt_args):
+    ours = _train(dtype, False, monkeypatch, **dict(opt_args))
+    ops = _train(dtype, True, monkeypatch, **dict(opt_args))
+    assert torch.equal(ours[0], ops[0]) and torch.equal(ours[1], ops[1])
+    assert not torch.equal(ours[0], PartialFC(D, C, CosFace(), seed=4, param_dtype=dtype).weight.detach())
+
+
+@needs_library
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_c_gather_equals_index_select_and_its_norms_the_vector_norm(dtype):
+    gen = torch.Generator().manual_seed(0)
+    storage = torch.randn(500, 100, generator=gen).to(dtype)  # a width with a tail past 16-wide lanes
+    index = torch.randperm(500, generator=gen)[:77].sort().values
+    out, norms = torch.empty(77, 100), torch.empty(77)
+    assert native.can_gather(storage, out)
+    rows_mod.gather_rows(storage, index, out, norms=norms)
+    assert torch.equal(out, storage[index].float())
+    torch.testing.assert_close(norms, storage[index].float().norm(dim=1), rtol=2e-6, atol=0)
+    whole = torch.empty(500, 100)
+    rows_mod.gather_rows(storage, None, whole, norms=torch.empty(500))
+    assert torch.equal(whole, storage.float())
+
+
+@needs_library
+def test_the_c_select_is_topk_then_sort_and_breaks_ties_by_the_lower_index():
+    gen = torch.Generator().manual_seed(1)
+    for n, k in ((2, 1), (1000, 999), (100_000, 10_000), (100_000, 13)):
+        score = torch.randperm(n, generator=gen).float() / n  # distinct values: one right answer
+        score[torch.randperm(n, generator=gen)[: min(k, 7)]] = 2.0  # positives, tied at the top
+        want = torch.topk(score, k, sorted=False).indices.sort().values
+        if (score == 2.0).sum() <= k:
+            assert torch.equal(native.top_rows(score, k), want)
+    tied = torch.tensor([0.5, 0.5, 0.25, 0.5, 0.75, 0.5])
+    assert native.top_rows(tied, 3).tolist() == [0, 1, 4]
+    assert native.top_rows(torch.rand(10), 10) is None  # nothing to select: the caller's path
+
+
+@needs_library
+def test_the_kernels_refuse_rows_they_cannot_address():
+    weight, momentum = torch.zeros(10, 8), torch.zeros(10, 8)
+    with pytest.raises(ValueError, match="contiguous 2-D CPU rows of width 8"):
+        native.sgd_rows(weight, momentum.t().contiguous().t(), None, torch.zeros(3, 8), lr=0.1, momentum_factor=0.9,
+                        weight_decay=0.0, nesterov=False)
+    with pytest.raises(ValueError, match="row index must be 3 contiguous int64"):
+        native.sgd_rows(weight, momentum, torch.tensor([1, 2, 3], dtype=torch.int32), torch.zeros(3, 8), lr=0.1,
+                        momentum_factor=0.9, weight_decay=0.0, nesterov=False)
+    with pytest.raises(ValueError, match="11 gradient rows for a storage of 10"):
+        native.sgd_rows(weight, momentum, None, torch.zeros(11, 8), lr=0.1, momentum_factor=0.9, weight_decay=0.0,
+                        nesterov=False)
