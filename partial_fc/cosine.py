@@ -24,6 +24,8 @@ from typing import Iterator, Optional
 
 import torch
 
+from . import native
+from .block_threads import BlockThreads
 from .rows import Workspace, elements_per_block
 
 _NORM_EPS = 1e-12
@@ -133,7 +135,8 @@ class _CosineLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, unit: torch.Tensor, rows: torch.Tensor, norms: torch.Tensor,
                 dtype: Optional[torch.dtype], tf32: bool, grad_in_place: bool,
-                correction: Optional[RowCorrection], workspace: Optional[Workspace]):
+                correction: Optional[RowCorrection], workspace: Optional[Workspace],
+                threads: Optional[BlockThreads]):
         dtype = _matmul_dtype(unit.device.type, dtype)
         inv_norm = norms.reciprocal()
         cos = _mm(unit, rows.t(), dtype, tf32, _buffer(workspace, "cos", (unit.shape[0], rows.shape[0]), unit)).float()
@@ -142,7 +145,7 @@ class _CosineLogits(torch.autograd.Function):
         for sl in row_blocks(tuple(cos.shape)):
             cos[sl].mul_(inv_norm).clamp_(-1.0, 1.0)
         ctx.dtype, ctx.tf32, ctx.grad_in_place, ctx.correction = dtype, tf32, grad_in_place, correction
-        ctx.workspace = workspace
+        ctx.workspace, ctx.threads = workspace, threads
         ctx.save_for_backward(unit, rows, inv_norm, cos)
         return cos
 
@@ -152,7 +155,16 @@ class _CosineLogits(torch.autograd.Function):
         dtype, tf32 = ctx.dtype, ctx.tf32
         in_place = ctx.grad_in_place and grad.dtype == torch.float32 and grad.is_contiguous()
         coef = None
-        if in_place:
+        if in_place and ctx.threads is not None and native.can_scale_dot(grad, cos, inv_norm, inv_norm):
+            # g' = g / ‖w‖ in place and Σ_i g'_ij cos_ij in one C pass, the columns shared out
+            # to the row threads (each column's sum is the same whatever the split).
+            g = grad
+            coef = torch.zeros(cos.shape[1], dtype=torch.float32, device=cos.device)
+            c = cos.shape[1]
+            share = -(-c // max(1, torch.get_num_threads()))
+            ctx.threads.run(lambda cols, _ws: native.scale_dot_columns(g, cos, inv_norm, coef, cols),
+                            [slice(lo, min(c, lo + share)) for lo in range(0, c, share)])
+        elif in_place:
             # Block by block while in cache: g' = g / ‖w‖ in place, and Σ_i g'_ij cos_ij.
             g = grad
             coef = torch.zeros(cos.shape[1], dtype=torch.float32, device=cos.device)
@@ -181,14 +193,14 @@ class _CosineLogits(torch.autograd.Function):
                 grad_rows = _mm(g.t(), unit, dtype, tf32, out).float()
                 grad_rows.addcmul_(rows.float(), coef.unsqueeze(1), value=-1.0)
                 grad_rows = grad_rows.to(rows.dtype)
-        ctx.correction = ctx.workspace = None
-        return grad_unit, grad_rows, None, None, None, None, None, None
+        ctx.correction = ctx.workspace = ctx.threads = None
+        return grad_unit, grad_rows, None, None, None, None, None, None, None
 
 
 def cosine_logits(unit: torch.Tensor, rows: torch.Tensor, norms: Optional[torch.Tensor] = None,
                   dtype: Optional[torch.dtype] = None, tf32: bool = False, grad_in_place: bool = False,
                   correction: Optional[RowCorrection] = None,
-                  workspace: Optional[Workspace] = None) -> torch.Tensor:
+                  workspace: Optional[Workspace] = None, threads: Optional[BlockThreads] = None) -> torch.Tensor:
     """[N, c] float32 cosine of unit features [N, D] with rows [c, D] (any norm).
 
     ``norms``: the rows' :func:`row_norms` when the caller has them already (one pass over
@@ -202,11 +214,13 @@ def cosine_logits(unit: torch.Tensor, rows: torch.Tensor, norms: Optional[torch.
     ``workspace``: buffers kept between steps for the cosines and the rows' gradient (float32
     products): the next call with the same workspace overwrites them, so it is for the one
     forward of a training step whose backward runs before the next step's forward.
+    ``threads``: the row threads that run the in-place backward's C pass
+    (:func:`partial_fc.native.scale_dot_columns`) on the CPU; None keeps torch's ops.
     """
     if correction is not None and rows.dtype != torch.float32:
         raise ValueError(f"a deferred row correction needs float32 rows, got {rows.dtype}")
     return _CosineLogits.apply(unit, rows, row_norms(rows) if norms is None else norms, dtype, tf32,
-                               bool(grad_in_place), correction, workspace)
+                               bool(grad_in_place), correction, workspace, threads)
 
 
 def row_norms(rows: torch.Tensor) -> torch.Tensor:

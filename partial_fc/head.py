@@ -327,7 +327,8 @@ class PartialFC(nn.Module):
         # zero it in place and accumulate into it, so its gradient must not be a kept buffer.
         cos = cosine_logits(unit, rows, norms, self.compute_dtype, self.tf32,
                             grad_in_place=fused and self.num_centers == 1, correction=chosen.correction,
-                            workspace=None if chosen.weight is self.weight else workspace)
+                            workspace=None if chosen.weight is self.weight else workspace,
+                            threads=self.block_threads)
         # Only margins on un-normalised rows (softmax, L-Softmax) differentiate through ‖w‖.
         weight_norm = rows.norm(dim=1).clamp_min(_NORM_EPS) if self.margin.uses_weight_norm else norms
         if self.num_centers > 1:

@@ -131,3 +131,31 @@ def test_the_kernels_refuse_rows_they_cannot_address():
     with pytest.raises(ValueError, match="11 gradient rows for a storage of 10"):
         native.sgd_rows(weight, momentum, None, torch.zeros(11, 8), lr=0.1, momentum_factor=0.9, weight_decay=0.0,
                         nesterov=False)
+
+
+def _cosine_backward(threads, num_threads=1):
+    """The rows' and features' gradients of cosine logits whose backward runs in place."""
+    from partial_fc.block_threads import BlockThreads
+    from partial_fc.cosine import cosine_logits
+
+    gen = torch.Generator().manual_seed(5)
+    unit = torch.nn.functional.normalize(torch.randn(24, 32, generator=gen), dim=1).requires_grad_()
+    rows = (torch.randn(1000, 32, generator=gen) * 3).requires_grad_()
+    before = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        cos = cosine_logits(unit, rows, grad_in_place=True, threads=BlockThreads() if threads else None)
+        cos.backward(torch.randn(24, 1000, generator=gen))
+    finally:
+        torch.set_num_threads(before)
+    return unit.grad, rows.grad
+
+
+@needs_library
+def test_the_c_cosine_backward_agrees_with_the_torch_ops_and_not_with_the_thread_count():
+    ops = _cosine_backward(False)
+    ours = _cosine_backward(True)
+    torch.testing.assert_close(ours[0], ops[0], rtol=1e-5, atol=1e-6)  # only the column sums' order differs
+    torch.testing.assert_close(ours[1], ops[1], rtol=1e-5, atol=1e-6)
+    three = _cosine_backward(True, num_threads=3)  # the columns split three ways
+    assert torch.equal(three[0], ours[0]) and torch.equal(three[1], ours[1])

@@ -95,6 +95,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.sf_sgd_rows.restype = None
     lib.sf_top_rows.argtypes = [_i64, _ptr, _i64, _ptr, _ptr]
     lib.sf_top_rows.restype = None
+    lib.sf_scale_dot_columns.argtypes = [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr]
+    lib.sf_scale_dot_columns.restype = None
     return lib
 
 
@@ -222,4 +224,27 @@ def top_rows(scores: torch.Tensor, k: int) -> Optional[torch.Tensor]:
     return out
 
 
-__all__ = ["library", "can_gather", "gather_rows", "sgd_rows", "top_rows"]
+def can_scale_dot(g: torch.Tensor, cos: torch.Tensor, inv_norm: torch.Tensor, coef: torch.Tensor) -> bool:
+    """Whether :func:`scale_dot_columns` takes these tensors (CPU float32, contiguous, matching shapes)."""
+    tensors = (g, cos, inv_norm, coef)
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+            and g.dim() == 2 and cos.shape == g.shape and inv_norm.numel() == coef.numel() == g.shape[1]
+            and library() is not None)
+
+
+def scale_dot_columns(g: torch.Tensor, cos: torch.Tensor, inv_norm: torch.Tensor, coef: torch.Tensor,
+                      columns: slice) -> None:
+    """On ``columns`` of [N, c] ``g`` and ``cos``: ``g *= inv_norm`` (per column) in place and
+    ``coef += (g · cos).sum(0)``, in one pass (see :func:`can_scale_dot`); the sum runs over the
+    rows in order, so a column's result does not depend on how the columns are split."""
+    lib = library()
+    assert lib is not None and can_scale_dot(g, cos, inv_norm, coef)
+    lo, hi = columns.start or 0, min(g.shape[1], columns.stop)
+    if hi <= lo:
+        return
+    step = g.element_size()
+    lib.sf_scale_dot_columns(g.shape[0], hi - lo, g.shape[1], g.data_ptr() + lo * step, cos.data_ptr() + lo * step,
+                             inv_norm.data_ptr() + lo * step, coef.data_ptr() + lo * step)
+
+
+__all__ = ["library", "can_gather", "can_scale_dot", "gather_rows", "scale_dot_columns", "sgd_rows", "top_rows"]

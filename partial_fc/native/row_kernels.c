@@ -161,3 +161,19 @@ void sf_top_rows(int64_t n, const float *scores, int64_t k, int64_t *out, int64_
         }
     }
 }
+
+/* The cosine's backward on columns [0, width) of g and cos [n, stride] (row-major):
+ * g[i][j] *= inv_norm[j] in place, and coef[j] += g[i][j] * cos[i][j] summed over i in order.
+ * Callers split the columns between threads; each column's sum is the same whatever the split. */
+void sf_scale_dot_columns(int64_t n, int64_t width, int64_t stride, float *g, const float *cos,
+                          const float *restrict inv_norm, float *restrict coef) {
+    for (int64_t i = 0; i < n; i++) {
+        float *restrict gi = g + i * stride;
+        const float *restrict ci = cos + i * stride;
+        for (int64_t j = 0; j < width; j++) {
+            const float v = gi[j] * inv_norm[j];
+            gi[j] = v;
+            coef[j] += v * ci[j];
+        }
+    }
+}
