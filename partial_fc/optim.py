@@ -118,7 +118,7 @@ class _RowOptimizer(torch.optim.Optimizer):
                 self._update({"param": p.detach(), **{n: state[n] for n in self.state_names}}, grad, group)
             else:
                 self._sparse_update(p.detach(), state, index, grad, rows, group, grad_scale,
-                                    owed if rows is None else None, deferred)
+                                    owed, deferred)
         if pending is not None:
             pending.clear()
         if lazy is not None:
@@ -145,9 +145,10 @@ class _RowOptimizer(torch.optim.Optimizer):
         """Gather, update and write back the chosen rows of ``param`` and its state, block by block.
 
         ``rows``: the float32 copy of the chosen weight rows made by the forward (None:
-        gathered here).  ``owed``: [rows] decay factor applied to the gathered rows first
-        (lazy_dense).  Each block of rows is gathered, updated and written back while it
-        is in cache, so weight and state cross memory once each way.  ``pending`` (with ``grad``
+        gathered here).  ``owed``: [rows] decay factor of the stored rows (lazy_dense), applied
+        to rows gathered here (the forward's copy has it already).  Each block of rows is
+        gathered, updated and written back while it is in cache, so weight and state cross
+        memory once each way.  ``pending`` (with ``grad``
         None): the gradient still to be made (``PartialFC.pending_row_grads``), block by block
         just before each block's update, so that it is used while in cache.
         """
@@ -322,8 +323,9 @@ class PartialFCSGD(_RowOptimizer):
                 coef = None if pending.coef is None else pending.coef[sl]
             # Without an index the rows are the first ones: the kernel gets the block's own rows.
             target, momentum, part = (param, buf, index[sl]) if index is not None else (param[sl], buf[sl], None)
-            native.sgd_rows(target, momentum, part, g, rows=None if rows is None else rows[sl],
-                            owed=None if owed is None else owed[sl], coef=coef,
+            # The weight rows are read from storage, not from the forward's float32 copy (equal
+            # values): writing them back reads their cache lines anyway, the copy would be extra.
+            native.sgd_rows(target, momentum, part, g, owed=None if owed is None else owed[sl], coef=coef,
                             weight_noise=_noise_block(noise.get("param"), sl),
                             momentum_noise=_noise_block(noise.get("momentum_buffer"), sl),
                             scratch=ws.get("sgd", (3 * width,), torch.float32, param.device), **hyper)
