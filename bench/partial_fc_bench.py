@@ -223,7 +223,7 @@ def main(argv=None) -> None:
     p.add_argument("--floor-classes", type=int, default=500_000, help="classes of the one-rank floor table")
     p.add_argument("--floor-rate", type=float, default=0.1)
     p.add_argument("--floor-batch", type=int, default=128, help="global batch of the floor table")
-    p.add_argument("--floor-steps", type=int, default=9, help="alternated step/floor pairs timed")
+    p.add_argument("--floor-steps", type=int, default=15, help="alternated step/floor pairs timed")
     p.add_argument("--floor-threads", type=int, nargs="+", default=[1, os.cpu_count() or 1],
                    help="torch threads of the one-rank floor table (each count is one pair of rows)")
     p.add_argument("--skip-scale", action="store_true",
@@ -261,8 +261,8 @@ def main(argv=None) -> None:
                          f"{r['bytes_per_class']:.0f}"])
     end_load = os.getloadavg()[0]
     where = (f"`python bench/partial_fc_bench.py` on {machine_description()}; 1-minute load average "
-             f"{load:.1f} at the start and {end_load:.1f} at the end (the machine is shared: other work ran "
-             "on the same 2 cores).")
+             f"{load:.1f} at the start and {end_load:.1f} at the end (it counts this benchmark's own "
+             "processes; anything above them is other work on the same cores).")
     floor_body = (f"{where} One rank, {args.floor_classes:,} classes, r = {args.floor_rate}, global batch "
                   f"{args.floor_batch}, D = {args.dim}, ArcFace, SGD with momentum; median of {args.floor_steps} "
                   f"steps, each followed by one floor measurement.\n\n{floor_table}\n\n"

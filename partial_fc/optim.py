@@ -22,11 +22,15 @@ advances the margin's per-step state (:meth:`partial_fc.margins.base.Margin.adva
 SphereFace/L-Softmax λ, ElasticFace's draws), so that it follows optimiser steps whatever
 the gradient accumulation.
 
-The sparse update runs block by block (``partial_fc.rows.blocks``): each block of rows is
-gathered, its gradient made (``partial_fc.cosine.RowCorrection``), updated and written
-back while it is in cache, and the weight rows come from the copy the forward made.  The
-elementwise update is torch.optim's: SGD through the kernel of ``SGD(fused=True)``, AdamW
-op by op.  The blocks do not depend on the thread count, so neither does the result.
+The sparse update runs block by block (``partial_fc.rows.blocks``): each block of rows gets
+its gradient product (``partial_fc.cosine.RowCorrection``) while in cache, then is updated
+and written back.  SGD on the CPU runs the C row kernel (:mod:`partial_fc.native`): one
+loop per row reads the stored weight and momentum, applies the gradient correction, the
+update and the bf16 rounding, and writes both back.  Elsewhere (no C compiler, a GPU,
+sub-centres) and for AdamW the same update runs as torch ops: rows gathered (the weight
+from the forward's copy), torch.optim's elementwise update (SGD through the kernel of
+``SGD(fused=True)``), rounding, scatter.  Both give the same bits.  The blocks do not
+depend on the thread count, so neither does the result.
 """
 from __future__ import annotations
 

@@ -10,7 +10,8 @@ next to moving the rows.  Two costs dominate once the rows are moved only once:
   from DRAM.  The optimiser works on blocks of rows small enough to stay in cache
   (:func:`blocks`), so gather → update → round → scatter reads each row from DRAM once;
   with several threads the blocks are shared out to threads that run on one core each
-  (:mod:`partial_fc.block_threads`), not split op by op.
+  (:mod:`partial_fc.block_threads`), not split op by op.  Where the C row kernels are
+  built (:mod:`partial_fc.native`), a conversion or a norm is one C loop per row instead.
 
 bfloat16 stochastic rounding adds uniform 16-bit noise below the kept bits and truncates.
 Drawing one random number per element from the generator costs more than the rest of
