@@ -154,20 +154,18 @@ class _CosineLogits(torch.autograd.Function):
         unit, rows, inv_norm, cos = ctx.saved_tensors
         dtype, tf32 = ctx.dtype, ctx.tf32
         in_place = ctx.grad_in_place and grad.dtype == torch.float32 and grad.is_contiguous()
-        coef = None
-        if in_place and ctx.threads is not None and native.can_scale_dot(grad, cos, inv_norm, inv_norm):
+        coef = torch.zeros(cos.shape[1], dtype=torch.float32, device=cos.device) if in_place else None
+        if coef is not None and ctx.threads is not None and native.can_scale_dot(grad, cos, inv_norm, coef):
             # g' = g / ‖w‖ in place and Σ_i g'_ij cos_ij in one C pass, the columns shared out
             # to the row threads (each column's sum is the same whatever the split).
             g = grad
-            coef = torch.zeros(cos.shape[1], dtype=torch.float32, device=cos.device)
             c = cos.shape[1]
             share = -(-c // max(1, torch.get_num_threads()))
             ctx.threads.run(lambda cols, _ws: native.scale_dot_columns(g, cos, inv_norm, coef, cols),
                             [slice(lo, min(c, lo + share)) for lo in range(0, c, share)])
-        elif in_place:
+        elif coef is not None:
             # Block by block while in cache: g' = g / ‖w‖ in place, and Σ_i g'_ij cos_ij.
             g = grad
-            coef = torch.zeros(cos.shape[1], dtype=torch.float32, device=cos.device)
             blocks = row_blocks(tuple(cos.shape))
             tmp = torch.empty((blocks[0].stop - blocks[0].start, cos.shape[1]), dtype=torch.float32,
                               device=cos.device)

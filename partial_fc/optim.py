@@ -170,7 +170,7 @@ class _RowOptimizer(torch.optim.Optimizer):
         noise = {name: rounding_noise(n, width, self.rounding_generator, dev) for name in bf16
                  if self._rounds_stochastically(name, group)}
         per = core_block_elements()
-        native_block = self._native_block(param, state, index, grad, rows, group, grad_scale, owed, pending, noise)
+        native_block = self._native_block(param, state, index, grad, group, grad_scale, owed, pending, noise)
         if native_block is not None:
             self.head.block_threads.run(native_block, list(blocks(n, width, per)), None if dev.type == "cpu" else 1)
             return
@@ -222,7 +222,7 @@ class _RowOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _native_block(self, param: torch.Tensor, state: dict, index: Optional[torch.Tensor],
-                      grad: Optional[torch.Tensor], rows: Optional[torch.Tensor], group: dict, grad_scale: float,
+                      grad: Optional[torch.Tensor], group: dict, grad_scale: float,
                       owed: Optional[torch.Tensor], pending: Optional[RowCorrection],
                       noise: dict) -> Optional[BlockFn]:
         """A block update of :meth:`_sparse_update` by the C row kernels (:mod:`partial_fc.native`),
@@ -305,7 +305,7 @@ class PartialFCSGD(_RowOptimizer):
         # Closer to 1 the decay of a step could round away, and the draw is needed.
         return name != "momentum_buffer" or group["momentum"] > 0.99
 
-    def _native_block(self, param, state, index, grad, rows, group, grad_scale, owed, pending, noise):
+    def _native_block(self, param, state, index, grad, group, grad_scale, owed, pending, noise):
         # One C loop per row: gather, correction, SGD, rounding and scatter of weight and momentum
         # (the torch ops below are a dozen passes over each block).  CPU rows of one centre only.
         buf = state["momentum_buffer"]

@@ -90,7 +90,7 @@ def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     lib.sf_gather_rows.argtypes = [_i64, _i64, _ptr, _ptr, _i32, _ptr, _ptr]
     lib.sf_gather_rows.restype = None
-    sgd_args: list = [_i64, _i64, _ptr, _ptr, _i32, _ptr, _i32, _ptr, _ptr, _ptr, _ptr]
+    sgd_args: list = [_i64, _i64, _ptr, _ptr, _i32, _ptr, _i32, _ptr, _ptr, _ptr]
     lib.sf_sgd_rows.argtypes = sgd_args + [_f32] * 4 + [_i32, _i32] + [_ptr] * 5
     lib.sf_sgd_rows.restype = None
     lib.sf_top_rows.argtypes = [_i64, _ptr, _i64, _ptr, _ptr]
@@ -163,13 +163,13 @@ def _f32_vector(t: Optional[torch.Tensor], n: int, what: str) -> Optional[torch.
 
 def sgd_rows(weight: torch.Tensor, momentum: torch.Tensor, index: Optional[torch.Tensor], grad: torch.Tensor,
              *, lr: float, momentum_factor: float, weight_decay: float, nesterov: bool, scale: float = 1.0,
-             rows: Optional[torch.Tensor] = None, owed: Optional[torch.Tensor] = None,
+             owed: Optional[torch.Tensor] = None,
              coef: Optional[torch.Tensor] = None, weight_noise: Optional[tuple] = None,
              momentum_noise: Optional[tuple] = None, scratch: Optional[torch.Tensor] = None) -> None:
     """torch.optim.SGD's update of rows ``index`` (None: the first ``len(grad)`` rows) of ``weight``
     and ``momentum`` in place, from the gradient ``(grad - coef·w) · scale``.
 
-    ``rows``: the current float32 weight rows (else read from ``weight``, times ``owed``);
+    The weight rows are read from ``weight`` (times ``owed``, the decay they still owe);
     ``*_noise``: ``(row [n, 1], col [1, d])`` int32 draws of :func:`partial_fc.rows.rounding_noise`
     for bfloat16 storage rounded stochastically (None: to nearest).
     """
@@ -181,8 +181,6 @@ def sgd_rows(weight: torch.Tensor, momentum: torch.Tensor, index: Optional[torch
                          f"{momentum.dtype} must be contiguous 2-D CPU rows of width {d}")
     if grad.dtype != torch.float32 or not grad.is_contiguous():
         raise ValueError(f"grad must be contiguous float32, got {grad.dtype}")
-    if rows is not None and (rows.dtype != torch.float32 or not rows.is_contiguous() or tuple(rows.shape) != (n, d)):
-        raise ValueError(f"rows must be contiguous float32 of shape {(n, d)}")
     idx = None if index is None else _index(index, n)
     if idx is None and n > weight.shape[0]:
         raise ValueError(f"{n} gradient rows for a storage of {weight.shape[0]}")
@@ -199,7 +197,7 @@ def sgd_rows(weight: torch.Tensor, momentum: torch.Tensor, index: Optional[torch
     if scratch is None or scratch.numel() < 3 * d or scratch.dtype != torch.float32:
         scratch = torch.empty(3 * d, dtype=torch.float32)
     lib.sf_sgd_rows(n, d, _ptr_of(idx), weight.data_ptr(), int(weight.dtype == torch.bfloat16), momentum.data_ptr(),
-                    int(momentum.dtype == torch.bfloat16), _ptr_of(rows), _ptr_of(owed), grad.data_ptr(),
+                    int(momentum.dtype == torch.bfloat16), _ptr_of(owed), grad.data_ptr(),
                     _ptr_of(coef), scale, lr, momentum_factor, weight_decay, int(momentum_factor != 0),
                     int(nesterov), *(_ptr_of(t) for t in noise), scratch.data_ptr())
 

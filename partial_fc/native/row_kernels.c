@@ -85,28 +85,23 @@ void sf_gather_rows(int64_t n, int64_t d, const int64_t *index, const void *stor
 /* SGD with momentum on rows index[0..n) of weight and momentum storage [*, d] (torch.optim.SGD's
  * update, dampening 0), in place.
  *
- * rows:  the current float32 weight rows [n, d] (the forward's copy), or NULL to read them from
- *        storage, each multiplied by owed[i] when owed is not NULL (decay a row still owes).
+ * owed:  NULL, or the factor [n] each stored weight row is multiplied by first (decay it still owes).
  * grad:  [n, d]; the gradient is (grad[i] - coef[i] * w[i]) * scale (coef NULL: grad * scale).
  * momentum_on: 0 leaves the momentum storage untouched (plain SGD).
  * w_noise_*, m_noise_*: stochastic-rounding draws of bfloat16 weight / momentum (NULL: nearest).
  * scratch: 3 * d floats. */
 void sf_sgd_rows(int64_t n, int64_t d, const int64_t *index, void *weight, int32_t weight_bf16, void *momentum,
-                 int32_t momentum_bf16, const float *rows, const float *owed, const float *grad, const float *coef,
+                 int32_t momentum_bf16, const float *owed, const float *grad, const float *coef,
                  float scale, float lr, float mu, float wd, int32_t momentum_on, int32_t nesterov,
                  const int32_t *w_noise_row, const int32_t *w_noise_col, const int32_t *m_noise_row,
                  const int32_t *m_noise_col, float *scratch) {
     float *restrict w = scratch, *restrict buf = scratch + d, *restrict out = scratch + 2 * d;
     for (int64_t i = 0; i < n; i++) {
         const int64_t r = index != NULL ? index[i] : i;
-        if (rows != NULL) {
-            memcpy(w, rows + i * d, (size_t)d * sizeof(float));
-        } else {
-            load_row(w, weight, r, d, weight_bf16);
-            if (owed != NULL) {
-                const float f = owed[i];
-                for (int64_t k = 0; k < d; k++) w[k] = w[k] * f;
-            }
+        load_row(w, weight, r, d, weight_bf16);
+        if (owed != NULL) {
+            const float f = owed[i];
+            for (int64_t k = 0; k < d; k++) w[k] = w[k] * f;
         }
         const float *restrict g = grad + i * d;
         const float c = coef != NULL ? coef[i] : 0.0f;
