@@ -4,14 +4,16 @@ A sparse row update is a few dozen small elementwise ops per cache-sized block o
 Run with several intra-op threads, each op is its own OpenMP parallel region ending at a
 barrier: thousands of barriers per step, and on a machine with more runnable processes than
 cores every one of them waits for whichever thread was descheduled (a scheduler slice,
-milliseconds).  Here each of ``torch.get_num_threads()`` Python threads takes its own share
-of the blocks and runs their ops on one core (ATen releases the GIL inside an op, and an
-op on a cache-sized block lasts far longer than its Python dispatch).  The blocks
+milliseconds).  Here ``torch.get_num_threads()`` Python threads take the blocks in turn (a
+thread that is done takes the next one) and run their ops on one core (ATen and ctypes
+release the GIL inside an op, and an op on a cache-sized block lasts far longer than its
+Python dispatch).  The blocks
 still fit in cache, a step meets one join instead of a barrier per op, and every block's
 arithmetic is the one-thread arithmetic, so the result does not depend on the thread count.
 """
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional, Sequence
 
@@ -45,8 +47,17 @@ class BlockThreads:
         pool = self._executor(threads)
         grad_mode = torch.is_grad_enabled()
         before = torch.get_num_threads()
-        # Interleaved shares: equal work when the last block is short.
-        futures = [pool.submit(self._share, fn, slices[k::threads], k, grad_mode) for k in range(threads)]
+        # Each thread takes the next block when it is done with one: a thread the scheduler
+        # delays holds up one block, not a fixed share.  The blocks are disjoint, so which
+        # thread runs which changes nothing in the result.
+        queue = iter(slices)
+        lock = threading.Lock()
+
+        def take() -> Optional[slice]:
+            with lock:
+                return next(queue, None)
+
+        futures = [pool.submit(self._share, fn, take, k, grad_mode) for k in range(threads)]
         try:
             for f in futures:
                 f.result()
@@ -54,11 +65,13 @@ class BlockThreads:
             # BLAS keeps one process-wide thread count, which the workers set to one.
             torch.set_num_threads(before)
 
-    def _share(self, fn: BlockFn, share: Sequence[slice], k: int, grad_mode: bool) -> None:
+    def _share(self, fn: BlockFn, take: Callable[[], Optional[slice]], k: int, grad_mode: bool) -> None:
         torch.set_num_threads(1)
         with torch.set_grad_enabled(grad_mode):  # grad mode is per thread
-            for sl in share:
+            sl = take()
+            while sl is not None:
                 fn(sl, self._workspaces[k])
+                sl = take()
 
     def _executor(self, threads: int) -> ThreadPoolExecutor:
         if self._pool is None or self._size < threads:

@@ -13,6 +13,13 @@ autograd graph of those and the scattered target gradients, and the normalisatio
 of the softmax (the backward scales each row once instead).  The collectives are the
 same: one MAX and one packed SUM all-reduce; the top-1 accuracy (ranked by the logits)
 needs nothing more than their results.
+
+On the CPU, where :mod:`partial_fc.native` is built, the forward is one C pass per row of
+logits on the row threads (scaled logits, maximum, exp and sum while the row is in cache),
+taking exponentials relative to this rank's row maximum: after the MAX all-reduce each
+row's sum and softmax take the factor exp(local max − global max), exactly 1 on one rank.
+The backward's last step (each row times its factor, the target column set) is then left
+to the cosine's backward pass (:class:`partial_fc.cosine.PendingRowScale`).
 """
 from __future__ import annotations
 
@@ -20,8 +27,10 @@ from typing import Optional
 
 import torch
 
-from .comm import ProcessGroup, all_reduce
-from .cosine import row_blocks
+from . import native
+from .block_threads import BlockThreads
+from .comm import ProcessGroup, all_reduce, rank_and_world
+from .cosine import PendingRowScale, row_blocks, row_shares
 from .margins.base import Margin, MarginInput
 from .rows import Workspace
 
@@ -32,7 +41,8 @@ class _ScaledMarginCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cos: torch.Tensor, feature_norm: torch.Tensor, target: torch.Tensor,
                 margin: Margin, scale: float, inp: MarginInput, group: ProcessGroup, with_accuracy: bool,
-                workspace: Optional[Workspace]):
+                workspace: Optional[Workspace], threads: Optional[BlockThreads],
+                row_scale: Optional[PendingRowScale]):
         has = target >= 0
         idx = target.clamp(min=0).unsqueeze(1)
         zero = torch.zeros((), dtype=cos.dtype, device=cos.device)
@@ -47,21 +57,36 @@ class _ScaledMarginCrossEntropy(torch.autograd.Function):
         t_here = torch.where(has, t.detach(), zero)
 
         # One buffer: s·cos, the target column replaced (rows held elsewhere keep s·cos_t).
-        # Each pass runs block by block over rows, so the block is in cache for all its steps.
         buf = (torch.empty_like(cos) if workspace is None
                else workspace.get("margin_softmax", tuple(cos.shape), cos.dtype, cos.device))
-        put = torch.where(has, t_here, cos_t * scale).unsqueeze(1)
         row_max = torch.empty(cos.shape[0], dtype=cos.dtype, device=cos.device)
-        blocks = row_blocks(tuple(cos.shape))
-        for sl in blocks:
-            part = torch.mul(cos[sl], scale, out=buf[sl])
-            part.scatter_(1, idx[sl], put[sl])
-            torch.amax(part, dim=1, out=row_max[sl])  # amax: no indices
-        all_reduce(row_max, "max", group)
         sum_exp_here = torch.empty_like(row_max)
-        for sl in blocks:
-            part = buf[sl].sub_(row_max[sl].unsqueeze(1)).exp_()
-            torch.sum(part, dim=1, out=sum_exp_here[sl])
+        rescale = None
+        if threads is not None and native.can_run_rows(cos, t_here, buf):
+            # One C pass per row, in cache: logits, the row's maximum here, exp and sum.  The
+            # exponentials are relative to this rank's maximum; once the all-reduce gives the
+            # global one, each row's sum (and in the backward its softmax) takes the factor
+            # exp(local max − global max), which is exactly 1 on one rank.
+            column = torch.where(has, target, torch.full_like(target, -1))
+            threads.run(lambda sl, _ws: native.margin_exp_rows(cos, scale, column, t_here, buf, row_max,
+                                                               sum_exp_here, sl), row_shares(cos.shape[0]))
+            if rank_and_world(group)[1] > 1:
+                local_max = row_max.clone()
+                all_reduce(row_max, "max", group)
+                rescale = (local_max - row_max).exp_()
+                sum_exp_here.mul_(rescale)
+        else:
+            # Each pass runs block by block over rows, so the block is in cache for all its steps.
+            put = torch.where(has, t_here, cos_t * scale).unsqueeze(1)
+            blocks = row_blocks(tuple(cos.shape))
+            for sl in blocks:
+                part = torch.mul(cos[sl], scale, out=buf[sl])
+                part.scatter_(1, idx[sl], put[sl])
+                torch.amax(part, dim=1, out=row_max[sl])  # amax: no indices
+            all_reduce(row_max, "max", group)
+            for sl in blocks:
+                part = buf[sl].sub_(row_max[sl].unsqueeze(1)).exp_()
+                torch.sum(part, dim=1, out=sum_exp_here[sl])
         sums = all_reduce(torch.stack([sum_exp_here, t_here]), "sum", group)
         sum_exp, target_logit = sums[0], sums[1]
         loss = (sum_exp.log() + row_max - target_logit).mean()
@@ -71,7 +96,7 @@ class _ScaledMarginCrossEntropy(torch.autograd.Function):
         else:
             accuracy = torch.full((), float("nan"), device=cos.device)
         ctx.mark_non_differentiable(accuracy)
-        ctx.scale, ctx.t, ctx.leaves = scale, t, (cos_leaf, norm_leaf)
+        ctx.scale, ctx.t, ctx.leaves, ctx.rescale, ctx.row_scale = scale, t, (cos_leaf, norm_leaf), rescale, row_scale
         ctx.save_for_backward(buf, sum_exp, target)
         return loss, accuracy
 
@@ -83,22 +108,33 @@ class _ScaledMarginCrossEntropy(torch.autograd.Function):
         idx = target.clamp(min=0).unsqueeze(1)
         k = grad_loss / buf.shape[0]
         row_scale = k / sum_exp
+        if ctx.rescale is not None:  # the buffer's exponentials are relative to this rank's maximum
+            row_scale = row_scale * ctx.rescale
         # d loss / d t = k·(softmax at the target − 1), where this rank holds the target.
         p_t = buf.gather(1, idx).squeeze(1) * row_scale
         grad_t = torch.where(has, p_t - k, torch.zeros((), dtype=buf.dtype, device=buf.device))
-        # The saved buffer becomes d loss / d cos = s·k·softmax in every non-target column.
-        grad = buf.mul_((row_scale * ctx.scale).unsqueeze(1))
         wanted = [cos_leaf] + ([norm_leaf] if norm_leaf.requires_grad else [])
         grads = torch.autograd.grad(ctx.t, wanted, grad_t, allow_unused=True)
         grad_cos_t = grads[0] if grads[0] is not None else torch.zeros_like(grad_t)
-        grad.scatter_(1, idx, torch.where(has, grad_cos_t, grad.gather(1, idx).squeeze(1)).unsqueeze(1))
         grad_norm = grads[1] if len(grads) > 1 else None
-        ctx.t = ctx.leaves = None
-        return grad, grad_norm, None, None, None, None, None, None, None
+        # The saved buffer becomes d loss / d cos = s·k·softmax in every non-target column and
+        # grad_cos_t at the target: here, or in the cosine's backward pass (PendingRowScale).
+        pending = PendingRowScale(buf, row_scale * ctx.scale, torch.where(has, target, torch.full_like(target, -1)),
+                                  grad_cos_t)
+        if ctx.row_scale is not None:
+            ctx.row_scale.buffer, ctx.row_scale.row_scale = pending.buffer, pending.row_scale
+            ctx.row_scale.target, ctx.row_scale.target_grad = pending.target, pending.target_grad
+            grad = buf
+        else:
+            grad = pending.apply_(buf)
+        ctx.t = ctx.leaves = ctx.row_scale = None
+        return grad, grad_norm, None, None, None, None, None, None, None, None, None
 
 
 def margin_cross_entropy(margin: Margin, inp: MarginInput, accuracy: bool = False,
-                         workspace: Optional[Workspace] = None) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+                         workspace: Optional[Workspace] = None, threads: Optional[BlockThreads] = None,
+                         row_scale: Optional[PendingRowScale] = None
+                         ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """(mean loss of the global batch, top-1 accuracy or NaN) for a margin of the scaled form.
 
     Returns None when ``margin`` is not of that form (:meth:`Margin.logit_scale` is None):
@@ -107,6 +143,10 @@ def margin_cross_entropy(margin: Margin, inp: MarginInput, accuracy: bool = Fals
     and costs nothing: the row maximum and the target logit are the softmax's own.  The backward
     may run once (its buffer is reused in place).  ``workspace``: keeps
     that [N, c] buffer between steps (as :func:`partial_fc.cosine.cosine_logits`'s).
+    ``threads``: run the forward as one C pass per row on these row threads
+    (:func:`partial_fc.native.margin_exp_rows`, on the CPU where it is built).  ``row_scale``: the
+    same object given to :func:`partial_fc.cosine.cosine_logits`, when these cosines feed this
+    softmax alone: the backward then leaves its last [N, c] step to the cosine's backward pass.
     """
     scale = margin.logit_scale()
     if scale is None:
@@ -114,7 +154,7 @@ def margin_cross_entropy(margin: Margin, inp: MarginInput, accuracy: bool = Fals
     if inp.cos.dtype != torch.float32 and inp.cos.dtype != torch.float64:
         raise TypeError(f"cosines must be float32 or float64 for a stable softmax, got {inp.cos.dtype}")
     loss, acc = _ScaledMarginCrossEntropy.apply(inp.cos, inp.feature_norm, inp.target, margin, float(scale),
-                                                inp, inp.group, bool(accuracy), workspace)
+                                                inp, inp.group, bool(accuracy), workspace, threads, row_scale)
     return loss, acc
 
 

@@ -160,3 +160,101 @@ def test_the_c_cosine_backward_agrees_with_the_torch_ops_and_not_with_the_thread
     torch.testing.assert_close(ours[1], ops[1], rtol=1e-5, atol=1e-6)
     three = _cosine_backward(True, num_threads=3)  # the columns split three ways
     assert torch.equal(three[0], ours[0]) and torch.equal(three[1], ours[1])
+
+
+@needs_library
+def test_the_c_scale_and_clamp_equals_mul_then_clamp_bit_for_bit():
+    gen = torch.Generator().manual_seed(2)
+    cos = torch.randn(9, 333, generator=gen) * 0.7
+    cos[0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0])
+    inv_norm = torch.rand(333, generator=gen) * 2 + 0.1
+    want = cos.clone().mul_(inv_norm).clamp_(-1.0, 1.0)
+    for split in ([slice(0, 9)], [slice(0, 4), slice(4, 9)]):
+        ours = cos.clone()
+        for sl in split:
+            native.scale_clamp_rows(ours, inv_norm, sl)
+        same = (ours == want) | (ours.isnan() & want.isnan())
+        assert same.all() and (ours.view(torch.int32) == want.view(torch.int32))[~want.isnan()].all()
+
+
+def _softmax_rows(cos, scale, column, value):
+    """Reference of margin_exp_rows: float32 logits and differences (the kernel's own roundings),
+    their exp and sum in float64."""
+    logits = cos * scale
+    here = column >= 0
+    logits[here.nonzero().squeeze(1), column[here]] = value[here]
+    top = logits.max(dim=1).values
+    e = (logits - top.unsqueeze(1)).double().exp()
+    return e, top, e.sum(dim=1)
+
+
+@needs_library
+def test_the_c_margin_softmax_pass_matches_a_float64_softmax_and_not_the_split():
+    gen = torch.Generator().manual_seed(3)
+    n, c = 11, 1003  # rows of a length that is no multiple of the 16 lanes
+    cos = (torch.randn(n, c, generator=gen) * 0.3).clamp(-1, 1)
+    column = torch.randint(0, c, (n,), generator=gen)
+    column[[2, 7]] = -1  # another rank holds these rows' classes
+    value = torch.randn(n, generator=gen) * 20
+    value[4] = 90.0  # a target logit above every other one: it is the row's maximum
+    runs = []
+    for split in ([slice(0, n)], [slice(0, 3), slice(3, 8), slice(8, n)]):
+        buf, top, total = torch.empty(n, c), torch.empty(n), torch.empty(n)
+        for sl in split:
+            native.margin_exp_rows(cos, 64.0, column, value, buf, top, total, sl)
+        runs.append((buf, top, total))
+    e, want_top, want_sum = _softmax_rows(cos, 64.0, column, value)
+    buf, top, total = runs[0]
+    assert torch.equal(top, want_top)  # the maximum is exact
+    torch.testing.assert_close(buf.double(), e, rtol=3e-7, atol=1e-30)  # exp within about 1 ulp
+    torch.testing.assert_close(total.double(), want_sum, rtol=1e-6, atol=0)
+    assert buf[4].max() == 1.0 and buf[4, column[4]] == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))  # rows do not depend on the split
+
+
+@needs_library
+def test_the_c_exp_is_within_an_ulp_over_the_range_a_softmax_sees():
+    # s = 1 and a zero in each row: the pass returns exp(x) of the row's other (non-positive) values.
+    x = torch.linspace(-103.0, 0.0, 400_000)
+    x = torch.cat([x, torch.tensor([-87.33655, -87.3366, -88.7, -103.97, -104.5, -1e-30, -150.0])])
+    cos = torch.stack([torch.cat([torch.zeros(1), x])])
+    none = torch.full((1,), -1, dtype=torch.int64)
+    buf, top, total = torch.empty_like(cos), torch.empty(1), torch.empty(1)
+    native.margin_exp_rows(cos, 1.0, none, torch.zeros(1), buf, top, total, slice(0, 1))
+    got, want = buf[0, 1:].double(), x.double().exp()
+    normal = want >= torch.finfo(torch.float32).tiny
+    ulp = torch.finfo(torch.float32).eps * want[normal]
+    assert ((got[normal] - want[normal]).abs() <= 1.0 * ulp).all()
+    assert ((got[~normal] - want[~normal]).abs() <= 2 ** -149).all()  # subnormal results: to the last bit
+    assert got[-1] == 0.0 and got[-3] == 0.0  # below −104: zero, as torch's exp underflows
+
+
+@needs_library
+def test_a_nan_logit_makes_the_rows_sum_nan():
+    cos = torch.zeros(2, 40)
+    cos[1, 17] = float("nan")
+    none = torch.full((2,), -1, dtype=torch.int64)
+    buf, top, total = torch.empty_like(cos), torch.empty(2), torch.empty(2)
+    native.margin_exp_rows(cos, 64.0, none, torch.zeros(2), buf, top, total, slice(0, 2))
+    assert total[0] == 40.0 and total[1].isnan()
+
+
+@needs_library
+def test_the_softmax_step_folded_into_the_cosine_backward_equals_it_done_first():
+    from partial_fc.cosine import PendingRowScale
+
+    gen = torch.Generator().manual_seed(4)
+    n, c = 13, 517
+    cos, buf, inv_norm = torch.randn(n, c, generator=gen), torch.rand(n, c, generator=gen), torch.rand(c, generator=gen)
+    target = torch.randint(0, c, (n,), generator=gen)
+    target[3] = -1
+    pending = PendingRowScale(None, torch.rand(n, generator=gen), target, torch.randn(n, generator=gen))
+    first = pending.apply_(buf.clone())
+    want_coef = torch.zeros(c)
+    native.scale_dot_columns(first, cos, inv_norm, want_coef, slice(0, c))
+    for cuts in ([0, c], [0, 100, target[0].item(), target[0].item() + 1, c]):  # one split at a target column
+        g, coef = buf.clone(), torch.zeros(c)
+        for lo, hi in zip(cuts, cuts[1:]):
+            native.scale_dot_columns(g, cos, inv_norm, coef, slice(lo, hi), row_scale=pending.row_scale,
+                                     target=target, target_grad=pending.target_grad)
+        assert torch.equal(g, first) and torch.equal(coef, want_coef)

@@ -3,7 +3,9 @@
 The classifier's sparse SGD update and its row gather are memory-bound loops over the
 sampled rows; written as torch ops they are a dozen passes per block of rows, each with its
 own dispatch (bfloat16 conversion, gradient correction, SGD, stochastic rounding).  The C
-loops read each row once and write it back once.  They are an accelerator, never a
+loops read each row once and write it back once.  The [N, c] passes of the cosines and of
+the fused margin softmax (scale and clamp; logits, row maximum, exp and sum; the backward's
+row scaling with the cosine backward) are one C loop per row of logits for the same reason.  They are an accelerator, never a
 requirement: without a C compiler (or with ``SHARDFACE_NATIVE=0``) :func:`library` is None
 and the callers run their torch ops, which compute the same formulas with the same roundings
 (on CPUs with FMA, where ATen's vector kernels fuse the multiply-adds the C loops fuse).
@@ -34,7 +36,9 @@ import torch
 _SOURCE = Path(__file__).with_name("row_kernels.c")
 # -ffp-contract=off: the compiler fuses no multiply-add the source does not (see row_kernels.c).
 _FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off", "-fno-math-errno"]
-_ARCH_FLAGS: tuple[list[str], ...] = (["-march=native"], [])  # the second try: compilers without it
+# The exp of the softmax pass runs twice as fast in 512-bit vectors where the CPU has them.
+_NATIVE_ARCH = ["-march=native"] + (["-mprefer-vector-width=512"] if platform.machine() in ("x86_64", "AMD64") else [])
+_ARCH_FLAGS: tuple[list[str], ...] = (_NATIVE_ARCH, [])  # the second try: compilers without them
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -63,7 +67,8 @@ def _compiler() -> Optional[str]:
 def _build(compiler: str) -> Path:
     """The compiled library's path (built now unless the cache has it); raises if no flags work."""
     source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + compiler.encode() + " ".join(_FLAGS).encode() + _cpu_signature().encode()
+    flags = " ".join(_FLAGS + _NATIVE_ARCH)
+    key = hashlib.sha256(source + compiler.encode() + flags.encode() + _cpu_signature().encode()
                          + platform.machine().encode()).hexdigest()[:16]
     target = _cache_dir() / f"row_kernels-{key}.so"
     if target.exists():
@@ -95,8 +100,12 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.sf_sgd_rows.restype = None
     lib.sf_top_rows.argtypes = [_i64, _ptr, _i64, _ptr, _ptr]
     lib.sf_top_rows.restype = None
-    lib.sf_scale_dot_columns.argtypes = [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr]
+    lib.sf_scale_dot_columns.argtypes = [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64]
     lib.sf_scale_dot_columns.restype = None
+    lib.sf_scale_clamp_rows.argtypes = [_i64, _i64, _ptr, _ptr]
+    lib.sf_scale_clamp_rows.restype = None
+    lib.sf_margin_exp_rows.argtypes = [_i64, _i64, _ptr, _f32, _ptr, _ptr, _ptr, _ptr, _ptr]
+    lib.sf_margin_exp_rows.restype = None
     return lib
 
 
@@ -222,27 +231,73 @@ def top_rows(scores: torch.Tensor, k: int) -> Optional[torch.Tensor]:
     return out
 
 
+def _cpu_f32(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+
+
 def can_scale_dot(g: torch.Tensor, cos: torch.Tensor, inv_norm: torch.Tensor, coef: torch.Tensor) -> bool:
     """Whether :func:`scale_dot_columns` takes these tensors (CPU float32, contiguous, matching shapes)."""
-    tensors = (g, cos, inv_norm, coef)
-    return (all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
-            and g.dim() == 2 and cos.shape == g.shape and inv_norm.numel() == coef.numel() == g.shape[1]
-            and library() is not None)
+    return (_cpu_f32(g, cos, inv_norm, coef) and g.dim() == 2 and cos.shape == g.shape
+            and inv_norm.numel() == coef.numel() == g.shape[1] and library() is not None)
 
 
 def scale_dot_columns(g: torch.Tensor, cos: torch.Tensor, inv_norm: torch.Tensor, coef: torch.Tensor,
-                      columns: slice) -> None:
+                      columns: slice, row_scale: Optional[torch.Tensor] = None,
+                      target: Optional[torch.Tensor] = None, target_grad: Optional[torch.Tensor] = None) -> None:
     """On ``columns`` of [N, c] ``g`` and ``cos``: ``g *= inv_norm`` (per column) in place and
     ``coef += (g · cos).sum(0)``, in one pass (see :func:`can_scale_dot`); the sum runs over the
-    rows in order, so a column's result does not depend on how the columns are split."""
+    rows in order, so a column's result does not depend on how the columns are split.
+
+    ``row_scale`` [N] (with ``target`` [N] int64 and ``target_grad`` [N]): first ``g[i] *= row_scale[i]``
+    and ``g[i, target[i]] = target_grad[i]`` where ``target[i] >= 0`` (the softmax's last step)."""
     lib = library()
     assert lib is not None and can_scale_dot(g, cos, inv_norm, coef)
     lo, hi = columns.start or 0, min(g.shape[1], columns.stop)
     if hi <= lo:
         return
+    n = g.shape[0]
+    if row_scale is not None:
+        row_scale, target_grad = _f32_vector(row_scale, n, "row_scale"), _f32_vector(target_grad, n, "target_grad")
+        assert target is not None
+        target = _index(target, n)
     step = g.element_size()
-    lib.sf_scale_dot_columns(g.shape[0], hi - lo, g.shape[1], g.data_ptr() + lo * step, cos.data_ptr() + lo * step,
-                             inv_norm.data_ptr() + lo * step, coef.data_ptr() + lo * step)
+    lib.sf_scale_dot_columns(n, hi - lo, g.shape[1], g.data_ptr() + lo * step, cos.data_ptr() + lo * step,
+                             inv_norm.data_ptr() + lo * step, coef.data_ptr() + lo * step, _ptr_of(row_scale),
+                             _ptr_of(target), _ptr_of(target_grad), lo)
 
 
-__all__ = ["library", "can_gather", "can_scale_dot", "gather_rows", "scale_dot_columns", "sgd_rows", "top_rows"]
+def can_run_rows(*tensors: torch.Tensor) -> bool:
+    """Whether the [N, c] row passes (:func:`scale_clamp_rows`, :func:`margin_exp_rows`) take these
+    float32 tensors: CPU, contiguous, and the library loaded."""
+    return _cpu_f32(*tensors) and library() is not None
+
+
+def scale_clamp_rows(cos: torch.Tensor, inv_norm: torch.Tensor, rows: slice) -> None:
+    """``cos[rows] = clamp(cos[rows] * inv_norm, -1, 1)`` in place (torch's mul_ then clamp_, bit for bit)."""
+    lib = library()
+    assert lib is not None and can_run_rows(cos, inv_norm) and cos.dim() == 2 and inv_norm.numel() == cos.shape[1]
+    part = cos[rows]
+    lib.sf_scale_clamp_rows(part.shape[0], part.shape[1], part.data_ptr(), inv_norm.data_ptr())
+
+
+def margin_exp_rows(cos: torch.Tensor, scale: float, column: torch.Tensor, value: torch.Tensor, buf: torch.Tensor,
+                    row_max: torch.Tensor, sum_exp: torch.Tensor, rows: slice) -> None:
+    """On ``rows`` of [N, c] ``cos``, in one pass per row: ``buf = scale·cos`` with
+    ``buf[i, column[i]] = value[i]`` where ``column[i] >= 0``, ``row_max`` its row maximum (NaN if any
+    is NaN), then ``buf = exp(buf − row_max)`` and ``sum_exp`` its row sum.
+
+    The exp is within 1 ulp of torch's (the same polynomial scheme) and the sum runs in a fixed
+    order per row, so a row's result does not depend on how the rows are split."""
+    lib = library()
+    n, c = cos.shape
+    assert lib is not None and can_run_rows(cos, value, buf, row_max, sum_exp) and buf.shape == cos.shape
+    column = _index(column, n)
+    c_, k_, v_, b_, m_, e_ = (t[rows] for t in (cos, column, value, buf, row_max, sum_exp))
+    if c_.shape[0] == 0:
+        return
+    lib.sf_margin_exp_rows(c_.shape[0], c, c_.data_ptr(), float(scale), k_.data_ptr(), v_.data_ptr(),
+                           b_.data_ptr(), m_.data_ptr(), e_.data_ptr())
+
+
+__all__ = ["library", "can_gather", "can_run_rows", "can_scale_dot", "gather_rows", "margin_exp_rows",
+           "scale_clamp_rows", "scale_dot_columns", "sgd_rows", "top_rows"]

@@ -12,6 +12,11 @@
  * -ffp-contract=off so that the compiler fuses nothing else.  Integers only in the rounding: bfloat16
  * is the upper half of a float32, round to nearest even adds 0x7FFF plus the kept low bit,
  * stochastic rounding adds 16 bits of noise (row draw XOR column draw, see partial_fc.rows).
+ *
+ * The same holds for the [N, c] passes of the cosines and the margin softmax (scale and clamp, the
+ * cosine backward), except the softmax's exp and its row sums: the exp follows the polynomial
+ * scheme of ATen's (within 1 ulp, not always the same bits) and the sums run over 16 lanes in a
+ * fixed order, so that a row's result never depends on which thread computes it.
  */
 #include <math.h>
 #include <stdint.h>
@@ -19,6 +24,12 @@
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline float f32_of(uint32_t u) {
     float f;
     memcpy(&f, &u, sizeof f);
     return f;
@@ -157,16 +168,138 @@ void sf_top_rows(int64_t n, const float *scores, int64_t k, int64_t *out, int64_
     }
 }
 
-/* The cosine's backward on columns [0, width) of g and cos [n, stride] (row-major):
- * g[i][j] *= inv_norm[j] in place, and coef[j] += g[i][j] * cos[i][j] summed over i in order.
+/* exp(d) in float32: reduction by ln 2 in two parts (Cody-Waite) and a degree-6 polynomial, the
+ * scheme of SLEEF's expf_u10 that ATen's vector exp uses; within 1 ulp of the exact value.  Written
+ * without branches so that the loops calling it vectorise. */
+static inline float exp_f32(float d) {
+    const float q = rintf(d * 1.44269504088896341f);
+    float s = fmaf(q, -0.693145751953125f, d);
+    s = fmaf(q, -1.428606765330187045e-06f, s);
+    float u = 0.000198527617612853646278381f;
+    u = fmaf(u, s, 0.00139304355252534151077271f);
+    u = fmaf(u, s, 0.00833336077630519866943359f);
+    u = fmaf(u, s, 0.0416664853692054748535156f);
+    u = fmaf(u, s, 0.166666671633720397949219f);
+    u = fmaf(u, s, 0.5f);
+    u = 1.0f + fmaf(s * s, u, s);
+    /* 2^q as two factors, so that a result below the normal range comes out subnormal, not 0. */
+    const int32_t qi = (int32_t)q, half = qi >> 1;
+    u = u * f32_of((uint32_t)(half + 127) << 23);
+    u = u * f32_of((uint32_t)(qi - half + 127) << 23);
+    u = d < -104.0f ? 0.0f : u;
+    u = d > 100.0f ? INFINITY : u;
+    return d != d ? d : u;
+}
+
+/* cos[i][j] = clamp(cos[i][j] * inv_norm[j], -1, 1) in place on rows 0..n of [n, c]; a NaN stays NaN
+ * (torch's mul_ then clamp_, rounding for rounding). */
+void sf_scale_clamp_rows(int64_t n, int64_t c, float *cos, const float *restrict inv_norm) {
+    for (int64_t i = 0; i < n; i++) {
+        float *restrict ci = cos + i * c;
+        for (int64_t j = 0; j < c; j++) {
+            const float v = ci[j] * inv_norm[j];
+            ci[j] = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
+        }
+    }
+}
+
+/* buf[j] = cos[j] * s on [lo, hi), and the running maxima of 16 lanes (kept in a local array,
+ * which the compiler holds in one vector register). */
+static void scale_max(const float *restrict cos, float s, float *restrict buf, int64_t lo, int64_t hi,
+                      float *restrict lanes) {
+    float m[16];
+    memcpy(m, lanes, sizeof m);
+    int64_t j = lo;
+    for (; j + 16 <= hi; j += 16)
+        for (int l = 0; l < 16; l++) {
+            const float v = cos[j + l] * s;
+            buf[j + l] = v;
+            m[l] = v > m[l] ? v : m[l];
+        }
+    for (; j < hi; j++) {
+        const float v = cos[j] * s;
+        buf[j] = v;
+        m[0] = v > m[0] ? v : m[0];
+    }
+    memcpy(lanes, m, sizeof m);
+}
+
+/* The scaled margin softmax's forward on rows 0..n of cos [n, c], one row at a time (a row of cos
+ * and of buf stays in cache for both sweeps): buf = s * cos, except buf[i][col[i]] = put[i] where
+ * col[i] >= 0; row_max[i] = max of buf's row; then buf = exp(buf - row_max) in place and
+ * sum_exp[i] = its sum, over 16 lanes in a fixed order.  The maximum passes over NaNs, which the
+ * exp then carries into the row's sum (the loss becomes NaN as with torch's ops). */
+void sf_margin_exp_rows(int64_t n, int64_t c, const float *cos, float s, const int64_t *col,
+                        const float *put, float *buf, float *row_max, float *sum_exp) {
+    for (int64_t i = 0; i < n; i++) {
+        const float *restrict ci = cos + i * c;
+        float *restrict bi = buf + i * c;
+        float lanes[16];
+        for (int l = 0; l < 16; l++) lanes[l] = -INFINITY;
+        const int64_t t = (col[i] >= 0 && col[i] < c) ? col[i] : c;
+        scale_max(ci, s, bi, 0, t, lanes);
+        if (t < c) {
+            bi[t] = put[i];
+            lanes[0] = put[i] > lanes[0] ? put[i] : lanes[0];
+            scale_max(ci, s, bi, t + 1, c, lanes);
+        }
+        float m = lanes[0];
+        for (int l = 1; l < 16; l++) m = lanes[l] > m ? lanes[l] : m;
+        row_max[i] = m;
+        float sums[16] = {0};
+        int64_t j = 0;
+        for (; j + 16 <= c; j += 16)
+            for (int l = 0; l < 16; l++) {
+                const float e = exp_f32(bi[j + l] - m);
+                bi[j + l] = e;
+                sums[l] += e;
+            }
+        float tail = 0.0f;
+        for (; j < c; j++) {
+            const float e = exp_f32(bi[j] - m);
+            bi[j] = e;
+            tail += e;
+        }
+        float total = 0.0f;
+        for (int l = 0; l < 16; l++) total += sums[l];
+        sum_exp[i] = total + tail;
+    }
+}
+
+/* The cosine's backward on columns [first, first + width) of g and cos [n, stride] (row-major; the
+ * pointers are at column first): g[i][j] *= inv_norm[j] in place, and coef[j] += g[i][j] * cos[i][j]
+ * summed over i in order.  With row_scale (the softmax's backward folded in), g[i][j] is first
+ * g[i][j] * row_scale[i], except at column target[i] (when >= 0), where it is target_grad[i].
  * Callers split the columns between threads; each column's sum is the same whatever the split. */
 void sf_scale_dot_columns(int64_t n, int64_t width, int64_t stride, float *g, const float *cos,
-                          const float *restrict inv_norm, float *restrict coef) {
+                          const float *restrict inv_norm, float *restrict coef, const float *row_scale,
+                          const int64_t *target, const float *target_grad, int64_t first) {
     for (int64_t i = 0; i < n; i++) {
         float *restrict gi = g + i * stride;
         const float *restrict ci = cos + i * stride;
-        for (int64_t j = 0; j < width; j++) {
-            const float v = gi[j] * inv_norm[j];
+        if (row_scale == NULL) {
+            for (int64_t j = 0; j < width; j++) {
+                const float v = gi[j] * inv_norm[j];
+                gi[j] = v;
+                coef[j] += v * ci[j];
+            }
+            continue;
+        }
+        const float r = row_scale[i];
+        const int64_t t = target[i] - first; /* outside [0, width): not in these columns */
+        const int64_t cut = (t >= 0 && t < width) ? t : width;
+        for (int64_t j = 0; j < cut; j++) {
+            const float v = (gi[j] * r) * inv_norm[j];
+            gi[j] = v;
+            coef[j] += v * ci[j];
+        }
+        if (cut < width) {
+            const float v = target_grad[i] * inv_norm[cut];
+            gi[cut] = v;
+            coef[cut] += v * ci[cut];
+        }
+        for (int64_t j = cut + 1; j < width; j++) {
+            const float v = (gi[j] * r) * inv_norm[j];
             gi[j] = v;
             coef[j] += v * ci[j];
         }
