@@ -130,6 +130,32 @@ def _time_pair(step, floor, repeats: int) -> tuple[float, float, float]:
     return statistics.median(steps) * 1e3, statistics.median(floors) * 1e3, ratio
 
 
+def _storage_rounds(args) -> dict:
+    """fp32 and bf16 row storage in one process, round after round: each round times one step and
+    one floor of each, so that both storages meet the same machine (whose speed drifts by tens of
+    percent between minutes) and their ratio is taken within a round."""
+    runs = {}
+    for label, bf16 in (("fp32", False), ("bf16", True)):
+        step, head, opt = _partial_fc_step(argparse.Namespace(**{**vars(args), "bf16": bf16}), 0)
+        step()  # warm-up: allocates optimiser state and the reusable row buffers
+        step()
+        momentum = opt.state_rows()["weight.momentum_buffer"]
+        runs[label] = (step, _floor(args, head.num_sample, head.weight.detach(), momentum))
+    times: dict = {label: ([], []) for label in runs}
+    for _ in range(args.steps):
+        for label, (step, floor) in runs.items():
+            t0 = time.perf_counter()
+            step()
+            times[label][0].append(time.perf_counter() - t0)
+            times[label][1].append(floor())
+    out = {}
+    for label, (steps, floors) in times.items():
+        out[label] = dict(ms=statistics.median(steps) * 1e3, floor=statistics.median(floors) * 1e3,
+                          ratio=statistics.median(s / f for s, f in zip(steps, floors)),
+                          vs_fp32=statistics.median(s / f for s, f in zip(steps, times["fp32"][0])))
+    return out
+
+
 def _worker(rank, args, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
     threads = getattr(args, "threads", None) or max(1, (os.cpu_count() or 1) // args.world_size)
@@ -137,6 +163,10 @@ def _worker(rank, args, out):
     dist.init_process_group("gloo", rank=rank, world_size=args.world_size)
     torch.manual_seed(rank)
     base = _peak_rss_mib()
+    if args.layout == "storage_rounds":
+        out.put((rank, _storage_rounds(args)))
+        dist.destroy_process_group()
+        return
     if args.layout == "replicated":
         step, rows, columns = _replicated_step(args, rank)
         step()  # warm-up: allocates optimiser state
@@ -192,23 +222,40 @@ def _mem_available_gib() -> float:
 
 
 def _floor_table(args) -> tuple[str, list]:
-    """One rank's step against its floor, float32 and bfloat16 storage, per thread count."""
+    """One rank's step against its floor, float32 and bfloat16 storage side by side, per thread count."""
     rows = []
     for threads in args.floor_threads:
-        for bf16 in (False, True):
-            cfg = argparse.Namespace(**{**vars(args), "classes": args.floor_classes, "rate": args.floor_rate,
-                                        "layout": "partial_fc", "bf16": bf16, "world_size": 1,
-                                        "batch": args.floor_batch, "steps": args.floor_steps,
-                                        "threads": threads})
-            label = "bf16" if bf16 else "fp32"
-            print(f"running floor comparison C={args.floor_classes:,} r={args.floor_rate} {label} "
-                  f"{threads} thread(s) ...", flush=True)
-            r = run_config(cfg)
-            if "failed" in r:
-                rows.append([threads, label, r["failed"], "", ""])
-                continue
-            rows.append([threads, label, f"{r['ms']:.1f}", f"{r['floor']:.1f}", f"{r['ratio']:.2f}×"])
-    return markdown_table(["threads", "row storage", "step ms", "floor ms", "step/floor"], rows), rows
+        cfg = argparse.Namespace(**{**vars(args), "classes": args.floor_classes, "rate": args.floor_rate,
+                                    "layout": "storage_rounds", "world_size": 1, "batch": args.floor_batch,
+                                    "steps": args.floor_steps, "threads": threads})
+        print(f"running floor comparison C={args.floor_classes:,} r={args.floor_rate} fp32 and bf16 "
+              f"{threads} thread(s) ...", flush=True)
+        result = _run_storage_rounds(cfg)
+        if isinstance(result, str):
+            rows.append([threads, "fp32, bf16", result, "", "", ""])
+            continue
+        for label, r in result.items():
+            rows.append([threads, label, f"{r['ms']:.1f}", f"{r['floor']:.1f}", f"{r['ratio']:.2f}×",
+                         f"{r['vs_fp32']:.2f}×"])
+    return markdown_table(["threads", "row storage", "step ms", "floor ms", "step/floor", "step vs fp32"], rows), rows
+
+
+def _run_storage_rounds(args):
+    """The storage rounds in a fresh process (one rank): their figures, or why it failed."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    args.port = 29500 + (os.getpid() + int(time.time())) % 2000
+    proc = ctx.Process(target=_worker, args=(0, args, out))
+    proc.start()
+    while True:
+        try:
+            _, result = out.get(timeout=5)
+            break
+        except queue.Empty:
+            if proc.exitcode not in (None, 0):
+                return f"the rank exited with code {proc.exitcode}"
+    proc.join()
+    return result
 
 
 def main(argv=None) -> None:
@@ -223,7 +270,8 @@ def main(argv=None) -> None:
     p.add_argument("--floor-classes", type=int, default=500_000, help="classes of the one-rank floor table")
     p.add_argument("--floor-rate", type=float, default=0.1)
     p.add_argument("--floor-batch", type=int, default=128, help="global batch of the floor table")
-    p.add_argument("--floor-steps", type=int, default=15, help="alternated step/floor pairs timed")
+    p.add_argument("--floor-steps", type=int, default=15,
+                   help="rounds timed (each: one step and one floor of fp32, then of bf16 storage)")
     p.add_argument("--floor-threads", type=int, nargs="+", default=[1, os.cpu_count() or 1],
                    help="torch threads of the one-rank floor table (each count is one pair of rows)")
     p.add_argument("--skip-scale", action="store_true",
@@ -264,13 +312,15 @@ def main(argv=None) -> None:
              f"{load:.1f} at the start and {end_load:.1f} at the end (it counts this benchmark's own "
              "processes; anything above them is other work on the same cores).")
     floor_body = (f"{where} One rank, {args.floor_classes:,} classes, r = {args.floor_rate}, global batch "
-                  f"{args.floor_batch}, D = {args.dim}, ArcFace, SGD with momentum; median of {args.floor_steps} "
-                  f"steps, each followed by one floor measurement.\n\n{floor_table}\n\n"
+                  f"{args.floor_batch}, D = {args.dim}, ArcFace, SGD with momentum; {args.floor_steps} rounds, each "
+                  "one step and one floor measurement of fp32 then of bf16 storage, in one process; medians."
+                  f"\n\n{floor_table}\n\n"
                   "The floor is the step's three matrix products (logits, grad of features, grad of the rows) "
                   "into preallocated outputs plus one gather and one scatter of the sampled rows of weight and "
                   "momentum in their storage dtype: the traffic any sparse update needs (the bf16 floor moves "
                   "half the bytes, as 4-byte words like the step). Step and floor alternate, so load from other "
-                  "work falls on both alike; step/floor is the median of the pairs' ratios. With several threads the "
+                  "work falls on both alike; step/floor is the median of the pairs' ratios, step vs fp32 the median of "
+                  "each round's bf16 step over its fp32 step. With several threads the "
                   "step's row gather and row update run cache-sized blocks on Python threads of one core each "
                   "(partial_fc.block_threads), the GEMMs and index kernels of both on torch's threads.")
     print(floor_body)

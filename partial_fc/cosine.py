@@ -117,38 +117,37 @@ class RowCorrection:
 
 
 @dataclass
-class PendingRowScale:
-    """The last step of the softmax's backward, left to the cosine's backward pass.
+class SoftmaxHandoff:
+    """What the cosines and a fused margin softmax that is their only consumer pass each other.
 
-    The fused margin softmax (:mod:`partial_fc.margin_softmax`) hands its [N, c] buffer to the
-    cosines as their gradient before scaling each row and setting the target column; the
-    cosine backward does both in its own pass over the buffer (:func:`partial_fc.native.
-    scale_dot_columns`), one pass over [N, c] fewer.  For a head whose cosines feed that
-    softmax alone (no filtering, one centre), so that the buffer arrives untouched.
+    On the CPU with :mod:`partial_fc.native` built, the cosine forward leaves its output as the
+    raw products ``unit · w`` and sets :attr:`inv_norm`: the softmax's C pass divides, clamps and
+    scales them on the fly (:func:`partial_fc.native.margin_sum_rows`) and writes no [N, c]
+    tensor of its own.  Its backward then sets the rest and hands back the raw products as the
+    cosines' gradient; the cosine backward's C pass recomputes the softmax from them and
+    overwrites them with the gradient (:func:`partial_fc.native.softmax_cosine_grad_columns`).
+    The [N, c] products cross memory three times in the step instead of seven.  For a head whose
+    cosines feed that softmax alone (no filtering, one centre).
     """
 
-    buffer: Optional[torch.Tensor] = None
+    inv_norm: Optional[torch.Tensor] = None
+    """1/‖w‖ per column, when the cosine output holds raw products (None: it holds cosines)."""
+    scale: float = 0.0
+    row_max: Optional[torch.Tensor] = None
+    """[N] the maximum the forward's exponentials are relative to (this rank's)."""
     row_scale: Optional[torch.Tensor] = None
-    """[N] factor of every column of a row but the target's."""
+    """[N] factor of every exponential of a row, the target's excepted."""
     target: Optional[torch.Tensor] = None
     """[N] int64 target column, −1 where another rank holds the class."""
     target_grad: Optional[torch.Tensor] = None
     """[N] gradient of the target column's cosine."""
 
     @property
-    def pending(self) -> bool:
-        return self.buffer is not None
-
-    def apply_(self, grad: torch.Tensor) -> torch.Tensor:
-        """The step done with torch ops, in place (where the C pass does not run)."""
-        assert self.row_scale is not None and self.target is not None and self.target_grad is not None
-        grad.mul_(self.row_scale.unsqueeze(1))
-        idx = self.target.clamp(min=0).unsqueeze(1)
-        kept = grad.gather(1, idx).squeeze(1)
-        return grad.scatter_(1, idx, torch.where(self.target >= 0, self.target_grad, kept).unsqueeze(1))
+    def raw(self) -> bool:
+        return self.inv_norm is not None
 
     def clear(self) -> None:
-        self.buffer = self.row_scale = self.target = self.target_grad = None
+        self.inv_norm = self.row_max = self.row_scale = self.target = self.target_grad = None
 
 
 def row_shares(num_rows: int) -> list[slice]:
@@ -180,19 +179,23 @@ class _CosineLogits(torch.autograd.Function):
     def forward(ctx, unit: torch.Tensor, rows: torch.Tensor, norms: torch.Tensor,
                 dtype: Optional[torch.dtype], tf32: bool, grad_in_place: bool,
                 correction: Optional[RowCorrection], workspace: Optional[Workspace],
-                threads: Optional[BlockThreads], row_scale: Optional[PendingRowScale]):
+                threads: Optional[BlockThreads], handoff: Optional[SoftmaxHandoff]):
         dtype = _matmul_dtype(unit.device.type, dtype)
         inv_norm = norms.reciprocal()
         cos = _mm(unit, rows.t(), dtype, tf32, _buffer(workspace, "cos", (unit.shape[0], rows.shape[0]), unit)).float()
         # Rounding (bf16 products especially) can step outside [-1, 1]; the clamp is not
         # differentiated: the gradient is that of the unclamped cosine.
         if threads is not None and native.can_run_rows(cos, inv_norm):
-            threads.run(lambda sl, _ws: native.scale_clamp_rows(cos, inv_norm, sl), row_shares(cos.shape[0]))
+            if handoff is not None and grad_in_place:
+                handoff.inv_norm = inv_norm  # raw products: the softmax's pass divides and clamps
+            else:
+                threads.run(lambda sl, _ws: native.scale_clamp_rows(cos, inv_norm, sl), row_shares(cos.shape[0]))
         else:
             for sl in row_blocks(tuple(cos.shape)):
                 cos[sl].mul_(inv_norm).clamp_(-1.0, 1.0)
         ctx.dtype, ctx.tf32, ctx.grad_in_place, ctx.correction = dtype, tf32, grad_in_place, correction
-        ctx.workspace, ctx.threads, ctx.row_scale = workspace, threads, row_scale
+        ctx.workspace, ctx.threads = workspace, threads
+        ctx.handoff = handoff if handoff is not None and handoff.raw else None
         ctx.save_for_backward(unit, rows, inv_norm, cos)
         return cos
 
@@ -200,29 +203,27 @@ class _CosineLogits(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         unit, rows, inv_norm, cos = ctx.saved_tensors
         dtype, tf32 = ctx.dtype, ctx.tf32
-        pending: Optional[PendingRowScale] = ctx.row_scale
-        if pending is not None and pending.pending:
-            if grad is not pending.buffer:
-                raise RuntimeError("the cosines' gradient is not the fused softmax's buffer: their only consumer "
-                                   "must be partial_fc.margin_softmax when a PendingRowScale is passed")
-        else:
-            pending = None
+        handoff: Optional[SoftmaxHandoff] = ctx.handoff
         in_place = ctx.grad_in_place and grad.dtype == torch.float32 and grad.is_contiguous()
         coef = torch.zeros(cos.shape[1], dtype=torch.float32, device=cos.device) if in_place else None
-        if coef is not None and ctx.threads is not None and native.can_scale_dot(grad, cos, inv_norm, coef):
+        c = cos.shape[1]
+        share = -(-c // max(1, torch.get_num_threads()))
+        column_shares = [slice(lo, min(c, lo + share)) for lo in range(0, c, share)]
+        if handoff is not None:
+            # The softmax handed back the raw products: one C pass makes g' from them, in place.
+            if grad.data_ptr() != cos.data_ptr() or handoff.row_scale is None or coef is None:
+                raise RuntimeError("the cosines' gradient is not the fused softmax's hand-off: with a SoftmaxHandoff "
+                                   "their only consumer must be partial_fc.margin_softmax")
+            g, h, total = grad, handoff, coef
+            ctx.threads.run(lambda cols, _ws: native.softmax_cosine_grad_columns(
+                g, inv_norm, total, h.scale, h.row_max, h.row_scale, h.target, h.target_grad, cols), column_shares)
+            handoff.clear()
+        elif coef is not None and ctx.threads is not None and native.can_scale_dot(grad, cos, inv_norm, coef):
             # g' = g / ‖w‖ in place and Σ_i g'_ij cos_ij in one C pass, the columns shared out
-            # to the row threads (each column's sum is the same whatever the split); the
-            # softmax's row scaling rides in the same pass.
+            # to the row threads (each column's sum is the same whatever the split).
             g = grad
-            c = cos.shape[1]
-            share = -(-c // max(1, torch.get_num_threads()))
-            scaled = {} if pending is None else dict(row_scale=pending.row_scale, target=pending.target,
-                                                     target_grad=pending.target_grad)
-            ctx.threads.run(lambda cols, _ws: native.scale_dot_columns(g, cos, inv_norm, coef, cols, **scaled),
-                            [slice(lo, min(c, lo + share)) for lo in range(0, c, share)])
+            ctx.threads.run(lambda cols, _ws: native.scale_dot_columns(g, cos, inv_norm, coef, cols), column_shares)
         elif coef is not None:
-            if pending is not None:
-                pending.apply_(grad)
             # Block by block while in cache: g' = g / ‖w‖ in place, and Σ_i g'_ij cos_ij.
             g = grad
             blocks = row_blocks(tuple(cos.shape))
@@ -233,11 +234,7 @@ class _CosineLogits(torch.autograd.Function):
                 prod = torch.mul(part, cos[sl], out=tmp[:sl.stop - sl.start])
                 coef.add_(prod.sum(dim=0))
         else:
-            if pending is not None:
-                pending.apply_(grad)
             g = grad.float() * inv_norm
-        if pending is not None:
-            pending.clear()
         grad_unit = grad_rows = None
         if ctx.needs_input_grad[0]:
             grad_unit = _mm(g, rows, dtype, tf32).to(unit.dtype)
@@ -254,7 +251,7 @@ class _CosineLogits(torch.autograd.Function):
                 grad_rows = _mm(g.t(), unit, dtype, tf32, out).float()
                 grad_rows.addcmul_(rows.float(), coef.unsqueeze(1), value=-1.0)
                 grad_rows = grad_rows.to(rows.dtype)
-        ctx.correction = ctx.workspace = ctx.threads = ctx.row_scale = None
+        ctx.correction = ctx.workspace = ctx.threads = ctx.handoff = None
         return grad_unit, grad_rows, None, None, None, None, None, None, None, None
 
 
@@ -262,7 +259,7 @@ def cosine_logits(unit: torch.Tensor, rows: torch.Tensor, norms: Optional[torch.
                   dtype: Optional[torch.dtype] = None, tf32: bool = False, grad_in_place: bool = False,
                   correction: Optional[RowCorrection] = None,
                   workspace: Optional[Workspace] = None, threads: Optional[BlockThreads] = None,
-                  row_scale: Optional[PendingRowScale] = None) -> torch.Tensor:
+                  handoff: Optional[SoftmaxHandoff] = None) -> torch.Tensor:
     """[N, c] float32 cosine of unit features [N, D] with rows [c, D] (any norm).
 
     ``norms``: the rows' :func:`row_norms` when the caller has them already (one pass over
@@ -278,13 +275,14 @@ def cosine_logits(unit: torch.Tensor, rows: torch.Tensor, norms: Optional[torch.
     forward of a training step whose backward runs before the next step's forward.
     ``threads``: the row threads that run the in-place backward's C pass
     (:func:`partial_fc.native.scale_dot_columns`) and the forward's scale-and-clamp pass on the
-    CPU; None keeps torch's ops.  ``row_scale``: shared with a fused margin softmax that is the
-    cosines' only consumer, which leaves its last step to this backward (:class:`PendingRowScale`).
+    CPU; None keeps torch's ops.  ``handoff``: shared with a fused margin softmax that is the
+    cosines' only consumer (``grad_in_place`` too): the output may then hold the raw products,
+    for that softmax alone (:class:`SoftmaxHandoff`).
     """
     if correction is not None and rows.dtype != torch.float32:
         raise ValueError(f"a deferred row correction needs float32 rows, got {rows.dtype}")
     return _CosineLogits.apply(unit, rows, row_norms(rows) if norms is None else norms, dtype, tf32,
-                               bool(grad_in_place), correction, workspace, threads, row_scale)
+                               bool(grad_in_place), correction, workspace, threads, handoff)
 
 
 def row_norms(rows: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ from . import native
 from .block_threads import BlockThreads
 from .checks import check_global_batch, check_mode, input_report
 from .comm import ProcessGroup, gather_batch, gather_sizes, rank_and_world
-from .cosine import PendingRowScale, RowCorrection, cosine_logits, row_norms
+from .cosine import RowCorrection, SoftmaxHandoff, cosine_logits, row_norms
 from .filtering import filter_similar_negatives
 from .generator_state import portable_state, restore_state
 from .guard import tag_row_gradient_params
@@ -325,14 +325,14 @@ class PartialFC(nn.Module):
             chosen.correction = RowCorrection(rows.detach())
         # The parameter itself (dense float32 shard) keeps its own .grad: a torch optimiser may
         # zero it in place and accumulate into it, so its gradient must not be a kept buffer.
-        # The cosines feed the fused softmax alone (one centre, no filtering): its backward's last
-        # [N, c] step rides in the cosine backward's pass.
+        # The cosines feed the fused softmax alone (one centre, no filtering): the two may share
+        # their [N, c] passes (partial_fc.cosine.SoftmaxHandoff).
         direct = fused and self.num_centers == 1 and self.interclass_filtering_threshold == 0
-        row_scale = PendingRowScale() if direct else None
+        handoff = SoftmaxHandoff() if direct else None
         cos = cosine_logits(unit, rows, norms, self.compute_dtype, self.tf32,
                             grad_in_place=fused and self.num_centers == 1, correction=chosen.correction,
                             workspace=None if chosen.weight is self.weight else workspace,
-                            threads=self.block_threads, row_scale=row_scale)
+                            threads=self.block_threads, handoff=handoff)
         # Only margins on un-normalised rows (softmax, L-Softmax) differentiate through ‖w‖.
         weight_norm = rows.norm(dim=1).clamp_min(_NORM_EPS) if self.margin.uses_weight_norm else norms
         if self.num_centers > 1:
@@ -345,7 +345,7 @@ class PartialFC(nn.Module):
 
         inp = MarginInput(cos=cos, target=target, feature_norm=feature_norm, weight_norm=weight_norm,
                           bias=chosen.bias, group=self.group)
-        fused_out = (margin_cross_entropy(self.margin, inp, accuracy, workspace, self.block_threads, row_scale)
+        fused_out = (margin_cross_entropy(self.margin, inp, accuracy, workspace, self.block_threads, handoff)
                      if fused else None)
         if fused_out is not None:
             # s·cos margins: margin and softmax share one [N, c] buffer (partial_fc.margin_softmax).

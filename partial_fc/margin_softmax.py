@@ -14,12 +14,13 @@ of the softmax (the backward scales each row once instead).  The collectives are
 same: one MAX and one packed SUM all-reduce; the top-1 accuracy (ranked by the logits)
 needs nothing more than their results.
 
-On the CPU, where :mod:`partial_fc.native` is built, the forward is one C pass per row of
-logits on the row threads (scaled logits, maximum, exp and sum while the row is in cache),
-taking exponentials relative to this rank's row maximum: after the MAX all-reduce each
-row's sum and softmax take the factor exp(local max − global max), exactly 1 on one rank.
-The backward's last step (each row times its factor, the target column set) is then left
-to the cosine's backward pass (:class:`partial_fc.cosine.PendingRowScale`).
+On the CPU, where :mod:`partial_fc.native` is built and the cosines feed this softmax alone,
+the [N, c] buffer does not exist either: the forward is one C pass per row over the cosine
+GEMM's raw products (divided, clamped and scaled on the fly) that keeps only each row's
+maximum and sum of exponentials, relative to this rank's maximum (after the MAX all-reduce
+each row's sum and softmax take the factor exp(local max − global max), exactly 1 on one
+rank); the backward's softmax is recomputed in the cosine backward's pass
+(:class:`partial_fc.cosine.SoftmaxHandoff`).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import torch
 from . import native
 from .block_threads import BlockThreads
 from .comm import ProcessGroup, all_reduce, rank_and_world
-from .cosine import PendingRowScale, row_blocks, row_shares
+from .cosine import SoftmaxHandoff, row_blocks, row_shares
 from .margins.base import Margin, MarginInput
 from .rows import Workspace
 
@@ -42,11 +43,16 @@ class _ScaledMarginCrossEntropy(torch.autograd.Function):
     def forward(ctx, cos: torch.Tensor, feature_norm: torch.Tensor, target: torch.Tensor,
                 margin: Margin, scale: float, inp: MarginInput, group: ProcessGroup, with_accuracy: bool,
                 workspace: Optional[Workspace], threads: Optional[BlockThreads],
-                row_scale: Optional[PendingRowScale]):
+                handoff: Optional[SoftmaxHandoff]):
+        raw = handoff is not None and handoff.raw  # cos holds unit·w: see partial_fc.cosine.SoftmaxHandoff
         has = target >= 0
         idx = target.clamp(min=0).unsqueeze(1)
         zero = torch.zeros((), dtype=cos.dtype, device=cos.device)
         cos_t = cos.gather(1, idx).squeeze(1)
+        if raw:
+            assert handoff is not None and handoff.inv_norm is not None and threads is not None
+            inv_norm = handoff.inv_norm
+            cos_t = cos_t.mul_(inv_norm[idx.squeeze(1)]).clamp_(-1.0, 1.0)  # the C pass's roundings
         # The target logit on [N] leaves: its derivative comes from autograd in the backward.
         with torch.enable_grad():
             cos_leaf = cos_t.detach().requires_grad_()
@@ -56,27 +62,30 @@ class _ScaledMarginCrossEntropy(torch.autograd.Function):
             t = margin.target_logit(cos_leaf, leaf_inp).to(cos.dtype)
         t_here = torch.where(has, t.detach(), zero)
 
-        # One buffer: s·cos, the target column replaced (rows held elsewhere keep s·cos_t).
-        buf = (torch.empty_like(cos) if workspace is None
-               else workspace.get("margin_softmax", tuple(cos.shape), cos.dtype, cos.device))
         row_max = torch.empty(cos.shape[0], dtype=cos.dtype, device=cos.device)
         sum_exp_here = torch.empty_like(row_max)
-        rescale = None
-        if threads is not None and native.can_run_rows(cos, t_here, buf):
-            # One C pass per row, in cache: logits, the row's maximum here, exp and sum.  The
-            # exponentials are relative to this rank's maximum; once the all-reduce gives the
-            # global one, each row's sum (and in the backward its softmax) takes the factor
-            # exp(local max − global max), which is exactly 1 on one rank.
+        if raw:
+            # One C pass per row, in cache, writing nothing of [N, c]: logits, the row's maximum
+            # here and the sum of exponentials relative to it.  Once the all-reduce gives the
+            # global maximum, each row's sum (and in the backward its softmax) takes the factor
+            # exp(local max − global max), exactly 1 on one rank.
             column = torch.where(has, target, torch.full_like(target, -1))
-            threads.run(lambda sl, _ws: native.margin_exp_rows(cos, scale, column, t_here, buf, row_max,
-                                                               sum_exp_here, sl), row_shares(cos.shape[0]))
-            if rank_and_world(group)[1] > 1:
-                local_max = row_max.clone()
-                all_reduce(row_max, "max", group)
-                rescale = (local_max - row_max).exp_()
+            target_exp = torch.empty_like(row_max)
+            assert threads is not None
+            threads.run(lambda sl, _ws: native.margin_sum_rows(cos, inv_norm, scale, column, t_here, row_max,
+                                                               sum_exp_here, target_exp, sl), row_shares(cos.shape[0]))
+            local_max = row_max.clone() if rank_and_world(group)[1] > 1 else row_max
+            all_reduce(row_max, "max", group)
+            rescale = None if local_max is row_max else (local_max - row_max).exp_()
+            if rescale is not None:
                 sum_exp_here.mul_(rescale)
+            saved = cos
+            ctx.raw = (column, local_max, target_exp, rescale)
         else:
-            # Each pass runs block by block over rows, so the block is in cache for all its steps.
+            # One buffer: s·cos, the target column replaced (rows held elsewhere keep s·cos_t),
+            # then exp(logit − max); each pass block by block over rows, in cache.
+            buf = (torch.empty_like(cos) if workspace is None
+                   else workspace.get("margin_softmax", tuple(cos.shape), cos.dtype, cos.device))
             put = torch.where(has, t_here, cos_t * scale).unsqueeze(1)
             blocks = row_blocks(tuple(cos.shape))
             for sl in blocks:
@@ -87,6 +96,8 @@ class _ScaledMarginCrossEntropy(torch.autograd.Function):
             for sl in blocks:
                 part = buf[sl].sub_(row_max[sl].unsqueeze(1)).exp_()
                 torch.sum(part, dim=1, out=sum_exp_here[sl])
+            saved = buf
+            ctx.raw = None
         sums = all_reduce(torch.stack([sum_exp_here, t_here]), "sum", group)
         sum_exp, target_logit = sums[0], sums[1]
         loss = (sum_exp.log() + row_max - target_logit).mean()
@@ -96,44 +107,49 @@ class _ScaledMarginCrossEntropy(torch.autograd.Function):
         else:
             accuracy = torch.full((), float("nan"), device=cos.device)
         ctx.mark_non_differentiable(accuracy)
-        ctx.scale, ctx.t, ctx.leaves, ctx.rescale, ctx.row_scale = scale, t, (cos_leaf, norm_leaf), rescale, row_scale
-        ctx.save_for_backward(buf, sum_exp, target)
+        ctx.scale, ctx.t, ctx.leaves, ctx.handoff = scale, t, (cos_leaf, norm_leaf), handoff if raw else None
+        ctx.save_for_backward(saved, sum_exp, target)
         return loss, accuracy
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_accuracy: Optional[torch.Tensor]):
-        buf, sum_exp, target = ctx.saved_tensors
+        buf, sum_exp, target = ctx.saved_tensors  # raw: the cosines' raw products, not the exponentials
         cos_leaf, norm_leaf = ctx.leaves
         has = target >= 0
         idx = target.clamp(min=0).unsqueeze(1)
         k = grad_loss / buf.shape[0]
         row_scale = k / sum_exp
-        if ctx.rescale is not None:  # the buffer's exponentials are relative to this rank's maximum
-            row_scale = row_scale * ctx.rescale
+        if ctx.raw is not None:
+            column, local_max, target_exp, rescale = ctx.raw
+            if rescale is not None:  # the exponentials are relative to this rank's maximum
+                row_scale = row_scale * rescale
+            p_t = target_exp * row_scale
+        else:
+            p_t = buf.gather(1, idx).squeeze(1) * row_scale
         # d loss / d t = k·(softmax at the target − 1), where this rank holds the target.
-        p_t = buf.gather(1, idx).squeeze(1) * row_scale
         grad_t = torch.where(has, p_t - k, torch.zeros((), dtype=buf.dtype, device=buf.device))
         wanted = [cos_leaf] + ([norm_leaf] if norm_leaf.requires_grad else [])
         grads = torch.autograd.grad(ctx.t, wanted, grad_t, allow_unused=True)
         grad_cos_t = grads[0] if grads[0] is not None else torch.zeros_like(grad_t)
         grad_norm = grads[1] if len(grads) > 1 else None
-        # The saved buffer becomes d loss / d cos = s·k·softmax in every non-target column and
-        # grad_cos_t at the target: here, or in the cosine's backward pass (PendingRowScale).
-        pending = PendingRowScale(buf, row_scale * ctx.scale, torch.where(has, target, torch.full_like(target, -1)),
-                                  grad_cos_t)
-        if ctx.row_scale is not None:
-            ctx.row_scale.buffer, ctx.row_scale.row_scale = pending.buffer, pending.row_scale
-            ctx.row_scale.target, ctx.row_scale.target_grad = pending.target, pending.target_grad
+        if ctx.raw is not None:
+            # d loss / d cos = s·k·softmax in every non-target column and grad_cos_t at the
+            # target: made by the cosine backward's pass from the raw products handed back.
+            h = ctx.handoff
+            h.scale, h.row_max, h.row_scale = ctx.scale, local_max, row_scale * ctx.scale
+            h.target, h.target_grad = column, grad_cos_t
             grad = buf
         else:
-            grad = pending.apply_(buf)
-        ctx.t = ctx.leaves = ctx.row_scale = None
+            # The saved buffer becomes d loss / d cos = s·k·softmax in every non-target column.
+            grad = buf.mul_((row_scale * ctx.scale).unsqueeze(1))
+            grad.scatter_(1, idx, torch.where(has, grad_cos_t, grad.gather(1, idx).squeeze(1)).unsqueeze(1))
+        ctx.t = ctx.leaves = ctx.handoff = ctx.raw = None
         return grad, grad_norm, None, None, None, None, None, None, None, None, None
 
 
 def margin_cross_entropy(margin: Margin, inp: MarginInput, accuracy: bool = False,
                          workspace: Optional[Workspace] = None, threads: Optional[BlockThreads] = None,
-                         row_scale: Optional[PendingRowScale] = None
+                         handoff: Optional[SoftmaxHandoff] = None
                          ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """(mean loss of the global batch, top-1 accuracy or NaN) for a margin of the scaled form.
 
@@ -143,10 +159,10 @@ def margin_cross_entropy(margin: Margin, inp: MarginInput, accuracy: bool = Fals
     and costs nothing: the row maximum and the target logit are the softmax's own.  The backward
     may run once (its buffer is reused in place).  ``workspace``: keeps
     that [N, c] buffer between steps (as :func:`partial_fc.cosine.cosine_logits`'s).
-    ``threads``: run the forward as one C pass per row on these row threads
-    (:func:`partial_fc.native.margin_exp_rows`, on the CPU where it is built).  ``row_scale``: the
-    same object given to :func:`partial_fc.cosine.cosine_logits`, when these cosines feed this
-    softmax alone: the backward then leaves its last [N, c] step to the cosine's backward pass.
+    ``threads``: the row threads of the C passes (on the CPU where :mod:`partial_fc.native` is
+    built).  ``handoff``: the same object given to :func:`partial_fc.cosine.cosine_logits`, when
+    these cosines feed this softmax alone: they may then hold raw products, and the backward
+    leaves its [N, c] step to the cosine's backward pass (:class:`partial_fc.cosine.SoftmaxHandoff`).
     """
     scale = margin.logit_scale()
     if scale is None:
@@ -154,7 +170,7 @@ def margin_cross_entropy(margin: Margin, inp: MarginInput, accuracy: bool = Fals
     if inp.cos.dtype != torch.float32 and inp.cos.dtype != torch.float64:
         raise TypeError(f"cosines must be float32 or float64 for a stable softmax, got {inp.cos.dtype}")
     loss, acc = _ScaledMarginCrossEntropy.apply(inp.cos, inp.feature_norm, inp.target, margin, float(scale),
-                                                inp, inp.group, bool(accuracy), workspace, threads, row_scale)
+                                                inp, inp.group, bool(accuracy), workspace, threads, handoff)
     return loss, acc
 
 

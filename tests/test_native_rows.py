@@ -177,84 +177,97 @@ def test_the_c_scale_and_clamp_equals_mul_then_clamp_bit_for_bit():
         assert same.all() and (ours.view(torch.int32) == want.view(torch.int32))[~want.isnan()].all()
 
 
-def _softmax_rows(cos, scale, column, value):
-    """Reference of margin_exp_rows: float32 logits and differences (the kernel's own roundings),
-    their exp and sum in float64."""
-    logits = cos * scale
+def _margin_logits(raw, inv_norm, scale, column, value):
+    """The logits margin_sum_rows sees, with torch's float32 roundings (mul, clamp, mul)."""
+    logits = (raw * inv_norm).clamp(-1.0, 1.0) * scale
     here = column >= 0
     logits[here.nonzero().squeeze(1), column[here]] = value[here]
-    top = logits.max(dim=1).values
-    e = (logits - top.unsqueeze(1)).double().exp()
-    return e, top, e.sum(dim=1)
+    return logits
 
 
-@needs_library
-def test_the_c_margin_softmax_pass_matches_a_float64_softmax_and_not_the_split():
-    gen = torch.Generator().manual_seed(3)
-    n, c = 11, 1003  # rows of a length that is no multiple of the 16 lanes
-    cos = (torch.randn(n, c, generator=gen) * 0.3).clamp(-1, 1)
+def _margin_case(n=11, c=1003, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    raw = torch.randn(n, c, generator=gen) * 0.3
+    inv_norm = torch.rand(c, generator=gen) + 0.5
     column = torch.randint(0, c, (n,), generator=gen)
     column[[2, 7]] = -1  # another rank holds these rows' classes
     value = torch.randn(n, generator=gen) * 20
     value[4] = 90.0  # a target logit above every other one: it is the row's maximum
-    runs = []
-    for split in ([slice(0, n)], [slice(0, 3), slice(3, 8), slice(8, n)]):
-        buf, top, total = torch.empty(n, c), torch.empty(n), torch.empty(n)
-        for sl in split:
-            native.margin_exp_rows(cos, 64.0, column, value, buf, top, total, sl)
-        runs.append((buf, top, total))
-    e, want_top, want_sum = _softmax_rows(cos, 64.0, column, value)
-    buf, top, total = runs[0]
-    assert torch.equal(top, want_top)  # the maximum is exact
-    torch.testing.assert_close(buf.double(), e, rtol=3e-7, atol=1e-30)  # exp within about 1 ulp
-    torch.testing.assert_close(total.double(), want_sum, rtol=1e-6, atol=0)
-    assert buf[4].max() == 1.0 and buf[4, column[4]] == 1.0
-    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))  # rows do not depend on the split
+    return raw, inv_norm, column, value
+
+
+def _margin_sums(raw, inv_norm, column, value, split):
+    n = raw.shape[0]
+    top, total, at_target = torch.empty(n), torch.empty(n), torch.empty(n)
+    for sl in split:
+        native.margin_sum_rows(raw, inv_norm, 64.0, column, value, top, total, at_target, sl)
+    return top, total, at_target
+
+
+@needs_library
+def test_the_c_margin_softmax_pass_matches_a_float64_softmax_and_not_the_split():
+    # rows of 1003 columns: no multiple of the 16 lanes
+    raw, inv_norm, column, value = _margin_case()
+    n = raw.shape[0]
+    one = _margin_sums(raw, inv_norm, column, value, [slice(0, n)])
+    three = _margin_sums(raw, inv_norm, column, value, [slice(0, 3), slice(3, 8), slice(8, n)])
+    assert all(torch.equal(a, b) for a, b in zip(one, three))  # rows do not depend on the split
+    logits = _margin_logits(raw, inv_norm, 64.0, column, value)
+    top, total, at_target = one
+    assert torch.equal(top, logits.max(dim=1).values)  # the maximum is exact
+    want = (logits - top.unsqueeze(1)).double().exp()  # float32 differences, as the kernel forms them
+    torch.testing.assert_close(total.double(), want.sum(dim=1), rtol=1e-6, atol=0)
+    here = column >= 0
+    torch.testing.assert_close(at_target[here].double(), want[here.nonzero().squeeze(1), column[here]],
+                               rtol=3e-7, atol=1.3e-38)  # below e^-87.3: that value, not a subnormal
+    assert (at_target[~here] == 0).all() and at_target[4] == 1.0
 
 
 @needs_library
 def test_the_c_exp_is_within_an_ulp_over_the_range_a_softmax_sees():
-    # s = 1 and a zero in each row: the pass returns exp(x) of the row's other (non-positive) values.
-    x = torch.linspace(-103.0, 0.0, 400_000)
-    x = torch.cat([x, torch.tensor([-87.33655, -87.3366, -88.7, -103.97, -104.5, -1e-30, -150.0])])
-    cos = torch.stack([torch.cat([torch.zeros(1), x])])
-    none = torch.full((1,), -1, dtype=torch.int64)
-    buf, top, total = torch.empty_like(cos), torch.empty(1), torch.empty(1)
-    native.margin_exp_rows(cos, 1.0, none, torch.zeros(1), buf, top, total, slice(0, 1))
-    got, want = buf[0, 1:].double(), x.double().exp()
-    normal = want >= torch.finfo(torch.float32).tiny
-    ulp = torch.finfo(torch.float32).eps * want[normal]
-    assert ((got[normal] - want[normal]).abs() <= 1.0 * ulp).all()
-    assert ((got[~normal] - want[~normal]).abs() <= 2 ** -149).all()  # subnormal results: to the last bit
-    assert got[-1] == 0.0 and got[-3] == 0.0  # below −104: zero, as torch's exp underflows
+    # Rows [0, x] with x <= 0 at the target column: the maximum is 0 and target_exp is exp(x).
+    x = torch.cat([torch.linspace(-87.3, 0.0, 400_000), torch.tensor([-1e-30, -87.31, -88.7, -103.97, -150.0])])
+    n = x.numel()
+    top, total, got = torch.empty(n), torch.empty(n), torch.empty(n)
+    native.margin_sum_rows(torch.zeros(n, 2), torch.ones(2), 1.0, torch.ones(n, dtype=torch.int64), x, top, total,
+                           got, slice(0, n))
+    assert torch.equal(total, 1.0 + got)  # the row's sum: exp(0) + exp(x), in float32
+    got, want = got.double(), x.double().exp()
+    ulp = torch.finfo(torch.float32).eps * want[:-4]
+    assert ((got[:-4] - want[:-4]).abs() <= ulp).all()
+    # Below -87.3 (results that would be subnormal): exp(-87.3) ~ 1.2e-38, which no sum with a 1 sees.
+    assert ((got[-4:] > 0) & (got[-4:] <= 1.3e-38)).all()
 
 
 @needs_library
 def test_a_nan_logit_makes_the_rows_sum_nan():
-    cos = torch.zeros(2, 40)
-    cos[1, 17] = float("nan")
+    raw = torch.zeros(2, 40)
+    raw[1, 17] = float("nan")
     none = torch.full((2,), -1, dtype=torch.int64)
-    buf, top, total = torch.empty_like(cos), torch.empty(2), torch.empty(2)
-    native.margin_exp_rows(cos, 64.0, none, torch.zeros(2), buf, top, total, slice(0, 2))
+    top, total, at_target = _margin_sums(raw, torch.ones(40), none, torch.zeros(2), [slice(0, 2)])
     assert total[0] == 40.0 and total[1].isnan()
 
 
 @needs_library
-def test_the_softmax_step_folded_into_the_cosine_backward_equals_it_done_first():
-    from partial_fc.cosine import PendingRowScale
-
-    gen = torch.Generator().manual_seed(4)
-    n, c = 13, 517
-    cos, buf, inv_norm = torch.randn(n, c, generator=gen), torch.rand(n, c, generator=gen), torch.rand(c, generator=gen)
-    target = torch.randint(0, c, (n,), generator=gen)
-    target[3] = -1
-    pending = PendingRowScale(None, torch.rand(n, generator=gen), target, torch.randn(n, generator=gen))
-    first = pending.apply_(buf.clone())
-    want_coef = torch.zeros(c)
-    native.scale_dot_columns(first, cos, inv_norm, want_coef, slice(0, c))
-    for cuts in ([0, c], [0, 100, target[0].item(), target[0].item() + 1, c]):  # one split at a target column
-        g, coef = buf.clone(), torch.zeros(c)
+def test_the_c_softmax_and_cosine_backward_matches_the_formula_and_not_the_split():
+    raw, inv_norm, column, value = _margin_case(n=13, c=517, seed=4)
+    n, c = raw.shape
+    top, _, _ = _margin_sums(raw, inv_norm, column, value, [slice(0, n)])
+    gen = torch.Generator().manual_seed(5)
+    row_scale, target_grad = torch.rand(n, generator=gen), torch.randn(n, generator=gen)
+    runs = []
+    for cuts in ([0, c], [0, 100, int(column[0]), int(column[0]) + 1, c]):  # one split at a target column
+        g, coef = raw.clone(), torch.zeros(c)
         for lo, hi in zip(cuts, cuts[1:]):
-            native.scale_dot_columns(g, cos, inv_norm, coef, slice(lo, hi), row_scale=pending.row_scale,
-                                     target=target, target_grad=pending.target_grad)
-        assert torch.equal(g, first) and torch.equal(coef, want_coef)
+            native.softmax_cosine_grad_columns(g, inv_norm, coef, 64.0, top, row_scale, column, target_grad,
+                                               slice(lo, hi))
+        runs.append((g, coef))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    cos = (raw * inv_norm).clamp(-1.0, 1.0)
+    want = ((cos * 64.0 - top.unsqueeze(1)).double().exp() * row_scale.double().unsqueeze(1))
+    here = column >= 0
+    want[here.nonzero().squeeze(1), column[here]] = target_grad[here].double()
+    want = want * inv_norm.double()
+    g, coef = runs[0]
+    torch.testing.assert_close(g.double(), want, rtol=1e-6, atol=1e-30)
+    torch.testing.assert_close(coef.double(), (want * cos.double()).sum(dim=0), rtol=1e-5, atol=1e-6)

@@ -4,8 +4,8 @@ The classifier's sparse SGD update and its row gather are memory-bound loops ove
 sampled rows; written as torch ops they are a dozen passes per block of rows, each with its
 own dispatch (bfloat16 conversion, gradient correction, SGD, stochastic rounding).  The C
 loops read each row once and write it back once.  The [N, c] passes of the cosines and of
-the fused margin softmax (scale and clamp; logits, row maximum, exp and sum; the backward's
-row scaling with the cosine backward) are one C loop per row of logits for the same reason.  They are an accelerator, never a
+the fused margin softmax (scale and clamp; logits, row maximum and sum of exponentials; the
+softmax's backward with the cosine's) are C loops over the logits for the same reason.  They are an accelerator, never a
 requirement: without a C compiler (or with ``SHARDFACE_NATIVE=0``) :func:`library` is None
 and the callers run their torch ops, which compute the same formulas with the same roundings
 (on CPUs with FMA, where ATen's vector kernels fuse the multiply-adds the C loops fuse).
@@ -100,12 +100,15 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.sf_sgd_rows.restype = None
     lib.sf_top_rows.argtypes = [_i64, _ptr, _i64, _ptr, _ptr]
     lib.sf_top_rows.restype = None
-    lib.sf_scale_dot_columns.argtypes = [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64]
+    lib.sf_scale_dot_columns.argtypes = [_i64, _i64, _i64, _ptr, _ptr, _ptr, _ptr]
     lib.sf_scale_dot_columns.restype = None
     lib.sf_scale_clamp_rows.argtypes = [_i64, _i64, _ptr, _ptr]
     lib.sf_scale_clamp_rows.restype = None
-    lib.sf_margin_exp_rows.argtypes = [_i64, _i64, _ptr, _f32, _ptr, _ptr, _ptr, _ptr, _ptr]
-    lib.sf_margin_exp_rows.restype = None
+    lib.sf_margin_sum_rows.argtypes = [_i64, _i64, _ptr, _ptr, _f32, _ptr, _ptr, _ptr, _ptr, _ptr]
+    lib.sf_margin_sum_rows.restype = None
+    lib.sf_softmax_cosine_grad_columns.argtypes = [_i64, _i64, _i64, _ptr, _ptr, _ptr, _f32, _ptr, _ptr, _ptr,
+                                                   _ptr, _i64]
+    lib.sf_softmax_cosine_grad_columns.restype = None
     return lib
 
 
@@ -242,28 +245,18 @@ def can_scale_dot(g: torch.Tensor, cos: torch.Tensor, inv_norm: torch.Tensor, co
 
 
 def scale_dot_columns(g: torch.Tensor, cos: torch.Tensor, inv_norm: torch.Tensor, coef: torch.Tensor,
-                      columns: slice, row_scale: Optional[torch.Tensor] = None,
-                      target: Optional[torch.Tensor] = None, target_grad: Optional[torch.Tensor] = None) -> None:
+                      columns: slice) -> None:
     """On ``columns`` of [N, c] ``g`` and ``cos``: ``g *= inv_norm`` (per column) in place and
     ``coef += (g · cos).sum(0)``, in one pass (see :func:`can_scale_dot`); the sum runs over the
-    rows in order, so a column's result does not depend on how the columns are split.
-
-    ``row_scale`` [N] (with ``target`` [N] int64 and ``target_grad`` [N]): first ``g[i] *= row_scale[i]``
-    and ``g[i, target[i]] = target_grad[i]`` where ``target[i] >= 0`` (the softmax's last step)."""
+    rows in order, so a column's result does not depend on how the columns are split."""
     lib = library()
     assert lib is not None and can_scale_dot(g, cos, inv_norm, coef)
     lo, hi = columns.start or 0, min(g.shape[1], columns.stop)
     if hi <= lo:
         return
-    n = g.shape[0]
-    if row_scale is not None:
-        row_scale, target_grad = _f32_vector(row_scale, n, "row_scale"), _f32_vector(target_grad, n, "target_grad")
-        assert target is not None
-        target = _index(target, n)
     step = g.element_size()
-    lib.sf_scale_dot_columns(n, hi - lo, g.shape[1], g.data_ptr() + lo * step, cos.data_ptr() + lo * step,
-                             inv_norm.data_ptr() + lo * step, coef.data_ptr() + lo * step, _ptr_of(row_scale),
-                             _ptr_of(target), _ptr_of(target_grad), lo)
+    lib.sf_scale_dot_columns(g.shape[0], hi - lo, g.shape[1], g.data_ptr() + lo * step, cos.data_ptr() + lo * step,
+                             inv_norm.data_ptr() + lo * step, coef.data_ptr() + lo * step)
 
 
 def can_run_rows(*tensors: torch.Tensor) -> bool:
@@ -280,24 +273,54 @@ def scale_clamp_rows(cos: torch.Tensor, inv_norm: torch.Tensor, rows: slice) -> 
     lib.sf_scale_clamp_rows(part.shape[0], part.shape[1], part.data_ptr(), inv_norm.data_ptr())
 
 
-def margin_exp_rows(cos: torch.Tensor, scale: float, column: torch.Tensor, value: torch.Tensor, buf: torch.Tensor,
-                    row_max: torch.Tensor, sum_exp: torch.Tensor, rows: slice) -> None:
-    """On ``rows`` of [N, c] ``cos``, in one pass per row: ``buf = scale·cos`` with
-    ``buf[i, column[i]] = value[i]`` where ``column[i] >= 0``, ``row_max`` its row maximum (NaN if any
-    is NaN), then ``buf = exp(buf − row_max)`` and ``sum_exp`` its row sum.
+def margin_sum_rows(raw: torch.Tensor, inv_norm: torch.Tensor, scale: float, column: torch.Tensor,
+                    value: torch.Tensor, row_max: torch.Tensor, sum_exp: torch.Tensor, target_exp: torch.Tensor,
+                    rows: slice) -> None:
+    """The scaled margin softmax's forward on ``rows`` of the raw products ``raw`` [N, c] (the cosine
+    GEMM's output, not yet divided by ‖w‖), reading each row twice while it is in cache and writing
+    nothing of [N, c].
 
-    The exp is within 1 ulp of torch's (the same polynomial scheme) and the sum runs in a fixed
-    order per row, so a row's result does not depend on how the rows are split."""
+    Logits are ``scale · clamp(raw · inv_norm, −1, 1)`` (the roundings of torch's ops), with
+    ``value[i]`` at ``column[i]`` where ``column[i] >= 0``; ``row_max`` gets their row maximum,
+    ``sum_exp`` the row sum of ``exp(logit − row_max)`` (16 lanes, a fixed order: a row's result
+    does not depend on how the rows are split), ``target_exp`` ``exp(value − row_max)`` (0 where
+    ``column < 0``).  The exp is within 1 ulp (the polynomial scheme of torch's)."""
     lib = library()
-    n, c = cos.shape
-    assert lib is not None and can_run_rows(cos, value, buf, row_max, sum_exp) and buf.shape == cos.shape
+    n, c = raw.shape
+    assert lib is not None and can_run_rows(raw, inv_norm, value, row_max, sum_exp, target_exp)
+    assert inv_norm.numel() == c
     column = _index(column, n)
-    c_, k_, v_, b_, m_, e_ = (t[rows] for t in (cos, column, value, buf, row_max, sum_exp))
-    if c_.shape[0] == 0:
+    r_, k_, v_, m_, e_, t_ = (t[rows] for t in (raw, column, value, row_max, sum_exp, target_exp))
+    if r_.shape[0] == 0:
         return
-    lib.sf_margin_exp_rows(c_.shape[0], c, c_.data_ptr(), float(scale), k_.data_ptr(), v_.data_ptr(),
-                           b_.data_ptr(), m_.data_ptr(), e_.data_ptr())
+    lib.sf_margin_sum_rows(r_.shape[0], c, r_.data_ptr(), inv_norm.data_ptr(), float(scale), k_.data_ptr(),
+                           v_.data_ptr(), m_.data_ptr(), e_.data_ptr(), t_.data_ptr())
 
 
-__all__ = ["library", "can_gather", "can_run_rows", "can_scale_dot", "gather_rows", "margin_exp_rows",
-           "scale_clamp_rows", "scale_dot_columns", "sgd_rows", "top_rows"]
+def softmax_cosine_grad_columns(raw: torch.Tensor, inv_norm: torch.Tensor, coef: torch.Tensor, scale: float,
+                                row_max: torch.Tensor, row_scale: torch.Tensor, target: torch.Tensor,
+                                target_grad: torch.Tensor, columns: slice) -> None:
+    """The backward of :func:`margin_sum_rows` and of the cosine, on ``columns`` of ``raw`` [N, c],
+    in place: ``raw`` becomes ``g' = ∂L/∂cos / ‖w‖`` and ``coef += (g' · cos).sum(0)``.
+
+    With ``cos = clamp(raw · inv_norm, −1, 1)``, ``g' = exp(scale·cos − row_max) · row_scale ·
+    inv_norm`` (the exponentials recomputed as the forward made them), ``target_grad · inv_norm``
+    at ``target[i]`` where it is >= 0.  The column sums run over the rows in order, so a column's
+    result does not depend on how the columns are split."""
+    lib = library()
+    n, c = raw.shape
+    assert lib is not None and can_run_rows(raw, inv_norm, coef, row_max, row_scale, target_grad)
+    assert inv_norm.numel() == coef.numel() == c
+    row_max, row_scale = _f32_vector(row_max, n, "row_max"), _f32_vector(row_scale, n, "row_scale")
+    target, target_grad = _index(target, n), _f32_vector(target_grad, n, "target_grad")
+    lo, hi = columns.start or 0, min(c, columns.stop)
+    if hi <= lo:
+        return
+    step = raw.element_size()
+    lib.sf_softmax_cosine_grad_columns(n, hi - lo, c, raw.data_ptr() + lo * step, inv_norm.data_ptr() + lo * step,
+                                       coef.data_ptr() + lo * step, float(scale), _ptr_of(row_max),
+                                       _ptr_of(row_scale), target.data_ptr(), _ptr_of(target_grad), lo)
+
+
+__all__ = ["library", "can_gather", "can_run_rows", "can_scale_dot", "gather_rows", "margin_sum_rows",
+           "scale_clamp_rows", "scale_dot_columns", "softmax_cosine_grad_columns", "sgd_rows", "top_rows"]

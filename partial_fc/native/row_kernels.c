@@ -168,12 +168,15 @@ void sf_top_rows(int64_t n, const float *scores, int64_t k, int64_t *out, int64_
     }
 }
 
-/* exp(d) in float32: reduction by ln 2 in two parts (Cody-Waite) and a degree-6 polynomial, the
- * scheme of SLEEF's expf_u10 that ATen's vector exp uses; within 1 ulp of the exact value.  Written
- * without branches so that the loops calling it vectorise. */
+/* exp(d) in float32 for the softmax's arguments (logit - row max, so d <= 0): reduction by ln 2 in
+ * two parts (Cody-Waite) and a degree-6 polynomial, the scheme of SLEEF's expf_u10 that ATen's vector
+ * exp uses, within 1 ulp of the exact value.  Below -87.3 the result is exp(-87.3) ~ 1.2e-38 rather
+ * than a subnormal: next to the row maximum's exp(0) = 1 both vanish in any sum.  Written without
+ * branches so that the loops calling it vectorise. */
 static inline float exp_f32(float d) {
-    const float q = rintf(d * 1.44269504088896341f);
-    float s = fmaf(q, -0.693145751953125f, d);
+    const float x = d > -87.3f ? d : -87.3f; /* also the NaN case: converted to int below */
+    const float q = rintf(x * 1.44269504088896341f);
+    float s = fmaf(q, -0.693145751953125f, x);
     s = fmaf(q, -1.428606765330187045e-06f, s);
     float u = 0.000198527617612853646278381f;
     u = fmaf(u, s, 0.00139304355252534151077271f);
@@ -182,12 +185,7 @@ static inline float exp_f32(float d) {
     u = fmaf(u, s, 0.166666671633720397949219f);
     u = fmaf(u, s, 0.5f);
     u = 1.0f + fmaf(s * s, u, s);
-    /* 2^q as two factors, so that a result below the normal range comes out subnormal, not 0. */
-    const int32_t qi = (int32_t)q, half = qi >> 1;
-    u = u * f32_of((uint32_t)(half + 127) << 23);
-    u = u * f32_of((uint32_t)(qi - half + 127) << 23);
-    u = d < -104.0f ? 0.0f : u;
-    u = d > 100.0f ? INFINITY : u;
+    u = f32_of(bits_of(u) + ((uint32_t)(int32_t)q << 23)); /* times 2^q: q >= -126, a normal result */
     return d != d ? d : u;
 }
 
@@ -203,105 +201,130 @@ void sf_scale_clamp_rows(int64_t n, int64_t c, float *cos, const float *restrict
     }
 }
 
-/* buf[j] = cos[j] * s on [lo, hi), and the running maxima of 16 lanes (kept in a local array,
- * which the compiler holds in one vector register). */
-static void scale_max(const float *restrict cos, float s, float *restrict buf, int64_t lo, int64_t hi,
+/* The scaled logit of a raw product r = unit . w (not yet divided by ||w||): s * clamp(r * inv_norm, -1, 1),
+ * with the roundings of the cosine's forward (mul, clamp) and of the softmax's (mul). */
+static inline float scaled_cos(float r, float inv_norm, float s) {
+    const float v = r * inv_norm;
+    return (v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v)) * s;
+}
+
+/* Max (m) of the scaled logits of raw[lo..hi), in 16 lanes (a local array the compiler keeps in a
+ * vector register); NaNs are passed over (the exp then carries them into the sum). */
+static void logit_max(const float *restrict raw, const float *restrict inv_norm, float s, int64_t lo, int64_t hi,
                       float *restrict lanes) {
     float m[16];
     memcpy(m, lanes, sizeof m);
     int64_t j = lo;
     for (; j + 16 <= hi; j += 16)
         for (int l = 0; l < 16; l++) {
-            const float v = cos[j + l] * s;
-            buf[j + l] = v;
+            const float v = scaled_cos(raw[j + l], inv_norm[j + l], s);
             m[l] = v > m[l] ? v : m[l];
         }
     for (; j < hi; j++) {
-        const float v = cos[j] * s;
-        buf[j] = v;
+        const float v = scaled_cos(raw[j], inv_norm[j], s);
         m[0] = v > m[0] ? v : m[0];
     }
     memcpy(lanes, m, sizeof m);
 }
 
-/* The scaled margin softmax's forward on rows 0..n of cos [n, c], one row at a time (a row of cos
- * and of buf stays in cache for both sweeps): buf = s * cos, except buf[i][col[i]] = put[i] where
- * col[i] >= 0; row_max[i] = max of buf's row; then buf = exp(buf - row_max) in place and
- * sum_exp[i] = its sum, over 16 lanes in a fixed order.  The maximum passes over NaNs, which the
- * exp then carries into the row's sum (the loss becomes NaN as with torch's ops). */
-void sf_margin_exp_rows(int64_t n, int64_t c, const float *cos, float s, const int64_t *col,
-                        const float *put, float *buf, float *row_max, float *sum_exp) {
+/* Sum of exp(logit - top) over raw[lo..hi), added to 16 lanes. */
+static void logit_exp_sum(const float *restrict raw, const float *restrict inv_norm, float s, float top,
+                          int64_t lo, int64_t hi, float *restrict lanes) {
+    float acc[16];
+    memcpy(acc, lanes, sizeof acc);
+    int64_t j = lo;
+    for (; j + 16 <= hi; j += 16)
+        for (int l = 0; l < 16; l++) acc[l] += exp_f32(scaled_cos(raw[j + l], inv_norm[j + l], s) - top);
+    for (; j < hi; j++) acc[0] += exp_f32(scaled_cos(raw[j], inv_norm[j], s) - top);
+    memcpy(lanes, acc, sizeof acc);
+}
+
+/* The scaled margin softmax's forward on rows 0..n of the raw products [n, c] (the cosine GEMM's
+ * output before the division by ||w||): logits s * clamp(raw * inv_norm, -1, 1), except put[i] at
+ * column col[i] where col[i] >= 0; row_max[i] = their maximum, sum_exp[i] = sum of exp(logit - max)
+ * (16 lanes, a fixed order) and target_exp[i] = exp(put[i] - max) (0 where col[i] < 0).  Reads each
+ * row twice while it is in cache and writes nothing of [n, c]: the backward recomputes the
+ * exponentials (sf_softmax_cosine_grad_columns) instead of reading them back from memory. */
+void sf_margin_sum_rows(int64_t n, int64_t c, const float *raw, const float *restrict inv_norm, float s,
+                        const int64_t *col, const float *put, float *row_max, float *sum_exp, float *target_exp) {
     for (int64_t i = 0; i < n; i++) {
-        const float *restrict ci = cos + i * c;
-        float *restrict bi = buf + i * c;
+        const float *restrict ri = raw + i * c;
+        const int64_t t = (col[i] >= 0 && col[i] < c) ? col[i] : c;
         float lanes[16];
         for (int l = 0; l < 16; l++) lanes[l] = -INFINITY;
-        const int64_t t = (col[i] >= 0 && col[i] < c) ? col[i] : c;
-        scale_max(ci, s, bi, 0, t, lanes);
+        logit_max(ri, inv_norm, s, 0, t, lanes);
         if (t < c) {
-            bi[t] = put[i];
             lanes[0] = put[i] > lanes[0] ? put[i] : lanes[0];
-            scale_max(ci, s, bi, t + 1, c, lanes);
+            logit_max(ri, inv_norm, s, t + 1, c, lanes);
         }
         float m = lanes[0];
         for (int l = 1; l < 16; l++) m = lanes[l] > m ? lanes[l] : m;
-        row_max[i] = m;
         float sums[16] = {0};
-        int64_t j = 0;
-        for (; j + 16 <= c; j += 16)
-            for (int l = 0; l < 16; l++) {
-                const float e = exp_f32(bi[j + l] - m);
-                bi[j + l] = e;
-                sums[l] += e;
-            }
-        float tail = 0.0f;
-        for (; j < c; j++) {
-            const float e = exp_f32(bi[j] - m);
-            bi[j] = e;
-            tail += e;
+        logit_exp_sum(ri, inv_norm, s, m, 0, t, sums);
+        float at_target = 0.0f;
+        if (t < c) {
+            at_target = exp_f32(put[i] - m);
+            sums[0] += at_target;
+            logit_exp_sum(ri, inv_norm, s, m, t + 1, c, sums);
         }
         float total = 0.0f;
         for (int l = 0; l < 16; l++) total += sums[l];
-        sum_exp[i] = total + tail;
+        row_max[i] = m;
+        sum_exp[i] = total;
+        target_exp[i] = at_target;
     }
 }
 
-/* The cosine's backward on columns [first, first + width) of g and cos [n, stride] (row-major; the
- * pointers are at column first): g[i][j] *= inv_norm[j] in place, and coef[j] += g[i][j] * cos[i][j]
- * summed over i in order.  With row_scale (the softmax's backward folded in), g[i][j] is first
- * g[i][j] * row_scale[i], except at column target[i] (when >= 0), where it is target_grad[i].
+/* The cosine's backward on columns [0, width) of g and cos [n, stride] (row-major):
+ * g[i][j] *= inv_norm[j] in place, and coef[j] += g[i][j] * cos[i][j] summed over i in order.
  * Callers split the columns between threads; each column's sum is the same whatever the split. */
 void sf_scale_dot_columns(int64_t n, int64_t width, int64_t stride, float *g, const float *cos,
-                          const float *restrict inv_norm, float *restrict coef, const float *row_scale,
-                          const int64_t *target, const float *target_grad, int64_t first) {
+                          const float *restrict inv_norm, float *restrict coef) {
     for (int64_t i = 0; i < n; i++) {
         float *restrict gi = g + i * stride;
         const float *restrict ci = cos + i * stride;
-        if (row_scale == NULL) {
-            for (int64_t j = 0; j < width; j++) {
-                const float v = gi[j] * inv_norm[j];
-                gi[j] = v;
-                coef[j] += v * ci[j];
-            }
-            continue;
+        for (int64_t j = 0; j < width; j++) {
+            const float v = gi[j] * inv_norm[j];
+            gi[j] = v;
+            coef[j] += v * ci[j];
         }
-        const float r = row_scale[i];
+    }
+}
+
+/* The softmax's and the cosine's backward in one pass, on columns [first, first + width) of the raw
+ * products [n, stride] that sf_margin_sum_rows read (the pointers are at column first), replaced in
+ * place by the gradient g' = dL/dcos / ||w||: with cos = clamp(raw * inv_norm, -1, 1),
+ * g' = exp(s * cos - row_max[i]) * row_scale[i] * inv_norm[j], or target_grad[i] * inv_norm[j] at column
+ * target[i]; and coef[j] += g' * cos summed over i in order (independent of the column split). */
+void sf_softmax_cosine_grad_columns(int64_t n, int64_t width, int64_t stride, float *raw,
+                                    const float *restrict inv_norm, float *restrict coef, float s,
+                                    const float *row_max, const float *row_scale, const int64_t *target,
+                                    const float *target_grad, int64_t first) {
+    for (int64_t i = 0; i < n; i++) {
+        float *restrict ri = raw + i * stride;
+        const float m = row_max[i], r = row_scale[i];
         const int64_t t = target[i] - first; /* outside [0, width): not in these columns */
         const int64_t cut = (t >= 0 && t < width) ? t : width;
         for (int64_t j = 0; j < cut; j++) {
-            const float v = (gi[j] * r) * inv_norm[j];
-            gi[j] = v;
-            coef[j] += v * ci[j];
+            const float v = ri[j] * inv_norm[j];
+            const float cs = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
+            const float gj = (exp_f32(cs * s - m) * r) * inv_norm[j];
+            ri[j] = gj;
+            coef[j] += gj * cs;
         }
         if (cut < width) {
-            const float v = target_grad[i] * inv_norm[cut];
-            gi[cut] = v;
-            coef[cut] += v * ci[cut];
+            const float v = ri[cut] * inv_norm[cut];
+            const float cs = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
+            const float gj = target_grad[i] * inv_norm[cut];
+            ri[cut] = gj;
+            coef[cut] += gj * cs;
         }
         for (int64_t j = cut + 1; j < width; j++) {
-            const float v = (gi[j] * r) * inv_norm[j];
-            gi[j] = v;
-            coef[j] += v * ci[j];
+            const float v = ri[j] * inv_norm[j];
+            const float cs = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
+            const float gj = (exp_f32(cs * s - m) * r) * inv_norm[j];
+            ri[j] = gj;
+            coef[j] += gj * cs;
         }
     }
 }
