@@ -117,7 +117,11 @@ class Margin(nn.Module):
 
     def target_logit(self, target_cos: torch.Tensor, inp: MarginInput) -> torch.Tensor:
         """[N] target logit from ``target_cos`` [N] (differentiable; only for margins with a
-        :meth:`logit_scale`).  Rows whose class another rank holds may get any finite value."""
+        :meth:`logit_scale`).  Rows whose class another rank holds may get any finite value.
+
+        ``inp.cos`` may hold the cosine GEMM's raw products rather than cosines here (the C
+        softmax pass divides them itself, :class:`partial_fc.cosine.SoftmaxHandoff`): read only
+        its shape, dtype and device; the target's cosine is ``target_cos``."""
         raise NotImplementedError(f"{type(self).__name__} has no scaled-cosine form")
 
     def scaled_forward(self, inp: MarginInput) -> torch.Tensor:
