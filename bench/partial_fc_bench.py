@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.results import machine_description, markdown_table, write_section  # noqa: E402
+from launch.openmp_env import short_openmp_spin  # noqa: E402
 from partial_fc import PartialFC, build_head_optimizer  # noqa: E402
 from partial_fc.margins import ArcFace  # noqa: E402
 from partial_fc.rows import as_words  # noqa: E402
@@ -260,6 +261,7 @@ def _run_storage_rounds(args):
 
 def main(argv=None) -> None:
     """Run the tables and write them into bench/RESULTS.md."""
+    short_openmp_spin()  # the workers are spawned: they load torch with it, as `shardface` runs them
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--classes", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--rates", type=float, nargs="+", default=[1.0, 0.1])
@@ -322,7 +324,9 @@ def main(argv=None) -> None:
                   "work falls on both alike; step/floor is the median of the pairs' ratios, step vs fp32 the median of "
                   "each round's bf16 step over its fp32 step. With several threads the "
                   "step's row gather and row update run cache-sized blocks on Python threads of one core each "
-                  "(partial_fc.block_threads), the GEMMs and index kernels of both on torch's threads.")
+                  "(partial_fc.block_threads), the GEMMs and index kernels of both on torch's threads; the workers "
+                  "start with GOMP_SPINCOUNT=10000, as the shardface command starts its processes "
+                  "(launch/openmp_env.py).")
     print(floor_body)
     if not args.no_write:
         write_section("Partial FC step against its floor", floor_body)

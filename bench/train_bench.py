@@ -25,6 +25,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.results import machine_description, markdown_table, write_section  # noqa: E402
+from launch.openmp_env import short_openmp_spin  # noqa: E402
 
 
 def _config(args, out_dir: str, precision: str):
@@ -105,6 +106,7 @@ def run(args, precision: str) -> tuple[float, float]:
 
 def main(argv=None) -> None:
     """Run the table and write the "Training step" section of bench/RESULTS.md."""
+    short_openmp_spin()  # the workers are spawned: they load torch with it, as `shardface` runs them
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])

@@ -478,6 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point of the ``shardface`` console script."""
+    from .openmp_env import short_openmp_spin
+    short_openmp_spin()  # before anything loads torch (and its OpenMP runtime)
     from train.quiet import quiet_libraries
     quiet_libraries()
     parser = build_parser()

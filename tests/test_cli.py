@@ -65,3 +65,23 @@ def test_world_size_the_config_cannot_use_is_one_line():
 def test_missing_model_file_is_one_line(tmp_path):
     one_line_error(shardface("export", "--model", str(tmp_path / "nope.pt"), "--onnx", str(tmp_path / "m.onnx")),
                    "no embedding model")
+
+
+def test_the_command_gives_its_processes_a_short_openmp_spin_unless_the_user_chose():
+    from launch.openmp_env import SPIN_ROUNDS, short_openmp_spin
+
+    for chosen in ({"GOMP_SPINCOUNT": "300000"}, {"OMP_WAIT_POLICY": "ACTIVE"}):
+        kept = dict(chosen)
+        short_openmp_spin(kept)
+        assert kept == chosen
+    # The console entry sets it first thing, before anything has loaded torch (and libgomp,
+    # which reads it once); torchrun's workers inherit the environment.
+    probe = ("import os, sys\n"
+             "for k in ('GOMP_SPINCOUNT', 'OMP_WAIT_POLICY'): os.environ.pop(k, None)\n"
+             "import launch.cli as cli\n"
+             "assert 'torch' not in sys.modules\n"
+             "try:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+             "print(os.environ.get('GOMP_SPINCOUNT'))\n")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == SPIN_ROUNDS
