@@ -260,8 +260,9 @@ def scale_dot_columns(g: torch.Tensor, cos: torch.Tensor, inv_norm: torch.Tensor
 
 
 def can_run_rows(*tensors: torch.Tensor) -> bool:
-    """Whether the [N, c] row passes (:func:`scale_clamp_rows`, :func:`margin_exp_rows`) take these
-    float32 tensors: CPU, contiguous, and the library loaded."""
+    """Whether the [N, c] passes (:func:`scale_clamp_rows`, :func:`margin_sum_rows`,
+    :func:`softmax_cosine_grad_columns`) take these float32 tensors: CPU, contiguous, and the
+    library loaded."""
     return _cpu_f32(*tensors) and library() is not None
 
 
