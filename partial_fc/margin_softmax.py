@@ -69,10 +69,9 @@ class _ScaledMarginCrossEntropy(torch.autograd.Function):
             # here and the sum of exponentials relative to it.  Once the all-reduce gives the
             # global maximum, each row's sum (and in the backward its softmax) takes the factor
             # exp(local max − global max), exactly 1 on one rank.
-            column = torch.where(has, target, torch.full_like(target, -1))
             target_exp = torch.empty_like(row_max)
             assert threads is not None
-            threads.run(lambda sl, _ws: native.margin_sum_rows(cos, inv_norm, scale, column, t_here, row_max,
+            threads.run(lambda sl, _ws: native.margin_sum_rows(cos, inv_norm, scale, target, t_here, row_max,
                                                                sum_exp_here, target_exp, sl), row_shares(cos.shape[0]))
             local_max = row_max.clone() if rank_and_world(group)[1] > 1 else row_max
             all_reduce(row_max, "max", group)
@@ -80,7 +79,7 @@ class _ScaledMarginCrossEntropy(torch.autograd.Function):
             if rescale is not None:
                 sum_exp_here.mul_(rescale)
             saved = cos
-            ctx.raw = (column, local_max, target_exp, rescale)
+            ctx.raw = (local_max, target_exp, rescale)
         else:
             # One buffer: s·cos, the target column replaced (rows held elsewhere keep s·cos_t),
             # then exp(logit − max); each pass block by block over rows, in cache.
@@ -120,7 +119,7 @@ class _ScaledMarginCrossEntropy(torch.autograd.Function):
         k = grad_loss / buf.shape[0]
         row_scale = k / sum_exp
         if ctx.raw is not None:
-            column, local_max, target_exp, rescale = ctx.raw
+            local_max, target_exp, rescale = ctx.raw
             if rescale is not None:  # the exponentials are relative to this rank's maximum
                 row_scale = row_scale * rescale
             p_t = target_exp * row_scale
@@ -137,7 +136,7 @@ class _ScaledMarginCrossEntropy(torch.autograd.Function):
             # target: made by the cosine backward's pass from the raw products handed back.
             h = ctx.handoff
             h.scale, h.row_max, h.row_scale = ctx.scale, local_max, row_scale * ctx.scale
-            h.target, h.target_grad = column, grad_cos_t
+            h.target, h.target_grad = target, grad_cos_t  # target: −1 where another rank holds it
             grad = buf
         else:
             # The saved buffer becomes d loss / d cos = s·k·softmax in every non-target column.

@@ -189,23 +189,23 @@ static inline float exp_f32(float d) {
     return d != d ? d : u;
 }
 
-/* cos[i][j] = clamp(cos[i][j] * inv_norm[j], -1, 1) in place on rows 0..n of [n, c]; a NaN stays NaN
- * (torch's mul_ then clamp_, rounding for rounding). */
+/* clamp(r * inv_norm, -1, 1), a NaN staying NaN: torch's mul then clamp, rounding for rounding. */
+static inline float clamped_cos(float r, float inv_norm) {
+    const float v = r * inv_norm;
+    return v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
+}
+
+/* The scaled logit of a raw product r = unit . w (not yet divided by ||w||): s * clamped_cos. */
+static inline float scaled_cos(float r, float inv_norm, float s) {
+    return clamped_cos(r, inv_norm) * s;
+}
+
+/* cos[i][j] = clamp(cos[i][j] * inv_norm[j], -1, 1) in place on rows 0..n of [n, c]. */
 void sf_scale_clamp_rows(int64_t n, int64_t c, float *cos, const float *restrict inv_norm) {
     for (int64_t i = 0; i < n; i++) {
         float *restrict ci = cos + i * c;
-        for (int64_t j = 0; j < c; j++) {
-            const float v = ci[j] * inv_norm[j];
-            ci[j] = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
-        }
+        for (int64_t j = 0; j < c; j++) ci[j] = clamped_cos(ci[j], inv_norm[j]);
     }
-}
-
-/* The scaled logit of a raw product r = unit . w (not yet divided by ||w||): s * clamp(r * inv_norm, -1, 1),
- * with the roundings of the cosine's forward (mul, clamp) and of the softmax's (mul). */
-static inline float scaled_cos(float r, float inv_norm, float s) {
-    const float v = r * inv_norm;
-    return (v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v)) * s;
 }
 
 /* Max (m) of the scaled logits of raw[lo..hi), in 16 lanes (a local array the compiler keeps in a
@@ -291,6 +291,17 @@ void sf_scale_dot_columns(int64_t n, int64_t width, int64_t stride, float *g, co
     }
 }
 
+/* g' = exp(s * cos - m) * r * inv_norm over raw[lo..hi) in place, and coef += g' * cos. */
+static void softmax_grad_span(float *restrict raw, const float *restrict inv_norm, float *restrict coef, float s,
+                              float m, float r, int64_t lo, int64_t hi) {
+    for (int64_t j = lo; j < hi; j++) {
+        const float cs = clamped_cos(raw[j], inv_norm[j]);
+        const float gj = (exp_f32(cs * s - m) * r) * inv_norm[j];
+        raw[j] = gj;
+        coef[j] += gj * cs;
+    }
+}
+
 /* The softmax's and the cosine's backward in one pass, on columns [first, first + width) of the raw
  * products [n, stride] that sf_margin_sum_rows read (the pointers are at column first), replaced in
  * place by the gradient g' = dL/dcos / ||w||: with cos = clamp(raw * inv_norm, -1, 1),
@@ -301,30 +312,16 @@ void sf_softmax_cosine_grad_columns(int64_t n, int64_t width, int64_t stride, fl
                                     const float *row_max, const float *row_scale, const int64_t *target,
                                     const float *target_grad, int64_t first) {
     for (int64_t i = 0; i < n; i++) {
-        float *restrict ri = raw + i * stride;
-        const float m = row_max[i], r = row_scale[i];
+        float *ri = raw + i * stride;
         const int64_t t = target[i] - first; /* outside [0, width): not in these columns */
         const int64_t cut = (t >= 0 && t < width) ? t : width;
-        for (int64_t j = 0; j < cut; j++) {
-            const float v = ri[j] * inv_norm[j];
-            const float cs = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
-            const float gj = (exp_f32(cs * s - m) * r) * inv_norm[j];
-            ri[j] = gj;
-            coef[j] += gj * cs;
-        }
+        softmax_grad_span(ri, inv_norm, coef, s, row_max[i], row_scale[i], 0, cut);
         if (cut < width) {
-            const float v = ri[cut] * inv_norm[cut];
-            const float cs = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
+            const float cs = clamped_cos(ri[cut], inv_norm[cut]);
             const float gj = target_grad[i] * inv_norm[cut];
             ri[cut] = gj;
             coef[cut] += gj * cs;
-        }
-        for (int64_t j = cut + 1; j < width; j++) {
-            const float v = ri[j] * inv_norm[j];
-            const float cs = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
-            const float gj = (exp_f32(cs * s - m) * r) * inv_norm[j];
-            ri[j] = gj;
-            coef[j] += gj * cs;
+            softmax_grad_span(ri, inv_norm, coef, s, row_max[i], row_scale[i], cut + 1, width);
         }
     }
 }
